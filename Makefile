@@ -1,0 +1,39 @@
+# Two commands on a fresh machine with only python3: `make demo` and `make test`.
+# Both create .venv when it is missing and install the project (editable) with the exact versions
+# in constraints.txt (what CI tested; a cluster image installs the same set).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.splatclip-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit bench constraints clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m splatclip.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/render_speed.py
+	$(BIN)/python benchmarks/fit_quality.py
+
+# Re-pin constraints.txt to what is installed in .venv now.
+constraints: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^splatclip' > constraints.txt
+
+clean:
+	rm -rf $(VENV) outputs data mlflow.db mlruns mlartifacts .pytest_cache

@@ -1,0 +1,171 @@
+"""`splatclip`: the one-machine command line (specs, fitting images, rendering splat files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from splatclip.platform.specs import KINDS, SpecError, load_spec, public_dict
+
+log = logging.getLogger("splatclip")
+
+
+def cmd_spec(args) -> int:
+    kind = KINDS[args.kind]
+    if args.schema:
+        print(json.dumps(kind.model_json_schema(), indent=2))
+        return 0
+    try:
+        spec = load_spec(kind, args.file, args.overrides)
+    except SpecError as err:
+        for line in err.problems:
+            print(f"splatclip spec: {line}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(public_dict(spec), sort_keys=False), end="")
+    return 0
+
+
+def _batches(items: list, size: int):
+    for s in range(0, len(items), size):
+        yield items[s : s + size]
+
+
+def cmd_fit(args) -> int:
+    import torch
+
+    from splatclip import splats
+    from splatclip.fitting.fitter import fit_batch
+    from splatclip.fitting.images import ImageError, load_file
+    from splatclip.platform.specs import FitParams
+
+    try:
+        cfg = FitParams(
+            gaussians=args.gaussians,
+            iterations=args.iterations,
+            size=args.size,
+            prune_tau=args.prune_tau,
+            target_psnr=args.target_psnr,
+            backend=args.backend,
+            init=args.init,
+            compile=not args.no_compile,
+        )
+    except Exception as err:  # pydantic names the field
+        print(f"splatclip fit: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded, failed = [], 0
+    for path in args.images:
+        try:
+            image, nbytes = load_file(path, cfg.size)
+        except (ImageError, OSError) as err:
+            print(f"splatclip fit: {path}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        loaded.append((Path(path), image, nbytes))
+    rows = []
+    for batch in _batches(loaded, args.batch_size):
+        images = torch.stack([b[1] for b in batch])
+        result = fit_batch(images, cfg, [b[2] for b in batch], progress=True)
+        for i, (path, _, _) in enumerate(batch):
+            target = out_dir / (path.stem + splats.SUFFIX)
+            meta = {"source": str(path), **result.metrics[i]}
+            splats.save(target, result.splats.encode(i), meta)
+            rows.append((path.name, result.metrics[i], target))
+    if rows:
+        print(f"{'image':<24} {'PSNR':>9} {'SSIM':>6} {'live':>6} {'bytes':>7} {'x raw':>6} {'x src':>6} {'s/img':>6}")
+        for name, m, _ in rows:
+            print(
+                f"{name[:24]:<24} {m['psnr']:6.2f} dB {m['ssim']:6.3f} {m['gaussians']:6d} {m['bytes']:7d} "
+                f"{m['ratio_raw']:6.1f} {m['ratio_source']:6.1f} {m['seconds']:6.2f}"
+            )
+    print(f"{len(rows)} fitted, {failed} failed; splat files in {out_dir}")
+    return 1 if failed else 0
+
+
+def cmd_render(args) -> int:
+    import torch
+    from PIL import Image
+
+    from splatclip import pictures, splats
+    from splatclip.cuda import render
+    from splatclip.fitting.images import ImageError, clip_crop, decode
+
+    try:
+        arr, meta = splats.load(args.file)
+    except (splats.SplatFormatError, OSError) as err:
+        print(f"splatclip render: {err}", file=sys.stderr)
+        return 1
+    h, w = meta.get("height", 224), meta.get("width", 224)
+    if args.size:
+        scale = args.size / min(h, w)
+        h, w = round(h * scale), round(w * scale)
+    batch = splats.Splats.from_arrays([arr], h, w)
+    with torch.no_grad():
+        image = render(batch.params, h, w, batch.mask, args.backend)[0]
+    if args.compare:
+        try:
+            original = clip_crop(decode(Path(args.compare).read_bytes()), min(h, w))
+        except (ImageError, OSError) as err:
+            print(f"splatclip render: {args.compare}: {err}", file=sys.stderr)
+            return 1
+        if original.shape[-2:] != image.shape[-2:]:
+            print(f"splatclip render: --compare needs a square splat image, got {h}x{w}", file=sys.stderr)
+            return 1
+        picture = pictures.comparison(original, image)
+    else:
+        picture = pictures.to_uint8(image)
+    Image.fromarray(picture).save(args.output)
+    print(f"{args.file}: {len(arr)} Gaussians rendered at {h}x{w} -> {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splatclip", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("spec", help="validate a job spec, or print its JSON schema")
+    p.add_argument("kind", choices=sorted(KINDS))
+    p.add_argument("file", nargs="?")
+    p.add_argument("--schema", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_spec)
+
+    p = sub.add_parser("fit", help="fit images into splat files")
+    p.add_argument("images", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="directory for NAME.splats.npy + NAME.json")
+    p.add_argument("--gaussians", type=int, default=400)
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--init", choices=["structured", "random"], default="structured")
+    p.add_argument("--prune-tau", type=float, default=0.0)
+    p.add_argument("--target-psnr", type=float)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slower steps, no warm-up)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("render", help="render a splat file to PNG")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--size", type=int, help="short side in pixels (default: the fitted size)")
+    p.add_argument("--compare", metavar="IMAGE", help="write original | render | error heat map")
+    p.add_argument("--backend", default="auto")
+    p.set_defaults(func=cmd_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

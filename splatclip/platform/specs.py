@@ -1,0 +1,286 @@
+"""Job specs: pydantic v2 models loaded from YAML with `--set a.b=value` overrides.
+
+A spec is the whole description of a job. Every model forbids unknown keys, so a typo is an error
+naming the dotted field, never a silently ignored setting. Secrets are `SecretStr`: they print as
+asterisks and `public_dict` drops them before anything is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+Backend = Literal["auto", "torch", "torch-dense", "triton", "gsplat"]
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; `problems` holds one line per wrong field."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _env_secret(*names: str):
+    def read() -> SecretStr | None:
+        for name in names:
+            if os.environ.get(name):
+                return SecretStr(os.environ[name])
+        return None
+
+    return read
+
+
+class StorageSpec(Model):
+    """How to reach object storage. Empty fields fall back to the usual AWS environment variables."""
+
+    endpoint_url: str | None = Field(
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        description="S3-compatible endpoint (MinIO, moto, R2); empty for AWS itself.",
+    )
+    region: str | None = Field(default_factory=lambda: os.environ.get("AWS_DEFAULT_REGION"))
+    access_key_id: SecretStr | None = Field(default_factory=_env_secret("AWS_ACCESS_KEY_ID"))
+    secret_access_key: SecretStr | None = Field(default_factory=_env_secret("AWS_SECRET_ACCESS_KEY"))
+    anon: bool = False
+
+
+class TrackingSpec(Model):
+    enabled: bool = True
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (a server or sqlite:///file).")
+    experiment: str = "splatclip"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class RaySpec(Model):
+    address: str | None = Field(None, description="Cluster to join; RAY_ADDRESS wins when set.")
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local Ray; default max(4, cores) so actors cannot starve reads."
+    )
+    actors: int = Field(1, ge=1, description="Size of the actor pool (fitting actors or training workers).")
+    max_actors: int | None = Field(None, ge=1, description="Autoscale the pool up to this size.")
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class FitParams(Model):
+    """The batched fitter's settings (PAPER.md: 'GS fitting')."""
+
+    gaussians: int = Field(400, ge=1, description="Gaussians per image, N.")
+    iterations: int = Field(2000, ge=0)
+    size: int = Field(224, ge=8, description="Images are resized (short side) and center-cropped to size x size.")
+    init: Literal["structured", "random"] = "structured"
+    lr_position: float = Field(0.04, gt=0, description="Adam learning rate for x, y, in grid cells per step.")
+    lr_cholesky: float = Field(0.02, gt=0, description="Adam learning rate for l11, l21, l22, in grid cells.")
+    lr_color: float = Field(0.01, gt=0)
+    color_l1: float = Field(1e-6, ge=0, description="lambda of the L1 penalty on colors.")
+    prune_tau: float = Field(0.0, ge=0, description="Luminance threshold; 0 disables pruning (paper: 0.05).")
+    target_psnr: float | None = Field(None, gt=0, description="Stop an image early once it reaches this PSNR.")
+    backend: Backend = "auto"
+    compile: bool = Field(True, description="Fuse the CPU renderer with torch.compile (about 30 s to compile).")
+    seed: int = 0
+
+
+class TeacherSpec(Model):
+    model: str = Field(..., description="open_clip model name, or a path/URL to a model config JSON.")
+    pretrained: str | None = Field(None, description="open_clip tag, local checkpoint or s3:// URL.")
+
+
+class FitSpec(Model):
+    input: str = Field(..., description="Source shards: brace pattern of tar URLs (local or s3://).")
+    output: str = Field(..., description="Directory URL for the splat shards (local or s3://).")
+    fit: FitParams = Field(default_factory=FitParams)
+    batch_size: int = Field(16, ge=1, description="Images fitted together in one optimizer step.")
+    teacher: TeacherSpec | None = None
+    max_failed_fraction: float = Field(0.01, ge=0, le=1, description="Failure budget before the job exits non-zero.")
+    max_image_pixels: int = Field(89_478_485, ge=1, description="Larger decoded images are rejected as bombs.")
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+
+class ModelSpec(Model):
+    name: str = Field("ViT-B-16", description="open_clip model name or a path to a model config JSON.")
+    pretrained: str | None = None
+    encoder: Literal["splat", "rgb"] = "splat"
+    latents: int = Field(196, ge=1, description="Perceiver latent tokens fed to the backbone.")
+    resampler_layers: int = Field(4, ge=1)
+    fourier_bands: int = Field(8, ge=1)
+
+
+class StageSpec(Model):
+    kind: Literal["distill", "contrastive"]
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    unfreeze_blocks: int = Field(0, ge=0, description="First k backbone blocks that train in this stage.")
+
+
+class TrainSpec(Model):
+    data: str = Field(..., description="Splat shards (or image shards for encoder=rgb): brace pattern.")
+    storage_path: str = Field("outputs/train", description="Where Ray Train keeps checkpoints (local or s3://).")
+    name: str = Field("splatclip-train", description="Run name; rerunning with the same name resumes.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(kind="contrastive")])
+    batch_size: int = Field(64, ge=1, description="Per-worker batch size.")
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.05, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(100, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _stages_present(self) -> "TrainSpec":
+        if not self.stages:
+            raise ValueError("stages: at least one stage is required")
+        return self
+
+
+class EvalSpec(Model):
+    data: str = Field(..., description="Labeled splat shards (with .cls): brace pattern.")
+    checkpoint: str = Field(..., description="Trained model file or directory (local or s3://).")
+    classes: str = Field("imagenet", description="'imagenet' or a path to a JSON list of class names.")
+    templates: str = Field("imagenet", description="'imagenet' or a path to a JSON list of templates with {c}.")
+    rgb_checkpoint: str | None = Field(None, description="RGB model to evaluate on the same images.")
+    output: str = Field("outputs/eval.json")
+    batch_size: int = Field(64, ge=1)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+
+KINDS: dict[str, type[Model]] = {"fit": FitSpec, "train": TrainSpec, "eval": EvalSpec}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value), the value read as YAML so numbers and lists keep their type."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise SpecError([f"--set {text!r}: expected dotted.key=value"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise SpecError([f"--set {key}: value is not valid YAML ({err.problem})"]) from None
+    return [p.strip() for p in parts], value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError([f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a mapping"])
+        node = child
+    node[path[-1]] = value
+
+
+def _problem_lines(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(spec)"
+        got = e.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{loc}: {e['msg']}{shown}")
+    return lines
+
+
+def load_spec(kind: type[Model], path: str | Path | None = None, overrides: list[str] = ()) -> Model:
+    """Read a YAML spec (or start empty), apply overrides, validate. Raises SpecError."""
+    data: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise SpecError([f"{path}: no such spec file"]) from None
+        except yaml.YAMLError as err:
+            raise SpecError([f"{path}: not valid YAML ({err})"]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SpecError([f"{path}: the spec must be a mapping of fields"])
+        data = loaded or {}
+    problems = []
+    for text in overrides:
+        try:
+            apply_override(data, *parse_override(text))
+        except SpecError as err:
+            problems += err.problems
+    if problems:
+        raise SpecError(problems)
+    try:
+        return kind.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_problem_lines(err)) from None
+
+
+def public_dict(spec: BaseModel) -> dict:
+    """The spec as plain JSON data with every secret field removed (not masked: removed)."""
+
+    def strip(model: BaseModel) -> dict:
+        out = {}
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, SecretStr):
+                continue
+            if isinstance(value, BaseModel):
+                out[name] = strip(value)
+            elif isinstance(value, list):
+                out[name] = [strip(v) if isinstance(v, BaseModel) else v for v in value]
+            else:
+                out[name] = value
+        return out
+
+    return json.loads(json.dumps(strip(spec), default=str))
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}, 'c': [{'d': 2}]} -> {'a.b': 1, 'c.0.d': 2}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                out.update(flatten(v, f"{name}.{i}."))
+        else:
+            out[name] = value
+    return out
+
+
+def spec_hash(spec: BaseModel) -> str:
+    """Short, stable hash of the public spec: two runs with the same settings share it."""
+    text = json.dumps(public_dict(spec), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def spec_from_args(kind: type[Model], argv: list[str], prog: str, default: str | None = None) -> Model:
+    """`prog [SPEC.yaml] [--set a.b=v ...]` -> a validated spec; on any problem print one line per
+    wrong field to stderr and exit with status 2."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run from a {kind.__name__} (YAML).")
+    parser.add_argument("spec", nargs="?", default=default, help=f"spec file (default: {default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        return load_spec(kind, args.spec, args.overrides)
+    except SpecError as err:
+        for line in err.problems:
+            print(f"{prog}: {line}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,152 @@
+"""One API over local paths, file:// and s3:// (through fsspec and s3fs).
+
+Writes are all-or-nothing: `atomic_write` yields a file that becomes visible under its final name
+only when the block ends without an exception. Locally the data goes to a hidden file beside the
+target and is renamed over it; on S3 an object appears only when its upload completes, and a failed
+block aborts the multipart upload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from typing import IO, Iterator
+
+import braceexpand
+import fsspec
+
+from splatclip.platform.specs import StorageSpec
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS.json"
+
+
+def storage_options(url: str, spec: StorageSpec | None) -> dict:
+    """fsspec options for `url`; only S3 takes any. Unset fields leave s3fs to its AWS defaults."""
+    if spec is None or not url.startswith(("s3://", "s3a://")):
+        return {}
+    opts: dict = {"anon": spec.anon}
+    client: dict = {}
+    if spec.endpoint_url:
+        client["endpoint_url"] = spec.endpoint_url
+    if spec.region:
+        client["region_name"] = spec.region
+    if client:
+        opts["client_kwargs"] = client
+    if spec.access_key_id is not None:
+        opts["key"] = spec.access_key_id.get_secret_value()
+    if spec.secret_access_key is not None:
+        opts["secret"] = spec.secret_access_key.get_secret_value()
+    return opts
+
+
+def filesystem(url: str, spec: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a URL or local path."""
+    return fsspec.core.url_to_fs(url, **storage_options(url, spec))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def join(base: str, *names: str) -> str:
+    return "/".join([base.rstrip("/"), *names])
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'a/{00000..00002}.tar' -> ['a/00000.tar', 'a/00001.tar', 'a/00002.tar'] (zero padding kept)."""
+    return list(braceexpand.braceexpand(pattern))
+
+
+def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str], list[str]]:
+    """Expand a brace/glob pattern into (existing URLs, missing URLs), each in pattern order."""
+    found: list[str] = []
+    missing: list[str] = []
+    for url in expand_braces(pattern):
+        fs, path = filesystem(url, spec)
+        if any(ch in path for ch in "*?["):
+            matches = sorted(fs.glob(path))
+            found.extend(_unstrip(url, fs, m) for m in matches)
+        elif fs.isfile(path):
+            found.append(url)
+        else:
+            missing.append(url)
+    return found, missing
+
+
+def _unstrip(url: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Put the protocol back on a path that fsspec returned without it."""
+    if "://" not in url:
+        return path
+    protocol = url.split("://", 1)[0]
+    return f"{protocol}://{path}"
+
+
+def exists(url: str, spec: StorageSpec | None = None) -> bool:
+    fs, path = filesystem(url, spec)
+    return fs.exists(path)
+
+
+def read_bytes(url: str, spec: StorageSpec | None = None) -> bytes:
+    fs, path = filesystem(url, spec)
+    return fs.cat_file(path)
+
+
+def open_read(url: str, spec: StorageSpec | None = None) -> IO[bytes]:
+    fs, path = filesystem(url, spec)
+    return fs.open(path, "rb")
+
+
+@contextlib.contextmanager
+def atomic_write(url: str, spec: StorageSpec | None = None) -> Iterator[IO[bytes]]:
+    """A binary file that appears at `url` whole when the block succeeds, and not at all otherwise."""
+    fs, path = filesystem(url, spec)
+    if is_local(url):
+        directory, name = os.path.split(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.part")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(directory, name))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    f = fs.open(path, "wb")
+    try:
+        yield f
+    except BaseException:
+        f.discard()  # s3fs aborts the multipart upload; a small buffered file was never sent
+        f.closed = True
+        raise
+    f.close()
+
+
+def write_bytes(url: str, data: bytes, spec: StorageSpec | None = None) -> None:
+    with atomic_write(url, spec) as f:
+        f.write(data)
+
+
+def write_json(url: str, obj, spec: StorageSpec | None = None) -> None:
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), spec)
+
+
+def read_json(url: str, spec: StorageSpec | None = None):
+    return json.loads(read_bytes(url, spec))
+
+
+def mark_success(directory: str, manifest: dict, spec: StorageSpec | None = None) -> None:
+    """Write the manifest that says a whole output directory is finished."""
+    write_json(join(directory, SUCCESS), manifest, spec)
+
+
+def read_success(directory: str, spec: StorageSpec | None = None) -> dict | None:
+    url = join(directory, SUCCESS)
+    return read_json(url, spec) if exists(url, spec) else None

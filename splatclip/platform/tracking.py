@@ -1,0 +1,133 @@
+"""MLflow tracking: one run per job, logged from rank 0 only, resumable by run id.
+
+`Tracker` wraps an `MlflowClient` bound to one run id, so several jobs (or Ray workers) in one
+process never fight over MLflow's global active run. A disabled tracker, or one on a rank other
+than 0, accepts every call and does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+from splatclip.platform.specs import TrackingSpec, flatten, public_dict, spec_hash
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value is 6000 characters
+
+
+def git_commit() -> str | None:
+    """The commit of the code running, from SPLATCLIP_GIT_COMMIT or git, if either knows."""
+    if os.environ.get("SPLATCLIP_GIT_COMMIT"):
+        return os.environ["SPLATCLIP_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Tracker:
+    def __init__(self, spec: TrackingSpec, job: str, rank: int = 0):
+        self.spec = spec
+        self.job = job
+        self.active = spec.enabled and rank == 0
+        self.run_id: str | None = None
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.spec.uri)
+        return self._client
+
+    def start(self, job_spec: BaseModel, resume_run_id: str | None = None) -> str | None:
+        """Open (or reopen) the run, tag it and log the spec as params. Returns the run id."""
+        if not self.active:
+            return None
+        client = self.client
+        if resume_run_id:
+            run = client.get_run(resume_run_id)
+            self.run_id = run.info.run_id
+            client.update_run(self.run_id, status="RUNNING")
+            log.info("resuming MLflow run %s", self.run_id)
+        else:
+            experiment = client.get_experiment_by_name(self.spec.experiment)
+            experiment_id = (
+                experiment.experiment_id if experiment else client.create_experiment(self.spec.experiment)
+            )
+            tags = {"splatclip.job": self.job, "splatclip.spec_hash": spec_hash(job_spec), **self.spec.tags}
+            commit = git_commit()
+            if commit:
+                tags["mlflow.source.git.commit"] = commit
+            run = client.create_run(experiment_id, run_name=self.spec.run_name, tags=tags)
+            self.run_id = run.info.run_id
+            log.info("MLflow run %s in experiment %r at %s", self.run_id, self.spec.experiment, self.spec.uri)
+        self.log_params(flatten(public_dict(job_spec)))
+        return self.run_id
+
+    def log_params(self, params: dict) -> None:
+        if not self.active:
+            return
+        existing = self.client.get_run(self.run_id).data.params
+        from mlflow.entities import Param
+
+        fresh = [
+            Param(key, str(value)[:MAX_PARAM_CHARS])
+            for key, value in params.items()
+            if key not in existing
+        ]
+        for i in range(0, len(fresh), 100):
+            self.client.log_batch(self.run_id, params=fresh[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.active:
+            return
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_image(self, image: np.ndarray, name: str) -> None:
+        """An HxWx3 uint8 picture as a PNG artifact."""
+        if not self.active:
+            return
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            Image.fromarray(image).save(path)
+            self.client.log_artifact(self.run_id, str(path), "pictures")
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active and self.run_id:
+            self.client.set_terminated(self.run_id, status=status)

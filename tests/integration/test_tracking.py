@@ -1,0 +1,60 @@
+"""The tracking layer against a real `mlflow server` (SQLite backend) on loopback."""
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from splatclip.platform.specs import FitSpec, TrackingSpec, load_spec
+from splatclip.platform.tracking import Tracker
+
+pytestmark = pytest.mark.integration
+
+SECRET = "very-secret-value-123"
+
+
+def make_spec(uri):
+    return load_spec(FitSpec, None, [
+        "input=s3://b/{0..1}.tar", "output=s3://b/out", f"tracking.uri={uri}",
+        "tracking.experiment=tests", "tracking.run_name=t1", f"storage.secret_access_key={SECRET}",
+    ])
+
+
+def test_run_logs_params_metrics_artifacts_and_resumes(mlflow_server, tmp_path):
+    spec = make_spec(mlflow_server)
+    tracker = Tracker(spec.tracking, "fit")
+    run_id = tracker.start(spec)
+    tracker.log_metrics({"loss": 1.0, "psnr": 20.0}, step=0)
+    tracker.log_metrics({"loss": 0.5}, step=1)
+    (tmp_path / "summary.json").write_text('{"ok": true}')
+    tracker.log_artifact(tmp_path / "summary.json")
+    tracker.log_image(np.zeros((8, 8, 3), np.uint8), "sheet.png")
+    tracker.end("KILLED")
+
+    resumed = Tracker(spec.tracking, "fit")
+    assert resumed.start(spec, resume_run_id=run_id) == run_id
+    resumed.log_metrics({"loss": 0.25}, step=2)
+    resumed.end()
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "t1"
+    assert run.data.params["fit.gaussians"] == "400"
+    assert run.data.params["input"] == "s3://b/{0..1}.tar"
+    assert run.data.tags["splatclip.job"] == "fit" and len(run.data.tags["splatclip.spec_hash"]) == 16
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert names == {"summary.json", "pictures"}
+    everything = str(run.data.params) + str(run.data.tags)
+    for artifact in ("summary.json",):
+        everything += open(client.download_artifacts(run_id, artifact, str(tmp_path / "dl"))).read()
+    assert SECRET not in everything
+    assert not any("secret" in k for k in run.data.params)
+
+
+def test_disabled_and_non_zero_rank_do_nothing(tmp_path):
+    spec = make_spec(f"sqlite:///{tmp_path}/never.db")
+    for tracker in (Tracker(TrackingSpec(enabled=False), "fit"), Tracker(spec.tracking, "fit", rank=1)):
+        assert tracker.start(spec) is None
+        tracker.log_metrics({"x": 1.0}, step=0)
+        tracker.end()
+    assert not (tmp_path / "never.db").exists()

@@ -1,0 +1,109 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from splatclip.cli import main as cli
+from splatclip.platform.specs import (
+    KINDS,
+    FitSpec,
+    SpecError,
+    flatten,
+    load_spec,
+    public_dict,
+    spec_from_args,
+    spec_hash,
+)
+
+SPECS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_example_spec_validates(path):
+    kind = KINDS[path.name.split(".")[0]]
+    assert isinstance(load_spec(kind, path), kind)
+
+
+def test_example_specs_exist_for_every_job():
+    names = {p.name for p in SPECS}
+    for kind in KINDS:
+        assert f"{kind}.local.yaml" in names and f"{kind}.s3.yaml" in names
+
+
+def run_job_args(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        spec_from_args(FitSpec, argv, "fit.py")
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("fit.gaussianz=400", "fit.gaussianz"),  # misspelled key
+        ("batch_size=many", "batch_size"),  # wrong type
+        ("fit.iterations=-5", "fit.iterations"),  # negative count
+        ("ray.actors=0", "ray.actors"),
+        ("fit.backend=cuda9", "fit.backend"),
+    ],
+)
+def test_bad_override_exits_2_naming_the_field(override, field, capsys):
+    code, err = run_job_args(["jobs/specs/fit.local.yaml", "--set", override], capsys)
+    assert code == 2
+    assert err.startswith(f"fit.py: {field}:")
+    assert "Traceback" not in err
+
+
+def test_malformed_set_exits_2(capsys):
+    code, err = run_job_args(["jobs/specs/fit.local.yaml", "--set", "no_equals_sign"], capsys)
+    assert code == 2 and "no_equals_sign" in err and "dotted.key=value" in err
+
+
+def test_bad_spec_file_reports_one_line_per_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: a.tar\noutputt: b\nbatch_size: -1\nfit: {gaussians: x}\n")
+    code, err = run_job_args([str(bad)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert {line.split(":")[1].strip() for line in lines} == {"output", "outputt", "batch_size", "fit.gaussians"}
+
+
+def test_missing_spec_file(capsys):
+    code, err = run_job_args(["/nonexistent/spec.yaml"], capsys)
+    assert code == 2 and "no such spec file" in err
+
+
+def test_overrides_are_typed_by_the_model():
+    spec = load_spec(FitSpec, None, ["input=a.tar", "output=o", "fit.gaussians=900", "fit.lr_color=1e-3",
+                                     "fit.compile=false", "ray.gpus_per_actor=0.5"])
+    assert spec.fit.gaussians == 900 and spec.fit.lr_color == 1e-3
+    assert spec.fit.compile is False and spec.ray.gpus_per_actor == 0.5
+
+
+def test_secrets_never_printed_or_in_public_dict(monkeypatch, capsys):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-value")
+    spec = load_spec(FitSpec, None, ["input=a", "output=b", "storage.access_key_id=spec-secret-key"])
+    assert spec.storage.secret_access_key.get_secret_value() == "env-secret-value"
+    text = json.dumps(public_dict(spec)) + repr(spec) + str(spec) + json.dumps(flatten(public_dict(spec)))
+    assert "env-secret-value" not in text and "spec-secret-key" not in text
+    assert cli(["spec", "fit", "jobs/specs/fit.local.yaml", "--set", "storage.access_key_id=spec-secret-key"]) == 0
+    assert "spec-secret-key" not in capsys.readouterr().out
+
+
+def test_spec_hash_ignores_secrets():
+    a = load_spec(FitSpec, None, ["input=a", "output=b", "storage.access_key_id=one"])
+    b = load_spec(FitSpec, None, ["input=a", "output=b", "storage.access_key_id=two"])
+    c = load_spec(FitSpec, None, ["input=a", "output=c"])
+    assert spec_hash(a) == spec_hash(b) != spec_hash(c)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_schema_command(kind, capsys):
+    assert cli(["spec", kind, "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["additionalProperties"] is False and "properties" in schema
+
+
+def test_load_spec_raises_spec_error():
+    with pytest.raises(SpecError) as info:
+        load_spec(FitSpec, None, [])
+    assert {p.split(":")[0] for p in info.value.problems} == {"input", "output"}

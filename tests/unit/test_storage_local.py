@@ -1,0 +1,49 @@
+import pytest
+
+from splatclip.platform import storage
+from splatclip.platform.shards import read_samples, write_shard
+
+
+def test_expand_braces_keeps_padding():
+    assert storage.expand_braces("s3://b/{00000..00002}.tar") == [
+        "s3://b/00000.tar", "s3://b/00001.tar", "s3://b/00002.tar"]
+    assert storage.expand_braces("d/{a,b}-{1..2}.tar") == ["d/a-1.tar", "d/a-2.tar", "d/b-1.tar", "d/b-2.tar"]
+
+
+def test_list_shards_splits_found_and_missing(tmp_path):
+    for i in (0, 2):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"x")
+    found, missing = storage.list_shards(str(tmp_path / "{00000..00002}.tar"))
+    assert found == [str(tmp_path / "00000.tar"), str(tmp_path / "00002.tar")]
+    assert missing == [str(tmp_path / "00001.tar")]
+    found, _ = storage.list_shards(f"file://{tmp_path}/*.tar")
+    assert found == [f"file://{tmp_path}/00000.tar", f"file://{tmp_path}/00002.tar"]
+
+
+def test_atomic_write_local_all_or_nothing(tmp_path):
+    target = tmp_path / "sub" / "out.bin"
+    storage.write_bytes(str(target), b"first")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_write(str(target)) as f:
+            f.write(b"half of the second version")
+            raise RuntimeError("killed midway")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in target.parent.iterdir()] == ["out.bin"]  # no temporary left behind
+
+
+def test_success_marker(tmp_path):
+    assert storage.read_success(str(tmp_path)) is None
+    storage.mark_success(str(tmp_path), {"shards": 3})
+    assert storage.read_success(str(tmp_path)) == {"shards": 3}
+
+
+def test_shard_roundtrip_and_unsafe_member(tmp_path):
+    url = str(tmp_path / "s.tar")
+    with write_shard(url) as w:
+        w.write({"__key__": "a", "txt": b"hello", "json": b"{}"})
+        w.write({"__key__": "../escape", "txt": b"bad"})
+        w.write({"__key__": "b", "txt": b"world"})
+    samples = list(read_samples(url))
+    assert [s["__key__"] for s in samples] == ["a", "../escape", "b"]
+    assert samples[0]["txt"] == b"hello" and samples[2]["txt"] == b"world"
+    assert samples[1]["__error__"] == "path outside the archive" and "txt" not in samples[1]
