@@ -91,6 +91,10 @@ def from_bytes(data: bytes, where: str = "splats") -> np.ndarray:
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:
+        if "pickle" in str(err):
+            raise SplatFormatError(f"{where}: not a plain .npy array (object arrays are refused)") from None
+        if "EOF" in str(err):
+            raise SplatFormatError(f"{where}: truncated ({err})") from None
         raise SplatFormatError(f"{where}: not a plain .npy array ({err})") from None
     except (OSError, EOFError) as err:
         raise SplatFormatError(f"{where}: truncated or not a .npy file ({err})") from None

@@ -74,7 +74,7 @@ def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, pro
             if reached.any():
                 for f, t in zip(frozen, (xy, chol, rgb)):
                     f[reached] = t.detach()[reached]
-                stopped |= reached
+                stopped = stopped | reached
                 if stopped.all():
                     break
         steps_run += (~stopped).long().cpu()
@@ -92,9 +92,8 @@ def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, pro
                     t[stopped] = f[stopped]
 
     with torch.no_grad():
-        params = torch.cat([xy, chol, rgb], -1).detach()
+        params = torch.cat([xy, chol, rgb], -1).detach().half().float()  # what gets stored
         mask = prune_mask(params, mask, cfg.prune_tau)
-        params = params.half().float()  # what gets stored
         params[..., 5:8] *= mask[..., None]
         final = render(params, H, W, mask, cfg.backend)
         quality = psnr(final, images).tolist()

@@ -1,0 +1,36 @@
+import numpy as np
+from PIL import Image
+from skimage import data
+
+from splatclip import splats
+from splatclip.cli import main
+
+
+def test_fit_then_render(tmp_path, capsys):
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg", quality=90)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    code = main(["fit", str(tmp_path / "astronaut.png"), str(tmp_path / "broken.jpg"), str(tmp_path / "coffee.jpg"),
+                 "--gaussians", "64", "--iterations", "20", "--size", "32", "--no-compile", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1  # one image failed, the others still ran
+    errors = [line for line in captured.err.splitlines() if line.startswith("splatclip fit:")]
+    assert len(errors) == 1 and "broken.jpg" in errors[0]
+    assert " dB " in captured.out and "2 fitted, 1 failed" in captured.out
+    arr, meta = splats.load(out / "coffee.splats.npy")
+    assert arr.shape == (64, 8) and meta["height"] == meta["width"] == 32 and meta["source"].endswith("coffee.jpg")
+
+    assert main(["render", str(out / "coffee.splats.npy"), "-o", str(tmp_path / "big.png"), "--size", "80"]) == 0
+    assert Image.open(tmp_path / "big.png").size == (80, 80)
+    assert main(["render", str(out / "coffee.splats.npy"), "-o", str(tmp_path / "cmp.png"),
+                 "--compare", str(tmp_path / "coffee.jpg")]) == 0
+    cmp = np.asarray(Image.open(tmp_path / "cmp.png"))
+    assert cmp.shape == (32, 3 * 32 + 2 * 4, 3)
+
+
+def test_render_rejects_corrupt_file(tmp_path, capsys):
+    bad = tmp_path / "x.splats.npy"
+    bad.write_bytes(b"garbage")
+    assert main(["render", str(bad), "-o", str(tmp_path / "x.png")]) == 1
+    assert "x.splats.npy" in capsys.readouterr().err

@@ -1,0 +1,105 @@
+"""Structured init, the batched fitter and pruning, on real photos from scikit-image."""
+
+import pytest
+import torch
+from skimage import data
+
+from splatclip.fitting.fitter import fit_batch
+from splatclip.fitting.images import clip_crop
+from splatclip.fitting.init import grid_shape, random_init, structured_init
+from splatclip.fitting.metrics import psnr, ssim
+from splatclip.fitting.prune import luminance, prune_mask
+from splatclip.cuda import render
+from splatclip.platform.specs import FitParams
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
+
+
+@pytest.fixture(scope="module")
+def photos64():
+    return torch.stack([clip_crop(getattr(data, n)(), 64) for n in PHOTOS])
+
+
+def cfg(**kw):
+    return FitParams(**{"gaussians": 256, "size": 64, "compile": False, **kw})
+
+
+@pytest.mark.parametrize("n,h,w,rows,cols", [(400, 224, 224, 20, 20), (3136, 224, 224, 56, 56),
+                                             (7, 10, 10, 2, 3), (100, 100, 400, 5, 20), (1, 5, 9, 1, 1)])
+def test_grid_shape_follows_aspect_ratio(n, h, w, rows, cols):
+    assert grid_shape(n, h, w) == (rows, cols)
+
+
+def test_structured_init_beats_flat_mean_color(photos64):
+    flat = photos64.mean((2, 3), keepdim=True).expand_as(photos64)
+    for n in (64, 256, 250):  # 250: a 15x16 grid plus 10 spare Gaussians
+        params = structured_init(photos64, n, backend="torch")
+        assert params.shape == (4, n, 8)
+        init = render(params, 64, 64, backend="torch")
+        gain = psnr(init, photos64) - psnr(flat, photos64)
+        assert torch.all(gain > 0) and gain.mean() > 2.0, gain
+
+
+def test_spare_gaussians_start_invisible_on_busy_cells(photos64):
+    params = structured_init(photos64[:1], 250, backend="torch")
+    spare = params[0, 240:]
+    assert torch.all(spare[:, 5:8] == 0) and torch.all(spare[:, 2] < params[0, 0, 2])
+
+
+def test_random_init_is_per_image_and_seeded(photos64):
+    a = random_init(photos64, 100, seed=3)
+    assert torch.equal(a[0], a[1]) and torch.equal(a, random_init(photos64, 100, seed=3))
+
+
+def test_fit_reaches_stated_psnr(photos64):
+    # Stated target: the astronaut at 64x64 with 256 Gaussians reaches 26 dB within 200 iterations
+    # (measured here: 27.7 dB; structured init alone gives 16.0 dB).
+    result = fit_batch(photos64[:1], cfg(iterations=200))
+    m = result.metrics[0]
+    assert m["psnr"] >= 26.0, m
+    assert m["gaussians"] == 256 and m["bytes"] == 256 * 16 and m["ratio_raw"] == 64 * 64 * 3 / 4096
+    assert 0.5 < m["ssim"] <= 1.0
+
+
+def test_batched_fit_equals_fitting_alone(photos64):
+    together = fit_batch(photos64, cfg(iterations=40))
+    for i in (0, 3):
+        alone = fit_batch(photos64[i : i + 1], cfg(iterations=40))
+        torch.testing.assert_close(together.splats.params[i], alone.splats.params[0], rtol=2e-3, atol=2e-3)
+        assert together.metrics[i]["psnr"] == pytest.approx(alone.metrics[0]["psnr"], abs=0.02)
+
+
+def test_early_stop_freezes_an_image(photos64):
+    target = 24.0
+    result = fit_batch(photos64[[0, 3]], cfg(iterations=120, target_psnr=target))
+    astronaut, rocket = result.metrics
+    assert rocket["iterations"] == 0  # the rocket starts above 24 dB: never changes
+    assert 0 < astronaut["iterations"] < 120 and astronaut["psnr"] >= target - 0.1
+    init = structured_init(photos64[[3]], 256, backend="torch").half().float()
+    torch.testing.assert_close(result.splats.params[1], init[0])
+
+
+def test_prune_mask_is_exactly_luminance_under_tau():
+    p = torch.zeros(1, 4, 8)
+    p[0, :, 5:8] = torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.07, 0.0], [-1.0, 0.0, 0.0], [0, 0, 0.5]])
+    lum = luminance(p)
+    torch.testing.assert_close(lum[0], torch.tensor([0.02126, 0.050064, 0.2126, 0.0361]))
+    mask = prune_mask(p, torch.ones(1, 4, dtype=torch.bool), 0.05)
+    assert mask.tolist() == [[False, True, True, False]]
+    assert prune_mask(p, mask, 0.0) is mask
+
+
+def test_fit_with_pruning_drops_dark_gaussians_and_their_bytes(photos64):
+    result = fit_batch(photos64[:2], cfg(iterations=60, prune_tau=0.12))
+    s = result.splats
+    lum = luminance(s.params)
+    assert torch.equal(s.mask, lum >= 0.12)
+    for i, m in enumerate(result.metrics):
+        assert m["pruned"] > 0 and m["bytes"] == 16 * m["gaussians"] == 16 * int(s.mask[i].sum())
+        assert s.encode(i).shape == (m["gaussians"], 8)
+    assert torch.all(s.params[~s.mask][:, 5:8] == 0)
+
+
+def test_ssim_of_identical_images_is_one(photos64):
+    torch.testing.assert_close(ssim(photos64, photos64), torch.ones(4))
+    assert torch.all(ssim(photos64.flip(-1), photos64) < 0.9)
