@@ -1,0 +1,12 @@
+"""Fit job: image-text shards -> splat shards (`ray job submit --working-dir . -- python jobs/fit.py SPEC`)."""
+
+import logging
+import sys
+
+from splatclip.pipelines.fit import run
+from splatclip.platform.specs import FitSpec, spec_from_args
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = spec_from_args(FitSpec, sys.argv[1:], "fit.py", default="jobs/specs/fit.local.yaml")
+    sys.exit(run(spec))

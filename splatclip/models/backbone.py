@@ -1,0 +1,73 @@
+"""open_clip models from a name, a config file, and weights from a tag, a local file or a URL.
+
+`name` is an open_clip model name ("ViT-B-16") or a path to a model config JSON (registered under
+its file stem). `pretrained` is an open_clip tag, a local checkpoint, or an s3:// / file:// URL
+fetched through storage to a local temporary file. Nothing is downloaded unless a tag asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from splatclip.platform import storage
+from splatclip.platform.specs import StorageSpec
+
+log = logging.getLogger(__name__)
+
+
+def model_name(name: str) -> str:
+    """Register a config file with open_clip when `name` is one, and return the model name."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"model config {name} not found")
+        open_clip.add_model_config(path)
+        return path.stem
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r} (and not a .json config path)")
+    return name
+
+
+def local_weights(pretrained: str | None, spec: StorageSpec | None) -> str | None:
+    """A path open_clip can load: remote URLs are fetched to a temporary file once per process."""
+    if pretrained is None or "://" not in pretrained or pretrained.startswith(("http://", "https://")):
+        return pretrained
+    target = Path(tempfile.gettempdir()) / "splatclip-weights" / pretrained.replace("://", "/").replace("/", "_")
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_suffix(f".{os.getpid()}.part")
+        part.write_bytes(storage.read_bytes(pretrained, spec))
+        part.replace(target)
+    return str(target)
+
+
+def create(name: str, pretrained: str | None = None, spec: StorageSpec | None = None, device="cpu"):
+    """(model, tokenizer) for an open_clip CLIP model, in eval mode."""
+    resolved = model_name(name)
+    model = open_clip.create_model(resolved, pretrained=local_weights(pretrained, spec), device=device)
+    return model.eval(), open_clip.get_tokenizer(resolved)
+
+
+def normalize_images(model, images):
+    """[B, 3, H, W] in [0, 1] -> the model's input: resized to its image size, mean/std normalized."""
+    size = model.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    if tuple(images.shape[-2:]) != tuple(size):
+        images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+    cfg = model.visual.preprocess_cfg
+    mean = torch.tensor(cfg["mean"], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+@torch.no_grad()
+def embed_images(model, images):
+    """[B, 3, H, W] in [0, 1] -> L2-normalized image embeddings [B, D]."""
+    return F.normalize(model.encode_image(normalize_images(model, images)).float(), dim=-1)
