@@ -35,13 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path, headers: dict | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
         try:
-            urllib.request.urlopen(url, timeout=2)
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2)
             return
         except Exception:
             time.sleep(0.3)
@@ -121,6 +121,31 @@ def ray_local():
     """One local Ray for the whole session (4 logical CPUs on this 2-core machine)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A Ray head started with `ray start --head --block` on loopback, with its dashboard (the job
+    API) and token authentication. Returns (dashboard URL, environment for `ray job submit`).
+    Stopped by its process id."""
+    root = tmp_path_factory.mktemp("ray-head")
+    port, dash = free_port(), free_port()
+    log = root / "head.log"
+    token = uuid.uuid4().hex
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "4",
+           "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--include-dashboard", "true", "--disable-usage-stats"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, cwd=root)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_http(f"{url}/api/version", proc, 120, log, {"Authorization": f"Bearer {token}"})
+        yield url, env
+    finally:
+        stop(proc)

@@ -1,0 +1,166 @@
+"""The fit job end to end: real Ray (in-process and `ray job submit`), local files and moto S3."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from splatclip import datasets, splats
+from splatclip.pipelines.fit import run
+from splatclip.platform import storage
+from splatclip.platform.shards import read_samples, write_shard
+from splatclip.platform.specs import FitSpec, load_spec
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["fit.gaussians=16", "fit.iterations=4", "fit.size=32", "fit.compile=false", "batch_size=4"]
+
+
+def spec_for(src, out, *extra):
+    return load_spec(FitSpec, None, [f"input={src}", f"output={out}", "tracking.enabled=false", *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    datasets.write_shards(datasets.photos(), str(src), "photos", 3)  # 8 photos -> 3 shards
+    return src
+
+
+def keys_of(url, spec=None):
+    return [s["__key__"] for s in read_samples(url, spec)]
+
+
+def test_fit_pipeline_local(ray_local, photo_shards, tmp_path):
+    spec = spec_for(f"{photo_shards}/photos-{{00000..00002}}.tar", tmp_path / "out")
+    assert run(spec) == 0
+    out = tmp_path / "out"
+    for i, names in enumerate([datasets.PHOTOS[:3], datasets.PHOTOS[3:6], datasets.PHOTOS[6:]]):
+        samples = list(read_samples(str(out / f"photos-{i:05d}.tar")))
+        assert [s["__key__"] for s in samples] == names
+        for s in samples:
+            arr = splats.from_bytes(s["splats.npy"])
+            meta = json.loads(s["json"])
+            assert arr.shape == (16, 8) and meta["bytes"] == 256 and meta["psnr"] > 5
+            assert meta["source_bytes"] > 0 and meta["source_width"] > 0 and s["txt"].startswith(b"a photo")
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["images"] == summary["fitted"] == 8 and summary["failed"] == 0 and summary["ok"]
+    assert (out / "_SUCCESS.json").exists()
+    # A rerun finds every shard committed and fits nothing.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert run(spec) == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+
+
+def bad_shard(path: Path):
+    """Good photos around every kind of bad sample."""
+    good = datasets.photos()[:2]
+    jpeg = good[0]["jpg"]
+    bomb = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(bomb, format="PNG")  # 144 Mpx of zeros: a few KB on disk
+    samples = [
+        good[0],
+        {"__key__": "undecodable", "jpg": b"this is not an image at all", "txt": b"x"},
+        {"__key__": "truncated", "jpg": jpeg[: len(jpeg) // 3], "txt": b"x"},
+        {"__key__": "zero", "jpg": b"", "txt": b"x"},
+        {"__key__": "bomb", "png": bomb.getvalue(), "txt": b"x"},
+        {"__key__": "noimage", "txt": b"a caption without its image", "json": b"{\"status\": \"failed\"}"},
+        {"__key__": "../../etc/escape", "jpg": jpeg, "txt": b"x"},
+        good[1],
+    ]
+    with write_shard(str(path)) as w:
+        for s in samples:
+            w.write(s)
+
+
+def test_bad_inputs_are_recorded_and_the_job_goes_on(ray_local, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    bad_shard(src / "mixed-00000.tar")
+    (src / "mixed-00001.tar").write_bytes(b"\x00garbage, not a tar archive" * 100)
+    # three shards: 00000 mixed, 00001 garbage, 00002 missing; budget large enough to pass
+    spec = spec_for(f"{src}/mixed-{{00000..00002}}.tar", tmp_path / "out", "max_failed_fraction=0.9")
+    assert run(spec) == 0
+    out = tmp_path / "out"
+    assert keys_of(str(out / "mixed-00000.tar")) == ["astronaut", "coffee"]
+    stats = json.loads((out / "_stats" / "mixed-00000.json").read_text())
+    reasons = {e["key"]: e["reason"] for e in stats["errors"]}
+    assert reasons == {"undecodable": "undecodable", "truncated": "truncated", "zero": "empty", "bomb": "too_large",
+                       "noimage": "no_image", "../../etc/escape": "unsafe_path"}
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["shards_unreadable"] == [str(src / "mixed-00001.tar")]
+    assert summary["shards_missing"] == [str(src / "mixed-00002.tar")]
+    assert summary["failed_by_reason"]["unreadable_shard"] == 1 and summary["fitted"] == 2
+    assert not (out / "mixed-00001.tar").exists()
+    # The same job with the default 1% budget exits non-zero, writing nothing new.
+    assert run(spec_for(f"{src}/mixed-{{00000..00002}}.tar", tmp_path / "out")) == 1
+
+
+def test_fit_pipeline_on_s3(ray_local, photo_shards, s3_bucket):
+    bucket, storage_spec = s3_bucket
+    for name in ("photos-00000.tar", "photos-00001.tar"):
+        storage.write_bytes(f"{bucket}/src/{name}", (photo_shards / name).read_bytes(), storage_spec)
+    spec = spec_for(f"{bucket}/src/photos-{{00000..00001}}.tar", f"{bucket}/splats",
+                    f"storage.endpoint_url={storage_spec.endpoint_url}", "storage.region=us-east-1")
+    assert run(spec) == 0
+    assert keys_of(f"{bucket}/splats/photos-00001.tar", storage_spec) == datasets.PHOTOS[3:6]
+    assert storage.read_success(f"{bucket}/splats", storage_spec)["shards"] == ["photos-00000.tar", "photos-00001.tar"]
+
+
+def test_killed_job_resumes_to_the_same_output(photo_shards, tmp_path):
+    """Kill the job process once its first shard is committed, rerun, compare with a clean run."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    pattern = f"{photo_shards}/photos-{{00000..00002}}.tar"
+    slow = [f"--set={o}" for o in FAST + ["tracking.enabled=false", "fit.iterations=25", "batch_size=1",
+                                           f"input={pattern}"]]
+    cmd = [sys.executable, str(ROOT / "jobs" / "fit.py"), str(ROOT / "jobs/specs/fit.local.yaml"), *slow]
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([*cmd, f"--set=output={out}"], env=env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("*.tar")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = sorted(p.name for p in out.glob("*.tar"))
+    assert 1 <= len(committed) < 3, committed  # killed midway
+    for name in committed:  # every visible shard is complete
+        with tarfile.open(out / name) as tar:
+            assert len(tar.getnames()) > 0
+    subprocess.run([*cmd, f"--set=output={out}"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    clean = tmp_path / "clean"
+    subprocess.run([*cmd, f"--set=output={clean}"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    names = sorted(p.name for p in clean.glob("*.tar"))
+    assert sorted(p.name for p in out.glob("*.tar")) == names == [f"photos-{i:05d}.tar" for i in range(3)]
+    for name in names:
+        assert keys_of(str(out / name)) == keys_of(str(clean / name))
+    s1 = json.loads((out / "_summary.json").read_text())
+    s2 = json.loads((clean / "_summary.json").read_text())
+    assert s1["fitted"] == s2["fitted"] == 8 and s1["shards_done"] == 3
+
+
+def test_ray_job_submit(ray_head, photo_shards, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "submitted"
+    sets = [f"--set={o}" for o in FAST + ["tracking.enabled=false", f"output={out}",
+                                           f"input={photo_shards}/photos-{{00000..00002}}.tar"]]
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--", "python", "jobs/fit.py", "jobs/specs/fit.local.yaml", *sets],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    assert keys_of(str(out / "photos-00002.tar")) == datasets.PHOTOS[6:]
+    arr = splats.from_bytes(next(read_samples(str(out / "photos-00000.tar")))["splats.npy"])
+    assert arr.dtype == np.float16 and arr.shape == (16, 8)
