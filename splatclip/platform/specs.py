@@ -115,6 +115,7 @@ class ModelSpec(Model):
     encoder: Literal["splat", "rgb"] = "splat"
     latents: int = Field(196, ge=1, description="Perceiver latent tokens fed to the backbone.")
     resampler_layers: int = Field(4, ge=1)
+    resampler_width: int = Field(448, ge=8, description="Width inside the resampler (projected to the ViT's).")
     fourier_bands: int = Field(8, ge=1)
 
 
