@@ -26,7 +26,8 @@ def keep_on_loopback() -> None:
 
 
 def init_ray(spec: RaySpec):
-    """Connect to RAY_ADDRESS (set by `ray job submit`) or spec.address; else start Ray here."""
+    """Connect to RAY_ADDRESS (set by `ray job submit`) or spec.address ("auto" joins the cluster
+    `ray start` runs on this machine); else start a local Ray on 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
@@ -39,7 +40,8 @@ def init_ray(spec: RaySpec):
         keep_on_loopback()
         cpus = local_cpus(spec)
         log.info("starting a local Ray with %d logical CPUs", cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False)
+        # address="local": always a fresh instance, never a stale `ray start` cluster file
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     return ray.get_runtime_context()
 
 

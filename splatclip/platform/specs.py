@@ -137,17 +137,23 @@ class TrainSpec(Model):
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(100, ge=1)
-    max_failures: int = Field(2, ge=0)
+    checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from.")
+    eval_data: str | None = Field(None, description="Labeled shards for zero-shot accuracy during training.")
+    classes: str = Field("imagenet", description="Class names for eval_data ('imagenet' or a JSON list).")
+    templates: str = Field("imagenet", description="Prompt templates for eval_data.")
+    eval_every: int = Field(100, ge=1, description="Optimizer steps between zero-shot evaluations.")
     seed: int = 0
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @model_validator(mode="after")
-    def _stages_present(self) -> "TrainSpec":
+    def _stages_fit_the_encoder(self) -> "TrainSpec":
         if not self.stages:
-            raise ValueError("stages: at least one stage is required")
+            raise ValueError("at least one stage is required")
+        if self.model.encoder == "rgb" and any(s.kind == "distill" for s in self.stages):
+            raise ValueError("the rgb encoder trains with contrastive stages only")
         return self
 
 
@@ -157,6 +163,7 @@ class EvalSpec(Model):
     classes: str = Field("imagenet", description="'imagenet' or a path to a JSON list of class names.")
     templates: str = Field("imagenet", description="'imagenet' or a path to a JSON list of templates with {c}.")
     rgb_checkpoint: str | None = Field(None, description="RGB model to evaluate on the same images.")
+    rgb_data: str | None = Field(None, description="The source image shards of `data`, for the RGB model.")
     output: str = Field("outputs/eval.json")
     batch_size: int = Field(64, ge=1)
     storage: StorageSpec = Field(default_factory=StorageSpec)
@@ -180,15 +187,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
-    node = data
-    for i, part in enumerate(path[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise SpecError([f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a mapping"])
-        node = child
-    node[path[-1]] = value
+    """Set data[a][b]... = value; list items are addressed by index (stages.0.lr=1e-4)."""
+    node: Any = data
+    for i, part in enumerate(path):
+        where = ".".join(path[: i + 1])
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SpecError([f"--set {'.'.join(path)}: {where} is not an item of a {len(node)}-item list"])
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise SpecError([f"--set {'.'.join(path)}: {'.'.join(path[:i])} is not a mapping"])
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
 
 
 def _problem_lines(err: ValidationError) -> list[str]:

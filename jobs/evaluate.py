@@ -1,0 +1,12 @@
+"""Eval job (`ray job submit --working-dir . -- python jobs/evaluate.py SPEC [--set key=value ...]`)."""
+
+import logging
+import sys
+
+from splatclip.pipelines.evaluate import run
+from splatclip.platform.specs import EvalSpec, spec_from_args
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = spec_from_args(EvalSpec, sys.argv[1:], "evaluate.py", default="jobs/specs/eval.local.yaml")
+    sys.exit(run(spec))

@@ -1,0 +1,12 @@
+"""Train job (`ray job submit --working-dir . -- python jobs/train.py SPEC [--set key=value ...]`)."""
+
+import logging
+import sys
+
+from splatclip.pipelines.train import run
+from splatclip.platform.specs import TrainSpec, spec_from_args
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = spec_from_args(TrainSpec, sys.argv[1:], "train.py", default="jobs/specs/train.local.yaml")
+    sys.exit(run(spec))

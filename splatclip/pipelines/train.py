@@ -1,0 +1,315 @@
+"""The train job: Ray Train (v2) workers align a splat encoder (or train an RGB open_clip model).
+
+Each worker streams its share of the shards (`samples.stream`), collates batches padded to their
+largest n with a mask, and runs the stages of the spec in order: `distill` (MSE to the teacher
+embeddings stored in the shards) and `contrastive` (CLIP loss over the global batch against the
+frozen text tower). Gradients of the trainable parameters are averaged over workers with one
+all-reduce per optimizer step. Checkpoints hold the trainable weights, optimizer, scheduler, step,
+RNG and data position; Ray Train restores the latest one after a worker failure, and a rerun with
+the same name (and storage path) resumes it. Rank 0 logs to MLflow and writes the final model.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from splatclip.models.gsclip import GSCLIP, from_open_clip
+from splatclip.models.losses import clip_loss, distill_loss
+from splatclip.pipelines.samples import Skipped, collate, count_samples, stream, worker_shards
+from splatclip.platform import storage
+from splatclip.platform.runtime import init_ray
+from splatclip.platform.specs import ModelSpec, StorageSpec, TrainSpec
+from splatclip.platform.tracking import Tracker
+
+log = logging.getLogger(__name__)
+MODEL_FORMAT = "splatclip-model/1"
+
+
+def run_dir(spec: TrainSpec) -> str:
+    return storage.join(storage_root(spec), spec.name)
+
+
+def storage_root(spec: TrainSpec) -> str:
+    return spec.storage_path if not storage.is_local(spec.storage_path) else os.path.abspath(spec.storage_path)
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def steps_per_epoch(counts: dict[str, int], shards: list[str], world: int, seed: int, epoch: int, batch: int) -> int:
+    """Micro-batches every worker can draw in an epoch (the smallest worker's share decides, so all
+    workers take the same number of collective steps)."""
+    if len(shards) < world:
+        return max(1, sum(counts.values()) // world // batch)
+    shares = [sum(counts[s] for s in worker_shards(shards, r, world, seed, epoch)) for r in range(world)]
+    return max(1, min(shares) // batch)
+
+
+def batches(spec: TrainSpec, shards, counts, rank, world, image_size, tokenizer, epoch: int, skip: int, skipped):
+    """Endless (epoch, index, batch) from a data position; an exhausted stream restarts its epoch's
+    order (bad samples may leave fewer than counted)."""
+    kind = spec.model.encoder
+    while True:
+        per_epoch = steps_per_epoch(counts, shards, world, spec.seed, epoch, spec.batch_size)
+        index, pending = 0, []
+        while index < per_epoch:
+            drawn = 0
+            for sample in stream(shards, rank, world, spec.seed, epoch, kind, image_size, spec.storage, skipped):
+                drawn += 1
+                pending.append(sample)
+                if len(pending) < spec.batch_size:
+                    continue
+                if index >= skip:
+                    yield epoch, index, collate(pending, tokenizer, image_size)
+                pending, index = [], index + 1
+                if index >= per_epoch:
+                    break
+            if not drawn:
+                raise RuntimeError(f"worker {rank} found no usable samples in its shards ({dict(skipped.reasons)})")
+        epoch, skip = epoch + 1, 0
+
+
+def sync_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average the gradients over workers with one flat all-reduce."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def stage_loss(model: GSCLIP, kind: str, batch: dict, device, world: int):
+    if model.kind == "splat":
+        params, mask = batch["params"].to(device), batch["mask"].to(device)
+        if kind == "distill":
+            if "teacher" not in batch:
+                raise RuntimeError("the distill stage needs teacher embeddings in the shards (fit with `teacher:`)")
+            return distill_loss(model.splat(params, mask), batch["teacher"].to(device))
+        image = model.encode_splats(params, mask)
+    else:
+        image = model.encode_image(batch["images"].to(device))
+    text = model.encode_text(batch["tokens"].to(device))
+    return clip_loss(image, text, model.logit_scale) * world
+
+
+def save_model(model: GSCLIP, spec: TrainSpec, step: int) -> str:
+    """Write model.pt (trainable weights + backbone reference) to the run directory; an RGB model
+    also gets open_clip.pt, a plain open_clip state dict usable as another model's `pretrained`."""
+    url = storage.join(run_dir(spec), "model.pt")
+    payload = {"format": MODEL_FORMAT, "model": spec.model.model_dump(), "weights": model.trainable_state(),
+               "step": step}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    storage.write_bytes(url, buf.getvalue(), spec.storage)
+    if model.kind == "rgb":
+        buf = io.BytesIO()
+        torch.save(model.clip.state_dict(), buf)
+        storage.write_bytes(storage.join(run_dir(spec), "open_clip.pt"), buf.getvalue(), spec.storage)
+    return url
+
+
+def load_model(url: str, spec: StorageSpec | None = None, device="cpu") -> GSCLIP:
+    """A model written by `save_model`: the backbone rebuilt from its reference, then the weights."""
+    payload = torch.load(io.BytesIO(storage.read_bytes(url, spec)), map_location=device, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{url}: not a splatclip model file")
+    model_spec = ModelSpec.model_validate(payload["model"])
+    model = from_open_clip(model_spec.name, model_spec.pretrained, model_spec, spec, device)
+    missing, unexpected = model.load_state_dict(payload["weights"], strict=False)
+    if unexpected:
+        raise ValueError(f"{url}: weights for parameters the model does not have: {unexpected[:5]}")
+    return model.eval()
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    spec: TrainSpec = config["spec"]
+    shards, counts = config["shards"], config["counts"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.seed)
+    model = from_open_clip(spec.model.name, spec.model.pretrained, spec.model, spec.storage, device)
+    image_size = model.clip.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+
+    state = {"stage": 0, "stage_step": 0, "step": 0, "epoch": 0, "batch": 0, "run_id": None}
+    restored = ray.train.get_checkpoint()
+    saved = None
+    if restored:
+        with restored.as_directory() as d:
+            saved = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
+        model.load_state_dict(saved["weights"], strict=False)
+        state.update(saved["position"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        np.random.set_state(saved["rng"]["numpy"])
+        random.setstate(saved["rng"]["python"])
+        log.info("rank %d resumes at step %d (stage %d, epoch %d, batch %d)", rank, state["step"], state["stage"],
+                 state["epoch"], state["batch"])
+
+    tracker = Tracker(spec.tracking, "train", rank)
+    run_file = storage.join(run_dir(spec), "_mlflow_run.json")
+    if tracker.active:
+        resume = state["run_id"] or (storage.read_json(run_file, spec.storage).get("run_id")
+                                     if storage.exists(run_file, spec.storage) else None)
+        state["run_id"] = tracker.start(spec, resume_run_id=resume)
+        storage.write_json(run_file, {"run_id": state["run_id"]}, spec.storage)
+        tracker.log_params({"model.trainable_share": f"{model.trainable_share():.4f}"})
+
+    skipped = Skipped()
+    data = batches(spec, shards, counts, rank, world, image_size, model.tokenizer, state["epoch"], state["batch"], skipped)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for si in range(state["stage"], len(spec.stages)):
+        stage = spec.stages[si]
+        share = model.set_trainable(stage.unfreeze_blocks)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=spec.weight_decay)
+        per_epoch = steps_per_epoch(counts, shards, world, spec.seed, 0, spec.batch_size)
+        total = max(1, math.ceil(stage.epochs * per_epoch / spec.grad_accum))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(stage.warmup_steps, total))
+        if saved is not None and saved["position"]["stage"] == si and "optimizer" in saved:
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+        if rank == 0:
+            log.info("stage %d (%s): %d steps, %.2f%% of parameters train", si, stage.kind, total, 100 * share)
+        tracker.log_metrics({"trainable_share": share}, step=state["step"])
+        tick = time.perf_counter()
+        while state["stage_step"] < total:
+            loss_sum = 0.0
+            for _ in range(spec.grad_accum):
+                epoch, index, batch = next(data)
+                with autocast:
+                    loss = stage_loss(model, stage.kind, batch, device, world)
+                (loss / spec.grad_accum).backward()
+                loss_sum += loss.item() / spec.grad_accum
+                state["epoch"], state["batch"] = epoch, index + 1
+            sync_gradients(trainable, world)
+            torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["stage_step"] += 1
+            state["step"] += 1
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            metrics = {"loss": loss_sum / (world if stage.kind == "contrastive" else 1), "lr": sched.get_last_lr()[0],
+                       "stage": si, "samples_per_second": spec.batch_size * spec.grad_accum * world / elapsed,
+                       "skipped_samples": sum(skipped.reasons.values())}
+            tracker.log_metrics(metrics, step=state["step"])
+            if spec.eval_data and state["step"] % spec.eval_every == 0 and rank == 0:
+                tracker.log_metrics(evaluate_during_training(model, spec, device), step=state["step"])
+            last = state["stage_step"] == total
+            if state["step"] % spec.checkpoint_every == 0 or last:
+                report(model, opt, sched, state, si, total, metrics, rank)
+        state["stage"], state["stage_step"] = si + 1, 0
+    if rank == 0:
+        url = save_model(model, spec, state["step"])
+        if tracker.active:
+            with tempfile.TemporaryDirectory() as tmp:
+                Path(tmp, "model.pt").write_bytes(storage.read_bytes(url, spec.storage))
+                tracker.log_artifact(Path(tmp, "model.pt"), "model")
+            tracker.set_tags({"splatclip.model_url": url, "splatclip.backbone": spec.model.name})
+            if spec.eval_data:
+                tracker.log_metrics(evaluate_during_training(model, spec, device), step=state["step"])
+        tracker.log_metrics({"skipped." + k: v for k, v in skipped.reasons.items()}, step=state["step"])
+        tracker.end()
+
+
+def report(model, opt, sched, state, stage, total, metrics, rank) -> None:
+    """A checkpoint from rank 0 (the other ranks report metrics only, as Ray Train v2 expects)."""
+    import ray.train
+
+    position = dict(state)
+    if state["stage_step"] == total:  # the stage is done: resume at the start of the next one
+        position.update(stage=stage + 1, stage_step=0)
+    metrics = {**metrics, "step": state["step"]}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        payload = {"weights": model.trainable_state(), "position": position,
+                   "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        if position["stage"] == stage:
+            payload.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
+        torch.save(payload, Path(tmp) / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def evaluate_during_training(model: GSCLIP, spec: TrainSpec, device) -> dict[str, float]:
+    from splatclip.pipelines.evaluate import zero_shot
+
+    was_training = model.training
+    model.eval()
+    result = zero_shot(model, spec.eval_data, spec.classes, spec.templates, spec.batch_size, spec.storage, device)
+    model.train(was_training)
+    return {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]}
+
+
+def trainer_storage(spec: TrainSpec):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+    root = storage_root(spec)
+    if storage.is_local(root) or not spec.storage.endpoint_url:
+        return root, None
+    import pyarrow.fs
+
+    fs, _ = storage.filesystem(root, spec.storage)
+    return root.split("://", 1)[1], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def run(spec: TrainSpec) -> int:
+    shards, missing = storage.list_shards(spec.data, spec.storage)
+    if not shards:
+        log.error("no training shards match %s (%d expected names missing)", spec.data, len(missing))
+        return 2
+    for url in missing:
+        log.warning("training shard missing: %s", url)
+    counts = {s: count_samples(s, spec.storage) for s in shards}
+    log.info("%d shards, %d samples", len(shards), sum(counts.values()))
+    init_ray(spec.ray)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    path, fs = trainer_storage(spec)
+    resources = {"CPU": spec.ray.cpus_per_actor}
+    if spec.ray.gpus_per_actor:
+        resources["GPU"] = spec.ray.gpus_per_actor
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec, "shards": shards, "counts": counts},
+        scaling_config=ScalingConfig(num_workers=spec.ray.actors, use_gpu=spec.ray.gpus_per_actor > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=spec.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.error:
+        log.error("training failed: %s", result.error)
+        return 1
+    print(f"trained {spec.name}: {result.metrics}; model at {storage.join(run_dir(spec), 'model.pt')}")
+    return 0
