@@ -140,12 +140,24 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "4",
            "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--include-dashboard", "true", "--disable-usage-stats"]
+           "--include-dashboard", "true", "--disable-usage-stats",
+           # fixed defaults (52365 ...) would collide with the in-process Ray of `ray_local`
+           "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+           "--runtime-env-agent-port", str(free_port())]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, cwd=root)
     url = f"http://127.0.0.1:{dash}"
     try:
         wait_http(f"{url}/api/version", proc, 120, log, {"Authorization": f"Bearer {token}"})
+        deadline = time.time() + 120  # the job agent comes up after the dashboard: probe until it takes a job
+        while True:
+            probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--", "true"],
+                                   env=env, capture_output=True, text=True, cwd=root)
+            if probe.returncode == 0:
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"the Ray job API never accepted a job:\n{probe.stdout[-2000:]}{probe.stderr[-2000:]}")
+            time.sleep(2)
         yield url, env
     finally:
         stop(proc)

@@ -26,25 +26,25 @@ log = logging.getLogger(__name__)
 
 
 class GSEncoder(nn.Module):
-    def __init__(self, visual: nn.Module, latents: int, layers: int, bands: int, resampler_width: int):
+    """The trainable front of the splat encoder: Gaussians -> a fixed number of ViT-width tokens."""
+
+    def __init__(self, vit_width: int, latents: int, layers: int, bands: int, resampler_width: int):
         super().__init__()
-        self.visual = visual  # the open_clip VisionTransformer, shared with the CLIP model
-        width = visual.class_embedding.shape[-1]
         heads = max(1, resampler_width // 64)
         self.stem = SplatStem(resampler_width, bands)
-        self.resampler = PerceiverResampler(resampler_width, width, latents, layers, heads)
+        self.resampler = PerceiverResampler(resampler_width, vit_width, latents, layers, heads)
 
-    def forward(self, params, mask=None):
-        """params [B, N, 8], mask [B, N] (True: live) -> image embedding [B, D] (not normalized)."""
-        if mask is None:
-            mask = torch.ones(params.shape[:2], dtype=torch.bool, device=params.device)
-        v = self.visual
-        tokens = self.resampler(self.stem(params), mask)  # [B, L, width]
-        cls = (v.class_embedding + v.positional_embedding[0]).to(tokens.dtype)
-        x = torch.cat([cls.expand(tokens.shape[0], 1, -1), tokens], 1)
-        x = v.transformer(v.ln_pre(x))
-        pooled, _ = v._pool(x)
-        return pooled @ v.proj if v.proj is not None else pooled
+    def forward(self, params, mask):
+        return self.resampler(self.stem(params), mask)  # [B, L, vit_width]
+
+
+def through_vit(visual: nn.Module, tokens):
+    """tokens [B, L, width] -> the open_clip ViT's CLS + blocks + pooling + projection -> [B, D]."""
+    cls = (visual.class_embedding + visual.positional_embedding[0]).to(tokens.dtype)
+    x = torch.cat([cls.expand(tokens.shape[0], 1, -1), tokens], 1)
+    x = visual.transformer(visual.ln_pre(x))
+    pooled, _ = visual._pool(x)
+    return pooled @ visual.proj if visual.proj is not None else pooled
 
 
 class GSCLIP(nn.Module):
@@ -53,8 +53,9 @@ class GSCLIP(nn.Module):
         self.clip = clip
         self.tokenizer = tokenizer
         self.kind = spec.encoder
+        width = clip.visual.class_embedding.shape[-1]
         self.splat = (
-            GSEncoder(clip.visual, spec.latents, spec.resampler_layers, spec.fourier_bands, spec.resampler_width)
+            GSEncoder(width, spec.latents, spec.resampler_layers, spec.fourier_bands, spec.resampler_width)
             if spec.encoder == "splat" else None
         )
         self.set_trainable(0)
@@ -63,8 +64,14 @@ class GSCLIP(nn.Module):
     def logit_scale(self):
         return self.clip.logit_scale.exp().clamp(max=100)
 
+    def splat_features(self, params, mask=None):
+        """params [B, N, 8], mask [B, N] (True: live) -> image embedding [B, D] (not normalized)."""
+        if mask is None:
+            mask = torch.ones(params.shape[:2], dtype=torch.bool, device=params.device)
+        return through_vit(self.clip.visual, self.splat(params, mask))
+
     def encode_splats(self, params, mask=None):
-        return F.normalize(self.splat(params, mask), dim=-1)
+        return F.normalize(self.splat_features(params, mask), dim=-1)
 
     def encode_image(self, images):
         """images [B, 3, H, W] in [0, 1] through the RGB tower."""

@@ -107,7 +107,7 @@ def stage_loss(model: GSCLIP, kind: str, batch: dict, device, world: int):
         if kind == "distill":
             if "teacher" not in batch:
                 raise RuntimeError("the distill stage needs teacher embeddings in the shards (fit with `teacher:`)")
-            return distill_loss(model.splat(params, mask), batch["teacher"].to(device))
+            return distill_loss(model.splat_features(params, mask), batch["teacher"].to(device))
         image = model.encode_splats(params, mask)
     else:
         image = model.encode_image(batch["images"].to(device))
@@ -120,7 +120,7 @@ def save_model(model: GSCLIP, spec: TrainSpec, step: int) -> str:
     also gets open_clip.pt, a plain open_clip state dict usable as another model's `pretrained`."""
     url = storage.join(run_dir(spec), "model.pt")
     payload = {"format": MODEL_FORMAT, "model": spec.model.model_dump(), "weights": model.trainable_state(),
-               "step": step}
+               "step": step, "seed": spec.seed}
     buf = io.BytesIO()
     torch.save(payload, buf)
     storage.write_bytes(url, buf.getvalue(), spec.storage)
@@ -132,11 +132,14 @@ def save_model(model: GSCLIP, spec: TrainSpec, step: int) -> str:
 
 
 def load_model(url: str, spec: StorageSpec | None = None, device="cpu") -> GSCLIP:
-    """A model written by `save_model`: the backbone rebuilt from its reference, then the weights."""
+    """A model written by `save_model`: the backbone rebuilt from its reference (name, pretrained
+    weights, and the seed, which reproduces a backbone that had no pretrained weights), then the
+    trained weights on top."""
     payload = torch.load(io.BytesIO(storage.read_bytes(url, spec)), map_location=device, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{url}: not a splatclip model file")
     model_spec = ModelSpec.model_validate(payload["model"])
+    torch.manual_seed(payload["seed"])
     model = from_open_clip(model_spec.name, model_spec.pretrained, model_spec, spec, device)
     missing, unexpected = model.load_state_dict(payload["weights"], strict=False)
     if unexpected:

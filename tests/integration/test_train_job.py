@@ -1,0 +1,181 @@
+"""Train and evaluate jobs on real Ray Train workers (gloo on CPU), with MLflow and checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from splatclip import datasets, splats
+from splatclip.models.gsclip import from_open_clip
+from splatclip.pipelines import fit, train
+from splatclip.pipelines.evaluate import run as evaluate
+from splatclip.platform.shards import read_samples
+from splatclip.platform.specs import EvalSpec, FitSpec, ModelSpec, TrainSpec, load_spec
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "tests" / "data" / "tiny-vit.json")
+SPEC = ROOT / "jobs" / "specs" / "train.local.yaml"
+MODEL = [f"model.name={TINY}", "model.latents=8", "model.resampler_layers=1", "model.resampler_width=32",
+         "model.fourier_bands=4"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, ray_local):
+    """96 training digits (4 shards: 2 per worker) and 40 test digits fitted into splat shards,
+    with tiny-ViT teacher embeddings."""
+    root = tmp_path_factory.mktemp("digits")
+    datasets.write_shards(datasets.digits("train", limit=96), f"{root}/src", "train", 24)
+    datasets.write_shards(datasets.digits("test", limit=40), f"{root}/src", "test", 40)
+    datasets.write_digit_metadata(f"{root}/src")
+    for split, pattern in (("train", "{00000..00003}"), ("test", "{00000..00000}")):
+        spec = load_spec(FitSpec, None, [
+            f"input={root}/src/{split}-{pattern}.tar", f"output={root}/splats-{split}", "fit.gaussians=36",
+            "fit.iterations=30", "fit.size=28", "fit.compile=false", "batch_size=32", "tracking.enabled=false",
+            f"teacher.model={TINY}"])
+        assert fit.run(spec) == 0
+    return root
+
+
+def train_args(root, name, tracking, *extra):
+    return [f"data={root}/splats-train/train-{{00000..00003}}.tar", f"storage_path={root}/runs", f"name={name}",
+            *MODEL, "batch_size=8", "ray.actors=2", "ray.cpus_per_actor=1", f"tracking.uri={tracking}",
+            "tracking.experiment=train-tests", *extra]
+
+
+def test_two_workers_learn_and_checkpoint(digits, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_spec(TrainSpec, SPEC, train_args(digits, "learn", uri, "stages=[{kind: distill, epochs: 5, lr: 0.003}]",
+                                                 "checkpoint_every=10"))
+    assert train.run(spec) == 0
+    run_dir = digits / "runs" / "learn"
+    run_id = json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"]
+    losses = [m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+    assert len(losses) == 30  # 48 samples per worker / 8 = 6 steps per epoch, 5 epochs
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+    # only trainable parameters changed: the frozen backbone equals a fresh build with the same seed
+    torch.manual_seed(0)
+    fresh = from_open_clip(TINY, spec=spec.model)
+    trained = train.load_model(str(run_dir / "model.pt"))
+    trainable = fresh.trainable_names(0)
+    fresh_state, trained_state = fresh.state_dict(), trained.state_dict()
+    for name, weight in fresh_state.items():
+        if name in trainable:
+            continue
+        assert torch.equal(trained_state[name], weight), name
+    assert not torch.equal(trained_state["splat.stem.proj.weight"], fresh_state["splat.stem.proj.weight"])
+
+    checkpoints = checkpoint_dirs(run_dir)
+    assert 1 <= len(checkpoints) <= 2  # num_to_keep=2
+    state = torch.load(checkpoints[-1] / "state.pt", weights_only=False)
+    assert set(state) >= {"weights", "position", "rng"}
+    assert state["position"]["step"] == 30 and {"epoch", "batch", "stage", "stage_step", "run_id"} <= set(state["position"])
+    assert all(k in trainable or k.startswith("clip.visual.transformer.resblocks") for k in state["weights"])
+    assert not any(k.startswith("clip.transformer.") for k in state["weights"])  # no frozen text tower
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def run_train_subprocess(args, cwd):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), str(ROOT / "jobs/specs/train.local.yaml"),
+           *[f"--set={a}" for a in args]]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def final_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "model.pt", weights_only=True)["step"]
+
+
+def test_killed_worker_resumes_and_rerun_continues(digits, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = train_args(digits, "resume", uri, "stages.0.epochs=4", "stages.1.epochs=2", "checkpoint_every=4",
+                      "stages.0.lr=0.001", "stages.1.lr=0.0005", "max_failures=3")
+    run_dir = digits / "runs" / "resume"
+    proc = run_train_subprocess(args, tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and not checkpoint_dirs(run_dir):
+        time.sleep(0.3)
+    assert checkpoint_dirs(run_dir), "no checkpoint appeared"
+    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert workers, "no Ray Train worker process found"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert final_step(run_dir) == 36  # 6 steps per epoch, 4 + 2 epochs: the same as without a failure
+    run_id = json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(uri)
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "loss")})
+    assert steps[-1] == 36 and len(client.search_runs([client.get_experiment_by_name("train-tests").experiment_id])) == 1
+
+    # rerun of the finished job with the same name: it resumes at the end and does not start over
+    rerun = run_train_subprocess(args, tmp_path)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-4000:]
+    assert final_step(run_dir) == 36
+    assert json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"] == run_id
+    assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == steps  # nothing retrained
+
+
+def test_ray_job_submit_train_logs_to_mlflow_server(digits, ray_head, mlflow_server, tmp_path):
+    address, env = ray_head
+    args = train_args(digits, "submitted", mlflow_server, "stages=[{kind: contrastive, epochs: 1}]", "checkpoint_every=100",
+                      "tracking.experiment=submitted", "tracking.run_name=submitted-run")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--", "python", "jobs/train.py", "jobs/specs/train.local.yaml", *[f"--set={a}" for a in args]],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("submitted").experiment_id])
+    assert [r.info.run_name for r in runs] == ["submitted-run"]
+    run = runs[0]
+    assert run.data.params["model.latents"] == "8" and float(run.data.params["model.trainable_share"]) > 0
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 6
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"model"}
+
+
+def test_evaluate_matches_accuracy_by_hand(digits, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_spec(TrainSpec, SPEC, train_args(digits, "for-eval", uri, "stages=[{kind: contrastive, epochs: 1}]",
+                                                "ray.actors=1"))
+    assert train.run(spec) == 0
+    model_url = str(digits / "runs" / "for-eval" / "model.pt")
+    out = tmp_path / "eval.json"
+    espec = load_spec(EvalSpec, None, [
+        f"data={digits}/splats-test/test-00000.tar", f"checkpoint={model_url}", f"classes={digits}/src/classes.json",
+        f"templates={digits}/src/templates.json", f"output={out}", f"tracking.uri={uri}"])
+    assert evaluate(espec) == 0
+    result = json.loads(out.read_text())
+
+    model = train.load_model(model_url)
+    with torch.no_grad():
+        text = []
+        for name in datasets.DIGIT_CLASSES:
+            prompts = model.tokenizer([t.format(c=name) for t in datasets.DIGIT_TEMPLATES])
+            e = model.encode_text(prompts).mean(0)
+            text.append(e / e.norm())
+        text = torch.stack(text)
+        correct = 0
+        samples = list(read_samples(str(digits / "splats-test" / "test-00000.tar")))
+        for s in samples:
+            arr = torch.from_numpy(splats.from_bytes(s["splats.npy"]).astype(np.float32))[None]
+            pred = (model.encode_splats(arr) @ text.t()).argmax().item()
+            correct += pred == int(s["cls"])
+    assert result["splat"]["images"] == len(samples) == 40
+    assert result["splat"]["top1"] == pytest.approx(correct / 40)
+    assert result["compression"]["ratio_raw"] == pytest.approx(28 * 28 * 3 / (36 * 16), rel=1e-6)
