@@ -83,9 +83,7 @@ def run(spec: EvalSpec) -> int:
     from splatclip.pipelines.train import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shards, _ = storage.list_shards(spec.data, spec.storage)
-    if not shards:
-        log.error("no evaluation shards match %s", spec.data)
+    if not storage.input_shards(spec.data, spec.storage, "evaluation")[0]:
         return 2
     tracker = Tracker(spec.tracking, "evaluate")
     tracker.start(spec)

@@ -292,12 +292,9 @@ def build_dataset(spec: FitSpec, todo: list[str]):
 
 def run(spec: FitSpec) -> int:
     start = time.perf_counter()
-    shards, missing = storage.list_shards(spec.input, spec.storage)
+    shards, missing = storage.input_shards(spec.input, spec.storage, "input")
     if not shards:
-        log.error("no input shards match %s (%d expected names missing)", spec.input, len(missing))
         return 2
-    for url in missing:
-        log.warning("input shard missing: %s", url)
     todo = [s for s in shards if not storage.exists(output_url(spec, s), spec.storage)]
     log.info("%d input shards: %d already done, %d to fit", len(shards), len(shards) - len(todo), len(todo))
 

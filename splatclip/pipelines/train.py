@@ -285,12 +285,9 @@ def trainer_storage(spec: TrainSpec):
 
 
 def run(spec: TrainSpec) -> int:
-    shards, missing = storage.list_shards(spec.data, spec.storage)
+    shards, _ = storage.input_shards(spec.data, spec.storage, "training")
     if not shards:
-        log.error("no training shards match %s (%d expected names missing)", spec.data, len(missing))
         return 2
-    for url in missing:
-        log.warning("training shard missing: %s", url)
     counts = {s: count_samples(s, spec.storage) for s in shards}
     log.info("%d shards, %d samples", len(shards), sum(counts.values()))
     init_ray(spec.ray)

@@ -78,6 +78,16 @@ def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str
     return found, missing
 
 
+def input_shards(pattern: str, spec: StorageSpec | None, what: str) -> tuple[list[str], list[str]]:
+    """list_shards for a job's input, logging each missing name; a job with no shard at all stops."""
+    found, missing = list_shards(pattern, spec)
+    for url in missing:
+        log.warning("%s shard missing: %s", what, url)
+    if not found:
+        log.error("no %s shards match %s (%d expected names missing)", what, pattern, len(missing))
+    return found, missing
+
+
 def _unstrip(url: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Put the protocol back on a path that fsspec returned without it."""
     if "://" not in url:

@@ -107,3 +107,20 @@ def test_load_spec_raises_spec_error():
     with pytest.raises(SpecError) as info:
         load_spec(FitSpec, None, [])
     assert {p.split(":")[0] for p in info.value.problems} == {"input", "output"}
+
+
+def test_train_spec_rejects_distilling_an_rgb_encoder():
+    from splatclip.platform.specs import TrainSpec
+
+    with pytest.raises(SpecError, match="rgb encoder trains with contrastive stages only"):
+        load_spec(TrainSpec, None, ["data=x.tar", "model.encoder=rgb", "stages=[{kind: distill}]"])
+
+
+def test_override_into_a_list_item():
+    from splatclip.platform.specs import TrainSpec
+
+    local = SPECS[0].parent / "train.local.yaml"
+    spec = load_spec(TrainSpec, local, ["stages.1.lr=0.123"])
+    assert spec.stages[1].lr == 0.123
+    with pytest.raises(SpecError, match="stages.5"):
+        load_spec(TrainSpec, local, ["stages.5.lr=1"])

@@ -47,3 +47,9 @@ def test_shard_roundtrip_and_unsafe_member(tmp_path):
     assert [s["__key__"] for s in samples] == ["a", "../escape", "b"]
     assert samples[0]["txt"] == b"hello" and samples[2]["txt"] == b"world"
     assert samples[1]["__error__"] == "path outside the archive" and "txt" not in samples[1]
+
+
+def test_a_job_input_with_no_shards_is_reported(tmp_path, caplog):
+    found, missing = storage.input_shards(str(tmp_path / "none-{0..2}.tar"), None, "training")
+    assert found == [] and len(missing) == 3
+    assert "no training shards match" in caplog.text
