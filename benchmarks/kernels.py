@@ -52,9 +52,11 @@ def main():
     ap.add_argument("--gaussians", type=int, default=400)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--gpu", default="H100", choices=sorted(GPUS))
-    ap.add_argument("--big-batch", type=int, default=1024)
+    ap.add_argument("--big-batch", type=int, default=None,
+                    help="default 1024 on CUDA; 64 on a CPU, where 1024 images' tile pairs need ~11 GB")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.big_batch = args.big_batch or (1024 if device == "cuda" else 64)
     photos = [clip_crop(getattr(data, n)(), args.size) for n in ("astronaut", "coffee", "chelsea", "rocket")]
     images = torch.stack([photos[i % 4] for i in range(max(args.batch, args.big_batch))]).to(device)
     params = structured_init(images[: args.batch], args.gaussians, backend="torch").detach()

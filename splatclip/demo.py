@@ -39,10 +39,10 @@ from splatclip.platform.tracking import Tracker
 log = logging.getLogger("splatclip.demo")
 CONFIG = str(Path(__file__).resolve().parent / "models" / "configs" / "demo-vit.json")
 SIZES = {  # train digits, test digits, shard size, RGB epochs, distill epochs, contrastive epochs
-    "full": dict(train=2000, test=500, shard=250, rgb_epochs=12, distill_epochs=8, clip_epochs=4, photo_its=300,
-                 digit_its=150, rd_gaussians=(36, 100, 256, 576), rd_its=200),
+    "full": dict(train=1500, test=500, shard=250, rgb_epochs=12, distill_epochs=8, clip_epochs=4, photo_its=200,
+                 digit_its=80, rd_gaussians=(36, 100, 256, 576), rd_its=150, compile=True),
     "small": dict(train=192, test=64, shard=48, rgb_epochs=2, distill_epochs=1, clip_epochs=1, photo_its=20,
-                  digit_its=20, rd_gaussians=(36, 100), rd_its=20),
+                  digit_its=20, rd_gaussians=(36, 100), rd_its=20, compile=False),
 }
 
 
@@ -87,7 +87,8 @@ def run_demo(root: Path, size: dict) -> dict:
     teacher = f"{root}/runs/rgb-teacher/open_clip.pt"
 
     print("[2/5] fitting digits (with teacher embeddings) and photos into splat shards", flush=True)
-    digit_fit = {"gaussians": 49, "iterations": size["digit_its"], "size": 28, "compile": False, "lr_color": 0.02}
+    digit_fit = {"gaussians": 49, "iterations": size["digit_its"], "size": 28, "compile": size["compile"],
+                 "lr_color": 0.02}
     for split in ("train", "test"):
         spec = FitSpec.model_validate({
             "input": d[split], "output": str(root / "splats" / split), "fit": digit_fit, "batch_size": 256,
@@ -97,7 +98,7 @@ def run_demo(root: Path, size: dict) -> dict:
         assert fit.run(spec) == 0, f"fitting the {split} digits failed"
     photos = FitSpec.model_validate({
         "input": d["photos"], "output": str(root / "splats" / "photos"), "batch_size": 8,
-        "fit": {"gaussians": 400, "iterations": size["photo_its"], "size": 224},
+        "fit": {"gaussians": 400, "iterations": size["photo_its"], "size": 224, "compile": size["compile"]},
         "ray": {"actors": 1, "cpus_per_actor": 1.0}, "tracking": tracking(root, "splatclip-demo", "fit-photos"),
     })
     assert fit.run(photos) == 0, "fitting the photos failed"
@@ -198,7 +199,7 @@ def rate_distortion(photos_pattern: str, size: dict, path: Path) -> list[dict]:
     images = torch.stack(images[:4])
     points = []
     for n in size["rd_gaussians"]:
-        result = fit_batch(images, FitParams(gaussians=n, iterations=size["rd_its"], size=128))
+        result = fit_batch(images, FitParams(gaussians=n, iterations=size["rd_its"], size=128, compile=size["compile"]))
         for img, m in zip(images, result.metrics):
             jpeg_psnr, jpeg_bytes = jpeg_at(img, m["bytes"])
             points.append({"gaussians": n, "bytes": m["bytes"], "psnr": m["psnr"], "jpeg_psnr": jpeg_psnr,
