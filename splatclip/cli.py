@@ -15,10 +15,37 @@ from splatclip.platform.specs import KINDS, SpecError, load_spec, public_dict
 log = logging.getLogger("splatclip")
 
 
+def spec_reference(kind) -> str:
+    """A markdown table of every field of a spec: dotted name, type, default, description."""
+    from pydantic import BaseModel
+
+    rows = []
+
+    def walk(model, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            nested = next((a for a in getattr(annotation, "__args__", (annotation,))
+                           if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if nested is not None and not str(annotation).startswith("list"):
+                walk(nested, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else (
+                "(environment)" if field.default_factory is not None and "Secret" in str(annotation)
+                else repr(field.get_default(call_default_factory=True)))
+            kind_name = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            rows.append(f"| `{prefix}{name}` | `{kind_name}` | `{default}` | {field.description or ''} |")
+
+    walk(kind, "")
+    return "| field | type | default | meaning |\n| --- | --- | --- | --- |\n" + "\n".join(rows)
+
+
 def cmd_spec(args) -> int:
     kind = KINDS[args.kind]
     if args.schema:
         print(json.dumps(kind.model_json_schema(), indent=2))
+        return 0
+    if args.markdown:
+        print(spec_reference(kind))
         return 0
     try:
         spec = load_spec(kind, args.file, args.overrides)
@@ -133,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("spec", help="validate a job spec, or print its JSON schema")
     p.add_argument("kind", choices=sorted(KINDS))
     p.add_argument("file", nargs="?")
-    p.add_argument("--schema", action="store_true")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema")
+    p.add_argument("--markdown", action="store_true", help="print the field reference as a markdown table")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_spec)
 

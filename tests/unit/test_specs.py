@@ -124,3 +124,10 @@ def test_override_into_a_list_item():
     assert spec.stages[1].lr == 0.123
     with pytest.raises(SpecError, match="stages.5"):
         load_spec(TrainSpec, local, ["stages.5.lr=1"])
+
+
+def test_markdown_reference_lists_every_field(capsys):
+    assert cli(["spec", "train", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    for field in ("`data`", "`model.latents`", "`stages`", "`storage.secret_access_key`", "`ray.actors`"):
+        assert field in out
