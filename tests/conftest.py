@@ -15,6 +15,10 @@ import pytest
 import torch
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray started by the tests stays on 127.0.0.1
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on a CPU machine. Triton reads this when it is first
+    # used (torch.compile touches it too), so it is set before any test runs.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

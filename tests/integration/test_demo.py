@@ -32,7 +32,7 @@ def test_demo_small(tmp_path):
     assert results["accuracy_splat_top1"] == evaluation["splat"]["top1"]
     assert results["accuracy_rgb_top1"] == evaluation["rgb"]["top1"]
     assert results["ratio_raw"] == pytest.approx(2352 / 784)
-    table = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^(\D+?)\s+([\d.]+)", proc.stdout, re.M)}
+    table = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S.*?)\s{2,}(\d+(?:\.\d+)?)\b", proc.stdout, re.M)}
     assert table["accuracy splats"] == pytest.approx(results["accuracy_splat_top1"], abs=5e-4)
     assert table["accuracy RGB (top-1)"] == pytest.approx(results["accuracy_rgb_top1"], abs=5e-4)
     assert table["bytes: splats"] == pytest.approx(results["splat_bytes"], abs=0.5)

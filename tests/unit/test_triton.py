@@ -1,18 +1,13 @@
 """Triton kernels against the dense torch reference. On a CPU machine they run in Triton's
-interpreter (TRITON_INTERPRET=1, set before the kernels are first imported)."""
-
-import os
+interpreter (conftest.py sets TRITON_INTERPRET=1 before anything touches Triton)."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from splatclip.cuda import render  # noqa: E402
-from splatclip.cuda.triton_kernels import CHUNK  # noqa: E402
-from splatclip.cuda.triton_op import render_tiles  # noqa: E402
-from tests_helpers import random_splats  # noqa: E402
+from splatclip.cuda import render
+from splatclip.cuda.triton_kernels import CHUNK
+from splatclip.cuda.triton_op import render_tiles
+from tests_helpers import random_splats
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
