@@ -313,10 +313,9 @@ def run(spec: FitSpec) -> int:
     records, unfinished = [], []
     for s in shards:
         url = stats_url(spec, s)
-        if storage.exists(url, spec.storage) and (
-            storage.exists(output_url(spec, s), spec.storage) or storage.read_json(url, spec.storage)["status"] == "unreadable"
-        ):
-            records.append(storage.read_json(url, spec.storage))
+        record = storage.read_json(url, spec.storage) if storage.exists(url, spec.storage) else None
+        if record and (record["status"] == "unreadable" or storage.exists(output_url(spec, s), spec.storage)):
+            records.append(record)
         else:
             unfinished.append(s)
     summary = summarize(records, missing, unfinished, time.perf_counter() - start, pool_size(spec.ray)[1])

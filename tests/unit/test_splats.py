@@ -34,7 +34,16 @@ def test_codec_keeps_live_only_and_bytes_are_exact(tmp_path):
 
 def npy(arr) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=True)
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def object_npy() -> bytes:
+    """A .npy whose header declares an object array (what a pickled payload would carry); the
+    payload is junk, since the loader must refuse at the header without unpickling anything."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+    buf.write(b"\x80\x04junk that is never unpickled")
     return buf.getvalue()
 
 
@@ -45,7 +54,7 @@ def npy(arr) -> bytes:
         (npy(good()[:, :7]), r"shape \[5, 7\], expected \[n, 8\]"),
         (npy(good()[None]), r"shape \[1, 5, 8\]"),
         (npy(np.where(np.arange(8) == 5, np.nan, good()).astype(np.float16)), "NaN or infinite"),
-        (npy(np.array([{"evil": 1}], dtype=object)), "not a plain .npy array"),
+        (object_npy(), "not a plain .npy array"),
         (npy(good())[:-7], "truncated"),
         (b"", "truncated"),
         (npy(good() * np.array([1, 1, -1, 1, 1, 1, 1, 1], np.float16)), "l11 <= 0"),
