@@ -1,6 +1,5 @@
 """Luminance-aware pruning (PAPER.md): a Gaussian whose color luminance is under tau is dropped."""
 
-import torch
 
 REC709 = (0.2126, 0.7152, 0.0722)
 

@@ -18,7 +18,7 @@ from splatclip.models.gsclip import from_open_clip
 from splatclip.pipelines import fit, train
 from splatclip.pipelines.evaluate import run as evaluate
 from splatclip.platform.shards import read_samples
-from splatclip.platform.specs import EvalSpec, FitSpec, ModelSpec, TrainSpec, load_spec
+from splatclip.platform.specs import EvalSpec, FitSpec, TrainSpec, load_spec
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
