@@ -55,6 +55,12 @@ def create(name: str, pretrained: str | None = None, spec: StorageSpec | None = 
     return model.eval(), open_clip.get_tokenizer(resolved)
 
 
+def input_size(model) -> int:
+    """The side of the square images an open_clip model's image tower takes."""
+    size = model.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
 def normalize_images(model, images):
     """[B, 3, H, W] in [0, 1] -> the model's input: resized to its image size, mean/std normalized."""
     size = model.visual.image_size

@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import torch
 
+from splatclip.models.backbone import input_size
 from splatclip.models.zeroshot import class_embeddings, load_classes, load_templates, topk_correct
 from splatclip.pipelines.samples import Skipped, collate, stream
 from splatclip.platform import storage
@@ -26,8 +27,7 @@ def embed(model, data: str, n_classes: int, batch_size: int, spec: StorageSpec |
     shards, _ = storage.list_shards(data, spec)
     if not shards:
         raise FileNotFoundError(f"no shards match {data}")
-    size = model.clip.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = input_size(model.clip)
     skipped, feats, labels, pending = Skipped(), [], [], []
 
     def flush():

@@ -1,5 +1,7 @@
 """Training and evaluation samples from shards: splat shards (the fit job's output) or image
 shards (for the RGB encoder), decoded one sample at a time, with bad samples skipped and counted.
+Splat shards can be joined with their source image shards (same shard name, same keys) when a
+teacher model embeds the images during training.
 
 The stream is deterministic for a (seed, epoch): shards are shuffled with that seed and split
 between workers, so a resumed worker regenerates the same order and skips what it already used.
@@ -45,6 +47,31 @@ def count_samples(url: str, spec: StorageSpec | None) -> int:
     return sum(1 for _ in read_samples(url, spec))
 
 
+def decode_image(sample: dict, size: int) -> torch.Tensor | None:
+    """The sample's image, CLIP-cropped to [3, size, size] in [0, 1]; None when missing or bad."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    try:
+        return clip_crop(decode(sample[ext]), size) if ext else None
+    except ImageError:
+        return None
+
+
+def with_sources(raws, source_url: str, spec: StorageSpec | None):
+    """Splat samples of one shard, each paired with its source sample (or None) from the image
+    shard `source_url`, matched by key. The fit job keeps the source order, so both shards are
+    read once side by side; source samples passed over on the way are held until asked for (a key
+    with no source holds the rest of the image shard in memory)."""
+    sources = read_samples(source_url, spec)
+    ahead: dict[str, dict] = {}
+    for raw in raws:
+        key = raw["__key__"]
+        for source in sources:
+            ahead[source["__key__"]] = source
+            if source["__key__"] == key:
+                break
+        yield raw, ahead.pop(key, None)
+
+
 def decode_sample(sample: dict, kind: str, image_size: int, classes: int | None, skipped: Skipped) -> dict | None:
     """A raw sample -> {"splats" [n, 8] | "image" [3, S, S], "text", "teacher", "label"}, or None."""
     key = sample["__key__"]
@@ -62,11 +89,7 @@ def decode_sample(sample: dict, kind: str, image_size: int, classes: int | None,
             skipped.add("no_live_gaussians", key)
             return None
     else:
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        try:
-            out["image"] = clip_crop(decode(sample[ext]), image_size) if ext else None
-        except ImageError:
-            out["image"] = None
+        out["image"] = decode_image(sample, image_size)
         if out["image"] is None:
             skipped.add("bad_image", key)
             return None
@@ -92,14 +115,19 @@ def worker_shards(shards: list[str], rank: int, world: int, seed: int, epoch: in
     return order[rank::world] if len(order) >= world else order
 
 
-def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, need_text=True, classes=None):
+def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, need_text=True, classes=None,
+           sources: dict[str, str] | None = None, source_size: int = 224):
     """Valid samples of this worker for one epoch, in a deterministic order. With fewer shards
-    than workers every worker reads them all and keeps every world-th sample."""
+    than workers every worker reads them all and keeps every world-th sample. With `sources`
+    (splat shard URL -> its image shard URL) each sample also carries its source "image"
+    [3, source_size, source_size]; a sample whose source is missing or undecodable is skipped."""
     mine = worker_shards(shards, rank, world, seed, epoch)
     by_sample = len(shards) < world
     i = 0
     for url in mine:
-        for raw in read_samples(url, spec):
+        raws = read_samples(url, spec)
+        pairs = with_sources(raws, sources[url], spec) if sources else ((raw, None) for raw in raws)
+        for raw, source in pairs:
             i += 1
             if by_sample and (i - 1) % world != rank:
                 continue
@@ -112,6 +140,11 @@ def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, ne
             if need_text and not s["text"]:
                 skipped.add("empty_caption", raw["__key__"])
                 continue
+            if sources:
+                s["image"] = decode_image(source, source_size) if source is not None else None
+                if s["image"] is None:
+                    skipped.add("bad_source_image" if source is not None else "no_source_image", raw["__key__"])
+                    continue
             yield s
 
 
@@ -121,7 +154,7 @@ def collate(samples: list[dict], tokenizer=None, image_size: int = 224) -> dict:
     if "splats" in samples[0]:
         batch = splats.Splats.from_arrays([s["splats"] for s in samples], image_size, image_size)
         out["params"], out["mask"] = batch.params, batch.mask
-    else:
+    if all("image" in s for s in samples):
         out["images"] = torch.stack([s["image"] for s in samples])
     if tokenizer is not None:
         out["tokens"] = tokenizer([s["text"] for s in samples])

@@ -2,8 +2,9 @@
 
 Each worker streams its share of the shards (`samples.stream`), collates batches padded to their
 largest n with a mask, and runs the stages of the spec in order: `distill` (MSE to the teacher
-embeddings stored in the shards) and `contrastive` (CLIP loss over the global batch against the
-frozen text tower). Gradients of the trainable parameters are averaged over workers with one
+embeddings stored in the shards, or, given `images`, to a frozen RGB teacher's embeddings of the
+source images, joined to the splats by key and embedded on the worker) and `contrastive` (CLIP loss
+over the global batch against the frozen text tower). Gradients of the trainable parameters are averaged over workers with one
 all-reduce per optimizer step. Checkpoints hold the trainable weights, optimizer, scheduler, step,
 RNG and data position; Ray Train restores the latest one after a worker failure, and a rerun with
 the same name (and storage path) resumes it. Rank 0 logs to MLflow and writes the final model.
@@ -15,6 +16,7 @@ import io
 import logging
 import math
 import os
+import posixpath
 import random
 import tempfile
 import time
@@ -24,12 +26,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from splatclip.models.backbone import create, embed_images, input_size
 from splatclip.models.gsclip import GSCLIP, from_open_clip
 from splatclip.models.losses import clip_loss, distill_loss
 from splatclip.pipelines.samples import Skipped, collate, count_samples, stream, worker_shards
 from splatclip.platform import storage
 from splatclip.platform.runtime import init_ray
-from splatclip.platform.specs import ModelSpec, StorageSpec, TrainSpec
+from splatclip.platform.specs import ModelSpec, StorageSpec, TeacherSpec, TrainSpec
 from splatclip.platform.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -63,16 +66,18 @@ def steps_per_epoch(counts: dict[str, int], shards: list[str], world: int, seed:
     return max(1, min(shares) // batch)
 
 
-def batches(spec: TrainSpec, shards, counts, rank, world, image_size, tokenizer, epoch: int, skip: int, skipped):
+def batches(spec: TrainSpec, shards, counts, rank, world, image_size, tokenizer, epoch: int, skip: int, skipped,
+            sources: dict[str, str] | None = None, source_size: int = 224):
     """Endless (epoch, index, batch) from a data position; an exhausted stream restarts its epoch's
-    order (bad samples may leave fewer than counted)."""
+    order (bad samples may leave fewer than counted). With `sources`, batches carry source images."""
     kind = spec.model.encoder
     while True:
         per_epoch = steps_per_epoch(counts, shards, world, spec.seed, epoch, spec.batch_size)
         index, pending = 0, []
         while index < per_epoch:
             drawn = 0
-            for sample in stream(shards, rank, world, spec.seed, epoch, kind, image_size, spec.storage, skipped):
+            for sample in stream(shards, rank, world, spec.seed, epoch, kind, image_size, spec.storage, skipped,
+                                 sources=sources, source_size=source_size):
                 drawn += 1
                 pending.append(sample)
                 if len(pending) < spec.batch_size:
@@ -101,13 +106,18 @@ def sync_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
-def stage_loss(model: GSCLIP, kind: str, batch: dict, device, world: int):
+def stage_loss(model: GSCLIP, kind: str, batch: dict, device, world: int, teacher=None):
     if model.kind == "splat":
         params, mask = batch["params"].to(device), batch["mask"].to(device)
         if kind == "distill":
-            if "teacher" not in batch:
-                raise RuntimeError("the distill stage needs teacher embeddings in the shards (fit with `teacher:`)")
-            return distill_loss(model.splat_features(params, mask), batch["teacher"].to(device))
+            if teacher is not None:
+                target = embed_images(teacher, batch["images"].to(device))
+            elif "teacher" in batch:
+                target = batch["teacher"].to(device)
+            else:
+                raise RuntimeError("the distill stage needs teacher embeddings in the shards (fit with `teacher:`) "
+                                   "or the source images (`images:`)")
+            return distill_loss(model.splat_features(params, mask), target)
         image = model.encode_splats(params, mask)
     else:
         image = model.encode_image(batch["images"].to(device))
@@ -159,8 +169,13 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.seed)
     model = from_open_clip(spec.model.name, spec.model.pretrained, spec.model, spec.storage, device)
-    image_size = model.clip.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    image_size = input_size(model.clip)
+    teacher = None
+    if spec.images:
+        ref = spec.teacher or TeacherSpec(model=spec.model.name, pretrained=spec.model.pretrained)
+        torch.manual_seed(spec.seed)  # a backbone without pretrained weights: the same weights as the model's
+        teacher, _ = create(ref.model, ref.pretrained, spec.storage, device)
+        teacher.requires_grad_(False)
 
     state = {"stage": 0, "stage_step": 0, "step": 0, "epoch": 0, "batch": 0, "run_id": None}
     restored = ray.train.get_checkpoint()
@@ -186,10 +201,13 @@ def train_loop(config: dict) -> None:
         tracker.log_params({"model.trainable_share": f"{model.trainable_share():.4f}"})
 
     skipped = Skipped()
-    data = batches(spec, shards, counts, rank, world, image_size, model.tokenizer, state["epoch"], state["batch"], skipped)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for si in range(state["stage"], len(spec.stages)):
         stage = spec.stages[si]
+        stage_teacher = teacher if stage.kind == "distill" else None  # images are read for it only
+        sources = (config["sources"], input_size(teacher)) if stage_teacher is not None else (None, 0)
+        data = batches(spec, shards, counts, rank, world, image_size, model.tokenizer, state["epoch"], state["batch"],
+                       skipped, *sources)
         share = model.set_trainable(stage.unfreeze_blocks)
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=spec.weight_decay)
@@ -208,7 +226,7 @@ def train_loop(config: dict) -> None:
             for _ in range(spec.grad_accum):
                 epoch, index, batch = next(data)
                 with autocast:
-                    loss = stage_loss(model, stage.kind, batch, device, world)
+                    loss = stage_loss(model, stage.kind, batch, device, world, stage_teacher)
                 (loss / spec.grad_accum).backward()
                 loss_sum += loss.item() / spec.grad_accum
                 state["epoch"], state["batch"] = epoch, index + 1
@@ -241,6 +259,17 @@ def train_loop(config: dict) -> None:
                 tracker.log_metrics(evaluate_during_training(model, spec, device), step=state["step"])
         tracker.log_metrics({"skipped." + k: v for k, v in skipped.reasons.items()}, step=state["step"])
         tracker.end()
+
+
+def source_shards(spec: TrainSpec, shards: list[str]) -> dict[str, str]:
+    """Each splat shard's source image shard (the shard of the same name under `images`)."""
+    found, _ = storage.input_shards(spec.images, spec.storage, "source image")
+    by_name = {posixpath.basename(u): u for u in found}
+    missing = [s for s in shards if posixpath.basename(s) not in by_name]
+    if missing:
+        raise FileNotFoundError(f"images {spec.images}: no source shard for {len(missing)} splat shard(s), e.g. "
+                                f"{posixpath.basename(missing[0])} (a source shard must have its splat shard's name)")
+    return {s: by_name[posixpath.basename(s)] for s in shards}
 
 
 def report(model, opt, sched, state, stage, total, metrics, rank) -> None:
@@ -288,6 +317,13 @@ def run(spec: TrainSpec) -> int:
     shards, _ = storage.input_shards(spec.data, spec.storage, "training")
     if not shards:
         return 2
+    sources = None
+    if spec.images:
+        try:
+            sources = source_shards(spec, shards)
+        except FileNotFoundError as err:
+            log.error("%s", err)
+            return 2
     counts = {s: count_samples(s, spec.storage) for s in shards}
     log.info("%d shards, %d samples", len(shards), sum(counts.values()))
     init_ray(spec.ray)
@@ -300,7 +336,7 @@ def run(spec: TrainSpec) -> int:
         resources["GPU"] = spec.ray.gpus_per_actor
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "shards": shards, "counts": counts},
+        train_loop_config={"spec": spec, "shards": shards, "counts": counts, "sources": sources},
         scaling_config=ScalingConfig(num_workers=spec.ray.actors, use_gpu=spec.ray.gpus_per_actor > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=spec.name, storage_path=path, storage_filesystem=fs,

@@ -139,6 +139,11 @@ class TrainSpec(Model):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from.")
+    images: str | None = Field(
+        None, description="The source image shards of `data` (same shard names and keys): distill stages then "
+        "match the teacher's embeddings of these images, computed on the workers, not embeddings stored in the shards.")
+    teacher: TeacherSpec | None = Field(
+        None, description="The RGB model that embeds `images`; default: the backbone (model.name, model.pretrained).")
     eval_data: str | None = Field(None, description="Labeled shards for zero-shot accuracy during training.")
     classes: str = Field("imagenet", description="Class names for eval_data ('imagenet' or a JSON list).")
     templates: str = Field("imagenet", description="Prompt templates for eval_data.")
@@ -154,6 +159,10 @@ class TrainSpec(Model):
             raise ValueError("at least one stage is required")
         if self.model.encoder == "rgb" and any(s.kind == "distill" for s in self.stages):
             raise ValueError("the rgb encoder trains with contrastive stages only")
+        if self.teacher is not None and not self.images:
+            raise ValueError("teacher embeds the source images: set images as well")
+        if self.images and not any(s.kind == "distill" for s in self.stages):
+            raise ValueError("images are read by distill stages only, and no stage distills")
         return self
 
 

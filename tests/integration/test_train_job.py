@@ -14,10 +14,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from splatclip import datasets, splats
+from splatclip.models.backbone import create, embed_images, input_size
 from splatclip.models.gsclip import from_open_clip
 from splatclip.pipelines import fit, train
+from splatclip.pipelines.samples import Skipped, stream
 from splatclip.pipelines.evaluate import run as evaluate
-from splatclip.platform.shards import read_samples
+from splatclip.platform.shards import read_samples, write_shard
 from splatclip.platform.specs import EvalSpec, FitSpec, TrainSpec, load_spec
 
 pytestmark = pytest.mark.integration
@@ -31,8 +33,11 @@ MODEL = [f"model.name={TINY}", "model.latents=8", "model.resampler_layers=1", "m
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory, ray_local):
     """96 training digits (4 shards: 2 per worker) and 40 test digits fitted into splat shards,
-    with tiny-ViT teacher embeddings."""
+    with the embeddings of a tiny-ViT teacher (weights saved in teacher.pt)."""
     root = tmp_path_factory.mktemp("digits")
+    torch.manual_seed(1)
+    teacher, _ = create(TINY)
+    torch.save(teacher.state_dict(), root / "teacher.pt")
     datasets.write_shards(datasets.digits("train", limit=96), f"{root}/src", "train", 24)
     datasets.write_shards(datasets.digits("test", limit=40), f"{root}/src", "test", 40)
     datasets.write_digit_metadata(f"{root}/src")
@@ -40,7 +45,7 @@ def digits(tmp_path_factory, ray_local):
         spec = load_spec(FitSpec, None, [
             f"input={root}/src/{split}-{pattern}.tar", f"output={root}/splats-{split}", "fit.gaussians=36",
             "fit.iterations=30", "fit.size=28", "fit.compile=false", "batch_size=32", "tracking.enabled=false",
-            f"teacher.model={TINY}"])
+            f"teacher.model={TINY}", f"teacher.pretrained={root}/teacher.pt"])
         assert fit.run(spec) == 0
     return root
 
@@ -81,6 +86,37 @@ def test_two_workers_learn_and_checkpoint(digits, tmp_path):
     assert state["position"]["step"] == 30 and {"epoch", "batch", "stage", "stage_step", "run_id"} <= set(state["position"])
     assert all(k in trainable or k.startswith("clip.visual.transformer.resblocks") for k in state["weights"])
     assert not any(k.startswith("clip.transformer.") for k in state["weights"])  # no frozen text tower
+
+
+def test_distill_from_source_images_with_an_rgb_teacher(digits, tmp_path):
+    """Given the source image shards, the workers embed the images with the teacher: the targets
+    equal the embeddings the fit job stored for the same teacher, and distillation learns them."""
+    teacher, _ = create(TINY, str(digits / "teacher.pt"))
+    shard, source = str(digits / "splats-train" / "train-00001.tar"), str(digits / "src" / "train-00001.tar")
+    got = list(stream([shard], 0, 1, 0, 0, "splat", 28, None, Skipped(), sources={shard: source},
+                      source_size=input_size(teacher)))
+    live = embed_images(teacher, torch.stack([s["image"] for s in got]))
+    stored = torch.from_numpy(np.stack([s["teacher"] for s in got]).astype(np.float32))
+    assert len(got) == 24 and (live * stored).sum(1).min() > 0.999  # cosine; fit stored uint8 pixels
+
+    # splat shards fitted without a teacher: the images are the only source of targets
+    for i in range(4):
+        with write_shard(str(tmp_path / "plain" / f"train-{i:05d}.tar")) as w:
+            for s in read_samples(str(digits / "splats-train" / f"train-{i:05d}.tar")):
+                w.write({k: v for k, v in s.items() if k != "teacher.npy"})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    teacher_args = [f"data={tmp_path}/plain/train-{{00000..00003}}.tar", f"images={digits}/src/train-{{00000..00003}}.tar",
+                    f"teacher.model={TINY}", f"teacher.pretrained={digits}/teacher.pt",
+                    "stages=[{kind: distill, epochs: 4, lr: 0.003}]"]
+    wrong = load_spec(TrainSpec, SPEC, train_args(digits, "no-sources", uri, *teacher_args,
+                                                  f"images={digits}/src/test-00000.tar"))
+    assert train.run(wrong) == 2  # no source shard has the splat shards' names: stops before training
+
+    spec = load_spec(TrainSpec, SPEC, train_args(digits, "from-images", uri, *teacher_args, "checkpoint_every=100"))
+    assert train.run(spec) == 0
+    run_id = json.loads((digits / "runs" / "from-images" / "_mlflow_run.json").read_text())["run_id"]
+    losses = [m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+    assert len(losses) == 24 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

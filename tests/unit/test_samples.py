@@ -1,8 +1,10 @@
 """Training/evaluation samples: bad ones are skipped and counted, never a crash."""
 
 import numpy as np
+import torch
 
-from splatclip import splats
+from splatclip import datasets, splats
+from splatclip.fitting.images import clip_crop, decode
 from splatclip.pipelines.samples import Skipped, collate, stream
 from splatclip.platform.shards import write_shard
 
@@ -38,3 +40,28 @@ def test_workers_split_the_shards(tmp_path):
             w.write({"__key__": f"k{i}", "splats.npy": good_splats(), "txt": f"t{i}".encode()})
     seen = [[s["text"] for s in stream(urls, r, 2, 0, 0, "splat", 32, None, Skipped())] for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 2 and sorted(seen[0] + seen[1]) == ["t0", "t1", "t2", "t3"]
+
+
+def test_splat_samples_join_their_source_images_by_key(tmp_path):
+    """Each splat sample gets the image of the same key from the image shard of the same name, in
+    whatever order the image shard holds them; a missing or undecodable source skips the sample."""
+    rng = np.random.default_rng(0)
+    pictures = {f"k{i}": rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8) for i in range(5)}
+    source = str(tmp_path / "src" / "s.tar")
+    with write_shard(source) as w:
+        for key in ("k3", "k0", "k1", "k4"):  # k2 missing, order shuffled
+            w.write({"__key__": key, "png": datasets.encode(pictures[key], "png"), "txt": b"x"})
+        w.write({"__key__": "k5", "png": b"not a png", "txt": b"x"})
+    fitted = str(tmp_path / "splats" / "s.tar")
+    with write_shard(fitted) as w:
+        for key in ("k0", "k1", "k2", "k3", "k4", "k5"):
+            w.write({"__key__": key, "splats.npy": good_splats(), "txt": key.encode()})
+    skipped = Skipped()
+    got = list(stream([fitted], 0, 1, 0, 0, "splat", 32, None, skipped, sources={fitted: source}, source_size=16))
+    assert [s["text"] for s in got] == ["k0", "k1", "k3", "k4"]
+    assert dict(skipped.reasons) == {"no_source_image": 1, "bad_source_image": 1}
+    for s in got:
+        want = clip_crop(decode(datasets.encode(pictures[s["text"]], "png")), 16)
+        assert torch.equal(s["image"], want)
+    batch = collate(got, None, 32)
+    assert batch["images"].shape == (4, 3, 16, 16) and batch["params"].shape == (4, 5, 8)

@@ -116,6 +116,17 @@ def test_train_spec_rejects_distilling_an_rgb_encoder():
         load_spec(TrainSpec, None, ["data=x.tar", "model.encoder=rgb", "stages=[{kind: distill}]"])
 
 
+def test_train_spec_teacher_needs_images_and_images_need_a_distill_stage():
+    from splatclip.platform.specs import TrainSpec
+
+    with pytest.raises(SpecError, match="teacher embeds the source images: set images"):
+        load_spec(TrainSpec, None, ["data=x.tar", "stages=[{kind: distill}]", "teacher.model=ViT-B-16"])
+    with pytest.raises(SpecError, match="images are read by distill stages only"):
+        load_spec(TrainSpec, None, ["data=x.tar", "images=src.tar", "stages=[{kind: contrastive}]"])
+    spec = load_spec(TrainSpec, None, ["data=x.tar", "images=src.tar", "stages=[{kind: distill}, {kind: contrastive}]"])
+    assert spec.images == "src.tar" and spec.teacher is None
+
+
 def test_override_into_a_list_item():
     from splatclip.platform.specs import TrainSpec
 
