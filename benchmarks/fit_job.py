@@ -2,7 +2,9 @@
 
 64 photos (scikit-image's, repeated) at 224x224 with 400 Gaussians, written as 4 shards of 16. The
 plain loop fits the same crops in batches of --batch-size; the job reads, decodes, fits with one
-actor and writes shards through Ray Data. The difference is the overhead Ray adds on this machine.
+actor and writes shards through Ray Data, once with a 1-CPU actor (Ray gives it one torch thread)
+and once with a 2-CPU actor. The difference is the overhead Ray adds on this machine; Ray's start-up
+is timed apart.
 """
 
 import argparse
@@ -16,6 +18,7 @@ from splatclip import datasets
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop, decode
 from splatclip.pipelines.fit import run
+from splatclip.platform.runtime import init_ray
 from splatclip.platform.specs import FitSpec, load_spec
 
 
@@ -52,13 +55,22 @@ def main():
         loop = time.perf_counter() - start
 
         start = time.perf_counter()
-        assert run(spec) == 0
-        job = time.perf_counter() - start
-    print(f"\n{args.images} images, 224x224, 400 Gaussians, {args.iterations} iterations, batch {args.batch_size}")
-    print(f"{'path':<26} {'seconds':>8} {'images/s':>9}")
-    print(f"{'plain loop (fit_batch)':<26} {loop:>8.1f} {args.images / loop:>9.3f}")
-    print(f"{'fit job (Ray Data, 1 actor)':<26} {job:>8.1f} {args.images / job:>9.3f}")
-    print(f"Ray overhead: {job - loop:+.1f} s ({(job / loop - 1) * 100:+.0f}%), including Ray start-up")
+        init_ray(spec.ray)
+        startup = time.perf_counter() - start
+        jobs = {}
+        for cpus in (1, 2):
+            cspec = spec.model_copy(update={"output": f"{tmp}/out-{cpus}",
+                                            "ray": spec.ray.model_copy(update={"cpus_per_actor": cpus})})
+            start = time.perf_counter()
+            assert run(cspec) == 0
+            jobs[cpus] = time.perf_counter() - start
+    print(f"\n{args.images} images, 224x224, 400 Gaussians, {args.iterations} iterations, batch {args.batch_size}; "
+          f"{torch.get_num_threads()} torch threads in the plain loop; Ray start-up {startup:.1f} s (not included)")
+    print(f"{'path':<34} {'seconds':>8} {'images/s':>9} {'vs loop':>8}")
+    print(f"{'plain loop (fit_batch)':<34} {loop:>8.1f} {args.images / loop:>9.3f} {1:>7.2f}x")
+    for cpus, seconds in jobs.items():
+        name = f"fit job (Ray Data, 1 actor, {cpus} CPU)"
+        print(f"{name:<34} {seconds:>8.1f} {args.images / seconds:>9.3f} {seconds / loop:>7.2f}x")
 
 
 if __name__ == "__main__":

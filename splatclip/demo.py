@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from splatclip import datasets, pictures, splats
-from splatclip.cuda import render
+from splatclip import datasets, pictures
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop, decode
 from splatclip.pipelines import evaluate, fit, train
@@ -149,17 +148,7 @@ def contact_sheet(root: Path, d: dict) -> np.ndarray:
     rows = []
     for name, source, out, size in (("photos", d["photos"], "photos", 224), ("digits", d["test"], "test", 28)):
         shard = storage.list_shards(source)[0][0]
-        fitted = {s["__key__"]: s for s in read_samples(str(root / "splats" / out / Path(shard).name))}
-        originals, renders = [], []
-        for sample in read_samples(shard):
-            if sample["__key__"] not in fitted or len(originals) == 8:
-                continue
-            ext = "jpg" if "jpg" in sample else "png"
-            originals.append(clip_crop(decode(sample[ext]), size))
-            arr = splats.from_bytes(fitted[sample["__key__"]]["splats.npy"])
-            b = splats.Splats.from_arrays([arr], size, size)
-            with torch.no_grad():
-                renders.append(render(b.params, size, size, b.mask)[0])
+        originals, renders = fit.fitted_pairs(shard, str(root / "splats" / out / Path(shard).name), size, 8)
         if size < 100:  # digits: enlarge to be visible
             originals = [torch.nn.functional.interpolate(o[None], scale_factor=4, mode="nearest")[0] for o in originals]
             renders = [torch.nn.functional.interpolate(r[None], scale_factor=4, mode="nearest")[0] for r in renders]

@@ -355,22 +355,31 @@ def report(summary: dict, spec: FitSpec, tracker: Tracker, shards: list[str]) ->
 def contact_sheet(spec: FitSpec, shards: list[str], count: int = 8):
     """Up to `count` originals (cropped as fitted) above their renders and error maps."""
     from splatclip import pictures
-    from splatclip.cuda import render
 
     originals, renders = [], []
     for shard in shards:
-        if not storage.exists(output_url(spec, shard), spec.storage):
-            continue
-        fitted = {s["__key__"]: s for s in read_samples(output_url(spec, shard), spec.storage)}
-        for sample in read_samples(shard, spec.storage):
-            if sample["__key__"] not in fitted or len(originals) >= count:
-                continue
-            ext = next(e for e in IMAGE_EXTS if e in sample)
-            originals.append(clip_crop(decode(sample[ext], spec.max_image_pixels), spec.fit.size))
-            arr = splats.from_bytes(fitted[sample["__key__"]]["splats.npy"])
-            batch = splats.Splats.from_arrays([arr], spec.fit.size, spec.fit.size)
-            with torch.no_grad():
-                renders.append(render(batch.params, spec.fit.size, spec.fit.size, batch.mask)[0])
-        if len(originals) >= count:
-            break
+        if len(originals) < count and storage.exists(output_url(spec, shard), spec.storage):
+            o, r = fitted_pairs(shard, output_url(spec, shard), spec.fit.size, count - len(originals), spec.storage,
+                                spec.max_image_pixels)
+            originals, renders = originals + o, renders + r
     return pictures.contact_sheet(originals, renders) if originals else None
+
+
+def fitted_pairs(source: str, fitted: str, size: int, count: int, spec=None, max_pixels: int = 89_478_485):
+    """Up to `count` (original cropped as fitted [3, S, S], render of its splats [3, S, S]) pairs
+    from a source shard and its splat shard."""
+    from splatclip.cuda import render
+
+    splat_bytes = {s["__key__"]: s["splats.npy"] for s in read_samples(fitted, spec) if "splats.npy" in s}
+    originals, renders = [], []
+    for sample in read_samples(source, spec):
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if len(originals) == count:
+            break
+        if sample["__key__"] not in splat_bytes or ext is None:
+            continue
+        originals.append(clip_crop(decode(sample[ext], max_pixels), size))
+        batch = splats.Splats.from_arrays([splats.from_bytes(splat_bytes[sample["__key__"]])], size, size)
+        with torch.no_grad():
+            renders.append(render(batch.params, size, size, batch.mask)[0])
+    return originals, renders

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from splatclip import datasets, splats
+from splatclip import datasets, pictures, splats
+from splatclip.fitting.images import clip_crop, decode
 from splatclip.pipelines.fit import run
 from splatclip.platform import storage
 from splatclip.platform.shards import read_samples, write_shard
@@ -41,7 +43,9 @@ def keys_of(url, spec=None):
 
 
 def test_fit_pipeline_local(ray_local, photo_shards, tmp_path):
-    spec = spec_for(f"{photo_shards}/photos-{{00000..00002}}.tar", tmp_path / "out")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = spec_for(f"{photo_shards}/photos-{{00000..00002}}.tar", tmp_path / "out", "tracking.enabled=true",
+                    f"tracking.uri={uri}", "tracking.experiment=fit-tests")
     assert run(spec) == 0
     out = tmp_path / "out"
     for i, names in enumerate([datasets.PHOTOS[:3], datasets.PHOTOS[3:6], datasets.PHOTOS[6:]]):
@@ -55,6 +59,19 @@ def test_fit_pipeline_local(ray_local, photo_shards, tmp_path):
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["images"] == summary["fitted"] == 8 and summary["failed"] == 0 and summary["ok"]
     assert (out / "_SUCCESS.json").exists()
+
+    # MLflow: the summary as metrics, and a contact sheet of the first 8 fitted photos (original,
+    # render, error rows of 32-pixel tiles)
+    client = MlflowClient(uri)
+    (run_info,) = client.search_runs([client.get_experiment_by_name("fit-tests").experiment_id])
+    assert run_info.data.metrics["fitted"] == 8
+    sheet = np.array(Image.open(client.download_artifacts(run_info.info.run_id, "pictures/contact_sheet.png",
+                                                          str(tmp_path))))
+    assert sheet.shape[0] == 3 * 32 + 2 * 8
+    first = datasets.photos()[0]
+    crop = pictures.to_uint8(clip_crop(decode(first["jpg"] if "jpg" in first else first["png"]), 32))
+    assert np.array_equal(sheet[:32, :32], crop) and not np.array_equal(sheet[40:72, :32], crop)
+
     # A rerun finds every shard committed and fits nothing.
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert run(spec) == 0
