@@ -21,3 +21,7 @@ def test_cluster_yaml_validates_against_ray_schema():
     gpu_types = [t for t in types.values() if t["resources"].get("GPU")]
     assert len(gpu_types) == 2 and all(t["min_workers"] < t["max_workers"] for t in gpu_types)
     assert any("constraints.txt" in c for c in config["setup_commands"])
+    # token authentication on every node, with the token copied from the launching machine
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts if "ray start" in c)
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
