@@ -38,7 +38,7 @@ from splatclip.platform.tracking import Tracker
 log = logging.getLogger("splatclip.demo")
 CONFIG = str(Path(__file__).resolve().parent / "models" / "configs" / "demo-vit.json")
 SIZES = {  # train digits, test digits, shard size, RGB epochs, distill epochs, contrastive epochs
-    "full": dict(train=1500, test=500, shard=250, rgb_epochs=12, distill_epochs=8, clip_epochs=4, photo_its=200,
+    "full": dict(train=1500, test=500, shard=250, rgb_epochs=12, distill_epochs=32, clip_epochs=2, photo_its=200,
                  digit_its=80, rd_gaussians=(36, 100, 256, 576), rd_its=150, compile=True),
     "small": dict(train=192, test=64, shard=48, rgb_epochs=2, distill_epochs=1, clip_epochs=1, photo_its=20,
                   digit_its=20, rd_gaussians=(36, 100), rd_its=20, compile=False),
@@ -98,7 +98,7 @@ def run_demo(root: Path, size: dict) -> dict:
     photos = FitSpec.model_validate({
         "input": d["photos"], "output": str(root / "splats" / "photos"), "batch_size": 8,
         "fit": {"gaussians": 400, "iterations": size["photo_its"], "size": 224, "compile": size["compile"]},
-        "ray": {"actors": 1, "cpus_per_actor": 1.0}, "tracking": tracking(root, "splatclip-demo", "fit-photos"),
+        "ray": {"actors": 1, "cpus_per_actor": 2.0}, "tracking": tracking(root, "splatclip-demo", "fit-photos"),
     })
     assert fit.run(photos) == 0, "fitting the photos failed"
 
@@ -107,7 +107,7 @@ def run_demo(root: Path, size: dict) -> dict:
         "data": pattern(root / "splats" / "train", "train", d["n_train"]), "storage_path": str(root / "runs"),
         "name": "splat-encoder", "model": {**model_common, "encoder": "splat", "pretrained": teacher},
         "stages": [{"kind": "distill", "epochs": size["distill_epochs"], "lr": 3e-3, "warmup_steps": 10},
-                   {"kind": "contrastive", "epochs": size["clip_epochs"], "lr": 5e-4}],
+                   {"kind": "contrastive", "epochs": size["clip_epochs"], "lr": 1e-4}],
         "batch_size": 64, "checkpoint_every": 50, "tracking": tracking(root, "splatclip-demo", "splat-encoder"),
         "ray": ray,
     })
