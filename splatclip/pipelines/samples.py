@@ -9,6 +9,7 @@ between workers, so a resumed worker regenerates the same order and skips what i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
@@ -148,8 +149,14 @@ def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, ne
             yield s
 
 
+def caption_id(text: str) -> int:
+    """A 63-bit id of a caption, the same in every process (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def collate(samples: list[dict], tokenizer=None, image_size: int = 224) -> dict:
-    """Pad splats to the largest n with a mask; stack images, teachers, labels; tokenize text."""
+    """Pad splats to the largest n with a mask; stack images, teachers, labels; tokenize text (with
+    caption ids, so the CLIP loss can tell copies of a caption)."""
     out = {}
     if "splats" in samples[0]:
         batch = splats.Splats.from_arrays([s["splats"] for s in samples], image_size, image_size)
@@ -158,6 +165,7 @@ def collate(samples: list[dict], tokenizer=None, image_size: int = 224) -> dict:
         out["images"] = torch.stack([s["image"] for s in samples])
     if tokenizer is not None:
         out["tokens"] = tokenizer([s["text"] for s in samples])
+        out["caption_ids"] = torch.tensor([caption_id(s["text"]) for s in samples])
     if all("teacher" in s for s in samples):
         out["teacher"] = torch.from_numpy(np.stack([s["teacher"] for s in samples]).astype(np.float32))
     if all("label" in s for s in samples):

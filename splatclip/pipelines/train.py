@@ -4,7 +4,7 @@ Each worker streams its share of the shards (`samples.stream`), collates batches
 largest n with a mask, and runs the stages of the spec in order: `distill` (MSE to the teacher
 embeddings stored in the shards, or, given `images`, to a frozen RGB teacher's embeddings of the
 source images, joined to the splats by key and embedded on the worker) and `contrastive` (CLIP loss
-over the global batch against the frozen text tower). Gradients of the trainable parameters are averaged over workers with one
+over the global batch against the frozen text tower; repeated captions are positives). Gradients of the trainable parameters are averaged over workers with one
 all-reduce per optimizer step. Checkpoints hold the trainable weights, optimizer, scheduler, step,
 RNG and data position; Ray Train restores the latest one after a worker failure, and a rerun with
 the same name (and storage path) resumes it. Rank 0 logs to MLflow and writes the final model.
@@ -122,7 +122,7 @@ def stage_loss(model: GSCLIP, kind: str, batch: dict, device, world: int, teache
     else:
         image = model.encode_image(batch["images"].to(device))
     text = model.encode_text(batch["tokens"].to(device))
-    return clip_loss(image, text, model.logit_scale) * world
+    return clip_loss(image, text, model.logit_scale, batch["caption_ids"]) * world
 
 
 def save_model(model: GSCLIP, spec: TrainSpec, step: int) -> str:

@@ -119,36 +119,59 @@ def test_distill_loss():
     assert distill_loss(-t, t).item() == pytest.approx(4.0 / 16, rel=1e-5)
 
 
-def _ddp_worker(rank, world, port, img, txt, scale, out):
+def _ddp_worker(rank, world, port, img, txt, scale, ids, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     b = len(img) // world
     i = img[rank * b : (rank + 1) * b].clone().requires_grad_()
     t = txt[rank * b : (rank + 1) * b].clone().requires_grad_()
-    loss = clip_loss(i, t, scale)
+    loss = clip_loss(i, t, scale, None if ids is None else ids[rank * b : (rank + 1) * b])
     loss.backward()
     torch.save({"loss": loss.detach(), "gi": i.grad, "gt": t.grad}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_contrastive_loss_across_two_processes_equals_single_process(tmp_path):
+@pytest.mark.parametrize("ids", [None, torch.tensor([7, 1, 2, 7, 3, 1, 9, 7])], ids=["distinct", "repeated"])
+def test_contrastive_loss_across_two_processes_equals_single_process(tmp_path, ids):
+    """Repeated captions (7 and 1) span both ranks: the positives must be found in the global batch."""
     import socket
 
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
     i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    single = clip_loss(i, t, 10.0)
+    single = clip_loss(i, t, 10.0, ids)
     single.backward()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, img, txt, 10.0, tmp_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, img, txt, 10.0, ids, tmp_path), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(r["loss"], single.detach())
         torch.testing.assert_close(r["gi"], i.grad[rank * 4 : (rank + 1) * 4])
         torch.testing.assert_close(r["gt"], t.grad[rank * 4 : (rank + 1) * 4])
+
+
+def test_contrastive_loss_counts_repeated_captions_as_positives():
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    distinct = torch.tensor([10, 11, 12, 13, 14])
+    torch.testing.assert_close(clip_loss(img, txt, 5.0, distinct), clip_loss(img, txt, 5.0))
+    ids = torch.tensor([4, 2, 4, 4, 3])  # images 0, 2, 3 share a caption
+    logits = 5.0 * img @ txt.t()
+    by_hand = 0.0
+    for a in (logits, logits.t()):
+        logp = a.log_softmax(1)
+        for r in range(5):
+            positives = [c for c in range(5) if ids[c] == ids[r]]
+            by_hand -= sum(logp[r, c] for c in positives) / len(positives) / 5
+    torch.testing.assert_close(clip_loss(img, txt, 5.0, ids), by_hand / 2)
+    # a batch of one caption only: every text is right for every image, nothing to contrast
+    same = torch.zeros(5, dtype=torch.long)
+    uniform = -(logits.log_softmax(1).mean() + logits.t().log_softmax(1).mean()) / 2
+    torch.testing.assert_close(clip_loss(img, txt, 5.0, same), uniform)
 
 
 def test_zero_shot_classifier(tmp_path):

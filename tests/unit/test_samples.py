@@ -65,3 +65,14 @@ def test_splat_samples_join_their_source_images_by_key(tmp_path):
         assert torch.equal(s["image"], want)
     batch = collate(got, None, 32)
     assert batch["images"].shape == (4, 3, 16, 16) and batch["params"].shape == (4, 5, 8)
+
+
+def test_caption_ids_are_stable_and_tell_copies_apart():
+    from splatclip.pipelines.samples import caption_id
+
+    assert caption_id("a photo of a 3.") == caption_id("a photo of a 3.") != caption_id("a photo of a 4.")
+    assert caption_id("x") == 2858720872202629029  # the same number in every process and session
+    batch = collate([{"splats": np.zeros((1, 8), np.float16), "text": t} for t in ("a", "b", "a")],
+                    tokenizer=lambda texts: torch.zeros(len(texts), 4, dtype=torch.long))
+    ids = batch["caption_ids"]
+    assert ids.dtype == torch.int64 and ids[0] == ids[2] != ids[1]
