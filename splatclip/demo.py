@@ -195,7 +195,8 @@ def rate_distortion(photos_pattern: str, size: dict, path: Path) -> list[dict]:
                            "jpeg_bytes": jpeg_bytes})
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("psnr", "2D Gaussian splats"), ("jpeg_psnr", "JPEG at the same bytes")):
-        xs = sorted({p["bytes"] for p in points})
+        # budgets below the smallest JPEG (quality 5) have no JPEG point (NaN), so they are left out
+        xs = sorted({p["bytes"] for p in points if not np.isnan(p[key])})
         ys = [np.nanmean([p[key] for p in points if p["bytes"] == x]) for x in xs]
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xscale("log")
