@@ -1,0 +1,20 @@
+"""The job entry points, run as a user runs them: a spec whose data matches no shard stops at once."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("job, what", [("train", "training"), ("evaluate", "evaluation")])
+def test_a_job_given_no_shards_exits_2_naming_the_pattern(tmp_path, job, what):
+    pattern = str(tmp_path / "nowhere-{00000..00001}.tar")
+    spec = {"train": "train.local.yaml", "evaluate": "eval.local.yaml"}[job]
+    proc = subprocess.run([sys.executable, f"jobs/{job}.py", f"jobs/specs/{spec}", "--set", f"data={pattern}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"no {what} shards match {pattern} (2 expected names missing)" in proc.stderr
+    assert "Ray instance" not in proc.stderr  # it stopped before starting or joining a cluster
