@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from splatclip.platform.specs import RaySpec
 
@@ -37,12 +38,42 @@ def init_ray(spec: RaySpec):
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address)
     else:
-        keep_on_loopback()
-        cpus = local_cpus(spec)
-        log.info("starting a local Ray with %d logical CPUs", cpus)
-        # address="local": always a fresh instance, never a stale `ray start` cluster file
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+        start_local(local_cpus(spec))
     return ray.get_runtime_context()
+
+
+def start_local(cpus: int) -> None:
+    """A fresh local Ray on 127.0.0.1 with its dashboard (the state API). Its processes are told
+    their own cluster's address (RAY_ADDRESS, with the GCS on a port chosen here): Ray Train's
+    placement-group cleaner looks its controller up through the state API, and without the address
+    it would find another cluster's (a `ray start` on this machine, or its stale address file)."""
+    import ray
+
+    keep_on_loopback()
+    port = free_port()
+    log.info("starting a local Ray with %d logical CPUs", cpus)
+    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
+    try:
+        # address="local": always a fresh instance, never one of `ray start`
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=8265 if port_is_free(8265) else free_port())
+    finally:  # the processes Ray started keep them; this one must not join that address again later
+        del os.environ["RAY_GCS_SERVER_PORT"], os.environ["RAY_ADDRESS"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def actor_options(spec: RaySpec) -> dict:

@@ -1,5 +1,6 @@
 """Ray runtime helpers on a real local Ray."""
 
+import subprocess
 import sys
 
 import numpy as np
@@ -35,3 +36,29 @@ def test_resource_helpers():
     assert actor_options(RaySpec(cpus_per_actor=0.25, gpus_per_actor=1)) == {"num_cpus": 0.25, "num_gpus": 1}
     assert pool_size(RaySpec(actors=2, max_actors=8)) == (2, 8)
     assert np.isclose(actor_options(RaySpec())["num_cpus"], 0.5)
+
+
+LOCAL_RAY_KNOWS_ITSELF = """
+import os, ray
+from splatclip.platform.runtime import init_ray
+from splatclip.platform.specs import RaySpec
+
+init_ray(RaySpec())
+
+@ray.remote
+def state_api_from_a_worker():  # as Ray Train's placement-group cleaner reaches it: no address given
+    from ray.util.state import list_nodes
+    return os.environ.get("RAY_ADDRESS"), [n.node_ip for n in list_nodes()]
+
+print(ray.get_runtime_context().gcs_address, *ray.get(state_api_from_a_worker.remote()), os.environ.get("RAY_ADDRESS"))
+"""
+
+
+def test_a_local_ray_tells_its_processes_its_own_address():
+    """Without this, a worker's state API finds another cluster on this machine (the `ray start` of a
+    test or a user, or its stale address file) and Ray Train's cleaner thread fails."""
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_KNOWS_ITSELF], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gcs, worker_address, nodes, driver_address = proc.stdout.split(maxsplit=3)
+    assert gcs.startswith("127.0.0.1:") and worker_address == gcs
+    assert nodes == "['127.0.0.1']" and driver_address.strip() == "None"  # the driver's environment is restored
