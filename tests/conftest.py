@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import uuid
@@ -165,3 +166,8 @@ def ray_head(tmp_path_factory):
         yield url, env
     finally:
         stop(proc)
+        # `ray start` records its address for later `ray` commands; `ray stop` would remove it, a
+        # stop by process id does not, and a stale one misleads every Ray tool on this machine
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip() == f"127.0.0.1:{port}":
+            current.unlink()
