@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 import uuid
 import urllib.request
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from splatclip.platform.runtime import free_port
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray started by the tests stays on 127.0.0.1
 if not torch.cuda.is_available():
@@ -32,12 +33,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path, headers: dict | None = None) -> None:

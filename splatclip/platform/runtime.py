@@ -56,12 +56,13 @@ def start_local(cpus: int) -> None:
     try:
         # address="local": always a fresh instance, never one of `ray start`
         ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           dashboard_port=8265 if port_is_free(8265) else free_port())
+                 dashboard_port=8265 if port_is_free(8265) else free_port())
     finally:  # the processes Ray started keep them; this one must not join that address again later
         del os.environ["RAY_GCS_SERVER_PORT"], os.environ["RAY_ADDRESS"]
 
 
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from splatclip.models.gsclip import from_open_clip
 from splatclip.models.losses import clip_loss, distill_loss
 from splatclip.models.zeroshot import class_embeddings, load_templates, topk_correct
+from splatclip.platform.runtime import free_port
 from splatclip.platform.specs import ModelSpec
 
 TINY = str(Path(__file__).resolve().parents[1] / "data" / "tiny-vit.json")
@@ -134,18 +135,13 @@ def _ddp_worker(rank, world, port, img, txt, scale, ids, out):
 @pytest.mark.parametrize("ids", [None, torch.tensor([7, 1, 2, 7, 3, 1, 9, 7])], ids=["distinct", "repeated"])
 def test_contrastive_loss_across_two_processes_equals_single_process(tmp_path, ids):
     """Repeated captions (7 and 1) span both ranks: the positives must be found in the global batch."""
-    import socket
-
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
     i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
     single = clip_loss(i, t, 10.0, ids)
     single.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, img, txt, 10.0, ids, tmp_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), img, txt, 10.0, ids, tmp_path), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(r["loss"], single.detach())
