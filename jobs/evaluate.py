@@ -2,11 +2,13 @@
 
 import logging
 import sys
+from pathlib import Path
 
 from splatclip.pipelines.evaluate import run
 from splatclip.platform.specs import EvalSpec, spec_from_args
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = spec_from_args(EvalSpec, sys.argv[1:], "evaluate.py", default="jobs/specs/eval.local.yaml")
+    spec = spec_from_args(EvalSpec, sys.argv[1:], "evaluate.py",
+                           default=str(Path(__file__).parent / "specs" / "eval.local.yaml"))
     sys.exit(run(spec))

@@ -2,11 +2,13 @@
 
 import logging
 import sys
+from pathlib import Path
 
 from splatclip.pipelines.fit import run
 from splatclip.platform.specs import FitSpec, spec_from_args
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = spec_from_args(FitSpec, sys.argv[1:], "fit.py", default="jobs/specs/fit.local.yaml")
+    spec = spec_from_args(FitSpec, sys.argv[1:], "fit.py",
+                           default=str(Path(__file__).parent / "specs" / "fit.local.yaml"))
     sys.exit(run(spec))

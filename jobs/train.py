@@ -2,11 +2,13 @@
 
 import logging
 import sys
+from pathlib import Path
 
 from splatclip.pipelines.train import run
 from splatclip.platform.specs import TrainSpec, spec_from_args
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = spec_from_args(TrainSpec, sys.argv[1:], "train.py", default="jobs/specs/train.local.yaml")
+    spec = spec_from_args(TrainSpec, sys.argv[1:], "train.py",
+                           default=str(Path(__file__).parent / "specs" / "train.local.yaml"))
     sys.exit(run(spec))

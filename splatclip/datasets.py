@@ -4,12 +4,18 @@
   PNG, a caption made from its label through a prompt template, the class id and a JSON record;
 - photos: scikit-image's bundled photos (color and grayscale, one RGBA logo), as JPEG or PNG.
 Nothing is downloaded.
+
+Jobs read them as `examples://SET/PATTERN` (`examples://digits/train-{00000..00007}.tar`): the set
+is written once to a local cache (`$SPLATCLIP_EXAMPLES`, default ~/.cache/splatclip/examples) the
+first time a job names it, so the `*.local.yaml` specs run on a fresh machine with no set-up.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -92,3 +98,43 @@ def write_digit_metadata(directory: str, spec: StorageSpec | None = None) -> Non
     """classes.json and templates.json beside the digit shards, for zero-shot evaluation."""
     write_json(join(directory, "classes.json"), DIGIT_CLASSES, spec)
     write_json(join(directory, "templates.json"), DIGIT_TEMPLATES, spec)
+
+
+EXAMPLES = "examples://"
+
+
+def write_digits(directory: str) -> None:
+    """All 5000 digits: train-{00000..00007}.tar and test-{00000..00001}.tar (500 each), with the
+    class names and prompt templates."""
+    write_shards(digits("train"), directory, "train", 500)
+    write_shards(digits("test"), directory, "test", 500)
+    write_digit_metadata(directory)
+
+
+def write_photos(directory: str) -> None:
+    """photos-00000.tar: the 8 scikit-image photos."""
+    write_shards(photos(), directory, "photos", 8)
+
+
+EXAMPLE_SETS = {"digits": write_digits, "photos": write_photos}
+
+
+def examples_root() -> Path:
+    return Path(os.environ.get("SPLATCLIP_EXAMPLES") or Path.home() / ".cache" / "splatclip" / "examples")
+
+
+def resolve_example(url: str) -> str:
+    """`examples://SET/REST` -> the local path of REST inside example set SET, which is written on
+    first use (each shard atomically, then a marker, so an interrupted write is redone whole).
+    Any other URL is returned as it is."""
+    if not url.startswith(EXAMPLES):
+        return url
+    name, _, rest = url[len(EXAMPLES):].partition("/")
+    if name not in EXAMPLE_SETS:
+        raise ValueError(f"{url}: unknown example set {name!r} (known: {', '.join(sorted(EXAMPLE_SETS))})")
+    directory = examples_root() / name
+    marker = directory / "_SUCCESS"
+    if not marker.exists():
+        EXAMPLE_SETS[name](str(directory))
+        marker.write_text("complete\n")
+    return str(directory / rest) if rest else str(directory)

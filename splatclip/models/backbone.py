@@ -1,7 +1,8 @@
 """open_clip models from a name, a config file, and weights from a tag, a local file or a URL.
 
-`name` is an open_clip model name ("ViT-B-16") or a path to a model config JSON (registered under
-its file stem). `pretrained` is an open_clip tag, a local checkpoint, or an s3:// / file:// URL
+`name` is an open_clip model name ("ViT-B-16"), the name of a config shipped in
+`splatclip/models/configs/` ("demo-vit"), or a path to a model config JSON (registered under its
+file stem). `pretrained` is an open_clip tag, a local checkpoint, or an s3:// / file:// URL
 fetched through storage to a local temporary file. Nothing is downloaded unless a tag asks for it.
 """
 
@@ -20,6 +21,7 @@ from splatclip.platform import storage
 from splatclip.platform.specs import StorageSpec
 
 log = logging.getLogger(__name__)
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def model_name(name: str) -> str:
@@ -30,8 +32,11 @@ def model_name(name: str) -> str:
             raise FileNotFoundError(f"model config {name} not found")
         open_clip.add_model_config(path)
         return path.stem
+    if (CONFIGS / f"{name}.json").exists():
+        open_clip.add_model_config(CONFIGS / f"{name}.json")
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {name!r} (and not a .json config path)")
+        raise ValueError(f"unknown open_clip model {name!r} (not an open_clip or splatclip config name, "
+                         "nor a .json config path)")
     return name
 
 

@@ -10,11 +10,16 @@ from splatclip.platform.specs import StorageSpec
 
 
 def load_classes(source: str, spec: StorageSpec | None = None) -> list[str]:
-    """'imagenet' (open_clip's ImageNet-1k names) or a JSON list of class names (path or URL)."""
+    """'imagenet' (open_clip's ImageNet-1k names), 'digits' (the example digits' names) or a JSON
+    list of class names (path or URL)."""
     if source == "imagenet":
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
         return list(IMAGENET_CLASSNAMES)
+    if source == "digits":
+        from splatclip.datasets import DIGIT_CLASSES
+
+        return list(DIGIT_CLASSES)
     names = storage.read_json(source, spec)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{source}: expected a non-empty JSON list of class names")
@@ -22,13 +27,18 @@ def load_classes(source: str, spec: StorageSpec | None = None) -> list[str]:
 
 
 def load_templates(source: str, spec: StorageSpec | None = None) -> list:
-    """'imagenet' (OpenAI's 80 templates) or a JSON list of strings with '{c}' for the class name.
-    Returns callables name -> prompt."""
+    """'imagenet' (OpenAI's 80 templates), 'digits' (the example digits' captions) or a JSON list of
+    strings with '{c}' for the class name. Returns callables name -> prompt."""
     if source == "imagenet":
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
         return list(OPENAI_IMAGENET_TEMPLATES)
-    texts = storage.read_json(source, spec)
+    if source == "digits":
+        from splatclip.datasets import DIGIT_TEMPLATES
+
+        texts = DIGIT_TEMPLATES
+    else:
+        texts = storage.read_json(source, spec)
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and "{c}" in t for t in texts):
         raise ValueError(f"{source}: expected a non-empty JSON list of templates containing '{{c}}'")
     return [lambda c, t=t: t.format(c=c) for t in texts]

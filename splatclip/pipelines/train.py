@@ -33,18 +33,14 @@ from splatclip.pipelines.samples import Skipped, collate, count_samples, stream,
 from splatclip.platform import storage
 from splatclip.platform.runtime import init_ray
 from splatclip.platform.specs import ModelSpec, StorageSpec, TeacherSpec, TrainSpec
-from splatclip.platform.tracking import Tracker
+from splatclip.platform.tracking import Tracker, absolute_uri
 
 log = logging.getLogger(__name__)
 MODEL_FORMAT = "splatclip-model/1"
 
 
 def run_dir(spec: TrainSpec) -> str:
-    return storage.join(storage_root(spec), spec.name)
-
-
-def storage_root(spec: TrainSpec) -> str:
-    return spec.storage_path if not storage.is_local(spec.storage_path) else os.path.abspath(spec.storage_path)
+    return storage.join(spec.storage_path, spec.name)
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -192,12 +188,8 @@ def train_loop(config: dict) -> None:
                  state["epoch"], state["batch"])
 
     tracker = Tracker(spec.tracking, "train", rank)
-    run_file = storage.join(run_dir(spec), "_mlflow_run.json")
     if tracker.active:
-        resume = state["run_id"] or (storage.read_json(run_file, spec.storage).get("run_id")
-                                     if storage.exists(run_file, spec.storage) else None)
-        state["run_id"] = tracker.start(spec, resume_run_id=resume)
-        storage.write_json(run_file, {"run_id": state["run_id"]}, spec.storage)
+        state["run_id"] = tracker.start(spec, resume_run_id=state["run_id"] or config["run_id"])
         tracker.log_params({"model.trainable_share": f"{model.trainable_share():.4f}"})
 
     skipped = Skipped()
@@ -272,6 +264,18 @@ def source_shards(spec: TrainSpec, shards: list[str]) -> dict[str, str]:
     return {s: by_name[posixpath.basename(s)] for s in shards}
 
 
+def start_run(tracker: Tracker, spec: TrainSpec) -> str | None:
+    """Open the job's MLflow run on the driver (so a new experiment's artifacts live where the job
+    runs, not in a worker's directory), or reopen the one a previous run of this name recorded."""
+    if not tracker.active:
+        return None
+    run_file = storage.join(run_dir(spec), "_mlflow_run.json")
+    previous = storage.read_json(run_file, spec.storage)["run_id"] if storage.exists(run_file, spec.storage) else None
+    run_id = tracker.start(spec, resume_run_id=previous)
+    storage.write_json(run_file, {"run_id": run_id}, spec.storage)
+    return run_id
+
+
 def report(model, opt, sched, state, stage, total, metrics, rank) -> None:
     """A checkpoint from rank 0 (the other ranks report metrics only, as Ray Train v2 expects)."""
     import ray.train
@@ -304,7 +308,7 @@ def evaluate_during_training(model: GSCLIP, spec: TrainSpec, device) -> dict[str
 
 def trainer_storage(spec: TrainSpec):
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
-    root = storage_root(spec)
+    root = spec.storage_path
     if storage.is_local(root) or not spec.storage.endpoint_url:
         return root, None
     import pyarrow.fs
@@ -313,10 +317,39 @@ def trainer_storage(spec: TrainSpec):
     return root.split("://", 1)[1], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def absolute_paths(spec: TrainSpec) -> TrainSpec:
+    """The spec with its relative local paths made absolute: Ray Train workers run in a directory of
+    their own, not the job's. Shard patterns, the storage path and a SQLite tracking URI always are
+    paths; a model name, weights, class names or templates only when such a file exists (otherwise
+    a name or a tag)."""
+
+    def pattern(value):
+        return os.path.abspath(value) if value is not None and "://" not in value else value
+
+    def file(value):
+        return os.path.abspath(value) if value is not None and "://" not in value and os.path.exists(value) else value
+
+    update = {"data": pattern(spec.data), "images": pattern(spec.images), "eval_data": pattern(spec.eval_data),
+              "storage_path": pattern(spec.storage_path), "classes": file(spec.classes),
+              "templates": file(spec.templates),
+              "model": spec.model.model_copy(update={"name": file(spec.model.name),
+                                                     "pretrained": file(spec.model.pretrained)})}
+    if spec.teacher is not None:
+        update["teacher"] = spec.teacher.model_copy(update={"model": file(spec.teacher.model),
+                                                            "pretrained": file(spec.teacher.pretrained)})
+    update["tracking"] = spec.tracking.model_copy(update={"uri": absolute_uri(spec.tracking.uri)})
+    return spec.model_copy(update=update)
+
+
 def run(spec: TrainSpec) -> int:
+    spec = absolute_paths(spec)
     shards, _ = storage.input_shards(spec.data, spec.storage, "training")
     if not shards:
         return 2
+    for weights in (spec.model.pretrained, spec.teacher and spec.teacher.pretrained):
+        if weights and "://" not in weights and os.sep in weights and not os.path.exists(weights):
+            log.error("pretrained weights %s: no such file", weights)
+            return 2
     sources = None
     if spec.images:
         try:
@@ -326,6 +359,8 @@ def run(spec: TrainSpec) -> int:
             return 2
     counts = {s: count_samples(s, spec.storage) for s in shards}
     log.info("%d shards, %d samples", len(shards), sum(counts.values()))
+    tracker = Tracker(spec.tracking, "train")
+    run_id = start_run(tracker, spec)
     init_ray(spec.ray)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -336,7 +371,7 @@ def run(spec: TrainSpec) -> int:
         resources["GPU"] = spec.ray.gpus_per_actor
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec, "shards": shards, "counts": counts, "sources": sources},
+        train_loop_config={"spec": spec, "shards": shards, "counts": counts, "sources": sources, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=spec.ray.actors, use_gpu=spec.ray.gpus_per_actor > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=spec.name, storage_path=path, storage_filesystem=fs,
@@ -346,6 +381,7 @@ def run(spec: TrainSpec) -> int:
     result = trainer.fit()
     if result.error:
         log.error("training failed: %s", result.error)
+        tracker.end("FAILED")
         return 1
     print(f"trained {spec.name}: {result.metrics}; model at {storage.join(run_dir(spec), 'model.pt')}")
     return 0

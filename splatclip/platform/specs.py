@@ -97,7 +97,7 @@ class TeacherSpec(Model):
 
 
 class FitSpec(Model):
-    input: str = Field(..., description="Source shards: brace pattern of tar URLs (local or s3://).")
+    input: str = Field(..., description="Source shards: brace pattern of tar URLs (local, s3:// or examples://).")
     output: str = Field(..., description="Directory URL for the splat shards (local or s3://).")
     fit: FitParams = Field(default_factory=FitParams)
     batch_size: int = Field(16, ge=1, description="Images fitted together in one optimizer step.")
@@ -110,7 +110,8 @@ class FitSpec(Model):
 
 
 class ModelSpec(Model):
-    name: str = Field("ViT-B-16", description="open_clip model name or a path to a model config JSON.")
+    name: str = Field("ViT-B-16", description="open_clip model name, a config in splatclip/models/configs "
+                      "(demo-vit), or a path to a model config JSON.")
     pretrained: str | None = None
     encoder: Literal["splat", "rgb"] = "splat"
     latents: int = Field(196, ge=1, description="Perceiver latent tokens fed to the backbone.")
@@ -128,7 +129,8 @@ class StageSpec(Model):
 
 
 class TrainSpec(Model):
-    data: str = Field(..., description="Splat shards (or image shards for encoder=rgb): brace pattern.")
+    data: str = Field(..., description="Splat shards (or image shards for encoder=rgb): brace pattern "
+                      "(local, s3:// or examples://).")
     storage_path: str = Field("outputs/train", description="Where Ray Train keeps checkpoints (local or s3://).")
     name: str = Field("splatclip-train", description="Run name; rerunning with the same name resumes.")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -145,8 +147,8 @@ class TrainSpec(Model):
     teacher: TeacherSpec | None = Field(
         None, description="The RGB model that embeds `images`; default: the backbone (model.name, model.pretrained).")
     eval_data: str | None = Field(None, description="Labeled shards for zero-shot accuracy during training.")
-    classes: str = Field("imagenet", description="Class names for eval_data ('imagenet' or a JSON list).")
-    templates: str = Field("imagenet", description="Prompt templates for eval_data.")
+    classes: str = Field("imagenet", description="Class names for eval_data ('imagenet', 'digits' or a JSON list).")
+    templates: str = Field("imagenet", description="Prompt templates for eval_data ('imagenet', 'digits' or a JSON list).")
     eval_every: int = Field(100, ge=1, description="Optimizer steps between zero-shot evaluations.")
     seed: int = 0
     storage: StorageSpec = Field(default_factory=StorageSpec)
@@ -169,8 +171,8 @@ class TrainSpec(Model):
 class EvalSpec(Model):
     data: str = Field(..., description="Labeled splat shards (with .cls): brace pattern.")
     checkpoint: str = Field(..., description="Trained model file or directory (local or s3://).")
-    classes: str = Field("imagenet", description="'imagenet' or a path to a JSON list of class names.")
-    templates: str = Field("imagenet", description="'imagenet' or a path to a JSON list of templates with {c}.")
+    classes: str = Field("imagenet", description="'imagenet', 'digits' or a path to a JSON list of class names.")
+    templates: str = Field("imagenet", description="'imagenet', 'digits' or a path to a JSON list of templates with {c}.")
     rgb_checkpoint: str | None = Field(None, description="RGB model to evaluate on the same images.")
     rgb_data: str | None = Field(None, description="The source image shards of `data`, for the RGB model.")
     output: str = Field("outputs/eval.json")

@@ -63,7 +63,12 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str], list[str]]:
-    """Expand a brace/glob pattern into (existing URLs, missing URLs), each in pattern order."""
+    """Expand a brace/glob pattern into (existing URLs, missing URLs), each in pattern order.
+    `examples://SET/...` names the bundled example data (`splatclip.datasets`), written locally on
+    first use."""
+    from splatclip.datasets import resolve_example
+
+    pattern = resolve_example(pattern)
     found: list[str] = []
     missing: list[str] = []
     for url in expand_braces(pattern):

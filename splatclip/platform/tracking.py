@@ -41,6 +41,15 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def absolute_uri(uri: str) -> str:
+    """A tracking URI that means the same from any working directory: `sqlite:///mlflow.db` (relative
+    to the current directory) becomes `sqlite:////abs/path/mlflow.db`; others are returned as they are."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
 class Tracker:
     def __init__(self, spec: TrackingSpec, job: str, rank: int = 0):
         self.spec = spec

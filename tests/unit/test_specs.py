@@ -8,6 +8,7 @@ from splatclip.platform.specs import (
     KINDS,
     FitSpec,
     SpecError,
+    TrainSpec,
     flatten,
     load_spec,
     public_dict,
@@ -20,7 +21,7 @@ SPECS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "specs").glob("*.
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_every_example_spec_validates(path):
-    kind = KINDS[path.name.split(".")[0]]
+    kind = KINDS[path.name.split(".")[0].split("-")[0]]  # train-rgb.local.yaml is a train spec
     assert isinstance(load_spec(kind, path), kind)
 
 
@@ -142,3 +143,37 @@ def test_markdown_reference_lists_every_field(capsys):
     out = capsys.readouterr().out
     for field in ("`data`", "`model.latents`", "`stages`", "`storage.secret_access_key`", "`ray.actors`"):
         assert field in out
+
+
+def test_train_paths_are_made_absolute_for_workers_in_other_directories(tmp_path, monkeypatch):
+    """Ray Train workers run in their own directory: relative paths (and a relative SQLite URI) are
+    resolved against the job's directory first; names, tags and URLs stay as they are."""
+    from splatclip.pipelines.train import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"x")
+    (tmp_path / "classes.json").write_text("[]")
+    spec = load_spec(TrainSpec, None, [
+        "data=splats/{0..1}.tar", "images=examples://digits/train-00000.tar", "eval_data=s3://b/test.tar",
+        "storage_path=runs", "classes=classes.json", "templates=digits", "model.name=demo-vit",
+        "model.pretrained=w.pt", "teacher.model=ViT-B-16", "teacher.pretrained=openai", "stages=[{kind: distill}]"])
+    got = absolute_paths(spec)
+    assert got.data == f"{tmp_path}/splats/{{0..1}}.tar" and got.storage_path == f"{tmp_path}/runs"
+    assert got.images == spec.images and got.eval_data == spec.eval_data
+    assert got.classes == f"{tmp_path}/classes.json" and got.templates == "digits"
+    assert got.model.name == "demo-vit" and got.model.pretrained == f"{tmp_path}/w.pt"
+    assert (got.teacher.model, got.teacher.pretrained) == ("ViT-B-16", "openai")
+    assert got.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_paths(load_spec(TrainSpec, None, ["data=x.tar", "tracking.uri=http://127.0.0.1:5000"])
+                          ).tracking.uri == "http://127.0.0.1:5000"
+
+
+def test_the_spec_reference_in_docs_is_generated_from_the_models(monkeypatch):
+    from splatclip.cli import spec_reference
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)  # defaults that read the environment
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "specs.md").read_text()
+    for name, kind in KINDS.items():
+        assert f"## {name}\n\n{spec_reference(kind)}\n" in doc, f"docs/specs.md: the {name} table is out of date"

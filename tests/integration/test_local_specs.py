@@ -1,0 +1,57 @@
+"""The shipped one-machine specs, run as a user runs them: fit -> train-rgb -> train -> evaluate
+from an empty directory, the example digits written on first use (shrunk with --set to keep the
+test short; the specs themselves are unchanged)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.integration
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+def job(cwd: Path, script: str, *args: str, spec: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SPLATCLIP_EXAMPLES": str(cwd / "examples")}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(JOBS / script), *([str(JOBS / "specs" / spec)] if spec else []),
+           *[f"--set={a}" for a in args]]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_local_specs_chain_from_an_empty_directory(tmp_path):
+    fit = job(tmp_path, "fit.py", "input=examples://digits/{train-00000,test-00000}.tar", "fit.iterations=20",
+              "fit.compile=false")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "outputs/splats/digits").glob("*.tar")) == ["test-00000.tar",
+                                                                                          "train-00000.tar"]
+    small = ["data=outputs/splats/digits/train-00000.tar", "images=examples://digits/train-00000.tar",
+             "stages.0.epochs=1", "stages.1.epochs=1"]
+    early = job(tmp_path, "train.py", *small)  # before the RGB model exists: a clear error, before Ray starts
+    assert early.returncode == 2
+    assert "pretrained weights outputs/train/rgb-teacher-local/open_clip.pt: no such file" in early.stderr
+
+    rgb = job(tmp_path, "train.py", "data=examples://digits/train-00000.tar", "stages.0.epochs=2",
+              spec="train-rgb.local.yaml")
+    assert rgb.returncode == 0, rgb.stderr[-3000:]
+    splat = job(tmp_path, "train.py", *small)
+    assert splat.returncode == 0, splat.stderr[-3000:]
+    model = torch.load(tmp_path / "outputs/train/splat-encoder-local/model.pt", weights_only=True)
+    assert model["step"] == 6  # 500 digits over 2 workers at 64: 3 steps an epoch, 1 + 1 epochs
+    assert model["model"]["pretrained"] == str(tmp_path / "outputs/train/rgb-teacher-local/open_clip.pt")
+
+    ev = job(tmp_path, "evaluate.py")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    result = json.loads((tmp_path / "outputs/eval/digits.json").read_text())
+    assert result["splat"]["images"] == result["rgb"]["images"] == 500
+    assert 0 <= result["ratio_top1"] and result["compression"]["ratio_raw"] == pytest.approx(3.0)
+    assert "splat / rgb top-1" in ev.stdout
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # the specs' default tracking URI, in the cwd
+    runs = {e.name: len(client.search_runs([e.experiment_id])) for e in client.search_experiments()}
+    assert runs == {"Default": 0, "splatclip-fit": 1, "splatclip-train": 2, "splatclip-eval": 1}

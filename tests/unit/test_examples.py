@@ -1,0 +1,60 @@
+"""Example data from installed packages behind `examples://`: written once on first use."""
+
+import json
+
+import pytest
+
+from splatclip import datasets
+from splatclip.models.backbone import create, model_name
+from splatclip.models.zeroshot import load_classes, load_templates
+from splatclip.platform import storage
+from splatclip.platform.shards import read_samples
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLATCLIP_EXAMPLES", str(tmp_path / "examples"))
+    return tmp_path / "examples"
+
+
+def test_other_urls_pass_through_and_unknown_sets_are_named():
+    assert datasets.resolve_example("s3://b/x-{0..1}.tar") == "s3://b/x-{0..1}.tar"
+    with pytest.raises(ValueError, match="unknown example set 'cats' \\(known: digits, photos\\)"):
+        storage.list_shards("examples://cats/*.tar")
+
+
+def test_photos_are_written_once_and_listed_like_any_shards(cache):
+    found, missing = storage.list_shards("examples://photos/photos-{00000..00001}.tar")
+    assert found == [str(cache / "photos" / "photos-00000.tar")]
+    assert missing == [str(cache / "photos" / "photos-00001.tar")]
+    keys = [s["__key__"] for s in read_samples(found[0])]
+    assert keys == datasets.PHOTOS
+    stamp = (cache / "photos" / "photos-00000.tar").stat().st_mtime_ns
+    assert storage.list_shards("examples://photos/*.tar")[0] == found
+    assert (cache / "photos" / "photos-00000.tar").stat().st_mtime_ns == stamp  # not written again
+
+
+def test_an_interrupted_set_is_written_again_whole(cache):
+    (cache / "photos").mkdir(parents=True)
+    (cache / "photos" / "photos-00000.tar").write_bytes(b"half a tar")  # no completion marker
+    found, _ = storage.list_shards("examples://photos/*.tar")
+    assert len(list(read_samples(found[0]))) == len(datasets.PHOTOS)
+
+
+def test_digits_set_has_both_splits_and_their_metadata(cache):
+    train, _ = storage.list_shards("examples://digits/train-*.tar")
+    test, _ = storage.list_shards("examples://digits/test-*.tar")
+    assert len(train) == 8 and len(test) == 2
+    samples = list(read_samples(test[1]))
+    assert len(samples) == 500 and {"png", "txt", "cls", "json"} <= set(samples[0])
+    assert json.loads((cache / "digits" / "classes.json").read_text()) == load_classes("digits")
+    prompts = [t("seven") for t in load_templates("digits")]
+    assert prompts == [t.format(c="seven") for t in datasets.DIGIT_TEMPLATES]
+
+
+def test_packaged_model_configs_are_known_by_name():
+    assert model_name("demo-vit") == "demo-vit"
+    model, _ = create("demo-vit")
+    assert model.visual.image_size in (32, (32, 32))
+    with pytest.raises(ValueError, match="unknown open_clip model 'no-such-vit'"):
+        model_name("no-such-vit")
