@@ -178,12 +178,10 @@ def train_loop(config: dict) -> None:
     saved = None
     if restored:
         with restored.as_directory() as d:
-            saved = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
+            saved = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
         model.load_state_dict(saved["weights"], strict=False)
         state.update(saved["position"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        np.random.set_state(saved["rng"]["numpy"])
-        random.setstate(saved["rng"]["python"])
+        set_rng_state(saved["rng"])
         log.info("rank %d resumes at step %d (stage %d, epoch %d, batch %d)", rank, state["step"], state["stage"],
                  state["epoch"], state["batch"])
 
@@ -276,6 +274,20 @@ def start_run(tracker: Tracker, spec: TrainSpec) -> str | None:
     return run_id
 
 
+def rng_state() -> dict:
+    """Every random generator's state in types `torch.load(weights_only=True)` reads back (no pickle)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"].cpu())
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
 def report(model, opt, sched, state, stage, total, metrics, rank) -> None:
     """A checkpoint from rank 0 (the other ranks report metrics only, as Ray Train v2 expects)."""
     import ray.train
@@ -289,7 +301,7 @@ def report(model, opt, sched, state, stage, total, metrics, rank) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         payload = {"weights": model.trainable_state(), "position": position,
-                   "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                   "rng": rng_state()}
         if position["stage"] == stage:
             payload.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
         torch.save(payload, Path(tmp) / "state.pt")
