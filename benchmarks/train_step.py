@@ -1,7 +1,7 @@
 """Samples per second of one training step (forward + backward + AdamW) on this CPU: the splat
 encoder against the RGB encoder on the same open_clip backbone. The splat encoder feeds the ViT
-`latents` tokens (49 here) instead of the RGB tower's patches (196 for ViT-B-16 at 224px), but adds
-the stem and resampler over the N Gaussians."""
+`latents` tokens instead of the RGB tower's patches (196 for ViT-B-16 at 224px): 49, and 196 as in
+the paper, but adds the stem and resampler over the N Gaussians."""
 
 import argparse
 import time
@@ -12,7 +12,6 @@ from splatclip.models.gsclip import from_open_clip
 from splatclip.models.losses import clip_loss
 from splatclip.platform.specs import ModelSpec
 
-TINY = "splatclip/models/configs/demo-vit.json"
 
 
 def step_time(model, batch, gaussians, image_size, repeats):
@@ -42,18 +41,19 @@ def main():
     ap.add_argument("--gaussians", type=int, default=400)
     args = ap.parse_args()
     print(f"batch {args.batch}, {args.gaussians} Gaussians per image, {torch.get_num_threads()} threads")
-    print(f"{'backbone':<10} {'encoder':<7} {'trainable':>9} {'s/step':>8} {'samples/s':>10}")
-    for name, latents, repeats in ((TINY, 16, 5), ("ViT-B-16", 49, 2)):
-        size = 32 if name == TINY else 224
-        rows = {}
-        for kind in ("splat", "rgb"):
+    print(f"{'backbone':<10} {'encoder':<7} {'latents':>7} {'trainable':>9} {'s/step':>8} {'samples/s':>10}")
+    for name, size, latent_counts, repeats in (("demo-vit", 32, (16,), 5), ("ViT-B-16", 224, (49, 196), 2)):
+        times = {}
+        for kind, latents in [("rgb", 0)] + [("splat", n) for n in latent_counts]:
             torch.manual_seed(0)
-            model = from_open_clip(name, spec=ModelSpec(encoder=kind, latents=latents, resampler_layers=4))
-            seconds = step_time(model, args.batch, args.gaussians, size, repeats)
-            rows[kind] = seconds
-            label = "demo-vit" if name == TINY else name
-            print(f"{label:<10} {kind:<7} {model.trainable_share():>8.1%} {seconds:>8.3f} {args.batch / seconds:>10.1f}")
-        print(f"{'':<10} splat/rgb step time: {rows['splat'] / rows['rgb']:.2f}x")
+            spec = ModelSpec(encoder=kind, latents=max(latents, 1), resampler_layers=4)
+            model = from_open_clip(name, spec=spec)
+            times[latents] = step_time(model, args.batch, args.gaussians, size, repeats)
+            shown = str(latents) if kind == "splat" else "-"
+            print(f"{name:<10} {kind:<7} {shown:>7} {model.trainable_share():>8.1%} {times[latents]:>8.3f} "
+                  f"{args.batch / times[latents]:>10.1f}")
+        for n in latent_counts:
+            print(f"{'':<10} splat ({n} latents) / rgb step time: {times[n] / times[0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from splatclip.platform.specs import EvalSpec, FitParams, FitSpec, TrackingSpec,
 from splatclip.platform.tracking import Tracker
 
 log = logging.getLogger("splatclip.demo")
-CONFIG = str(Path(__file__).resolve().parent / "models" / "configs" / "demo-vit.json")
+CONFIG = "demo-vit"  # splatclip/models/configs/demo-vit.json
 SIZES = {  # train digits, test digits, shard size, RGB epochs, distill epochs, contrastive epochs
     "full": dict(train=1500, test=500, shard=250, rgb_epochs=12, distill_epochs=32, clip_epochs=2, photo_its=200,
                  digit_its=80, rd_gaussians=(36, 100, 256, 576), rd_its=150, compile=True),
