@@ -1,11 +1,14 @@
 """The evaluate job: zero-shot top-1/top-5 of a trained splat encoder on labeled splat shards, the
 RGB model on the source images when given, their ratio, and compression figures.
-Results go to stdout (a table), a JSON file and MLflow."""
+Results go to stdout (a table), a JSON file and MLflow (metrics, and the JSON as an artifact)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,6 +106,11 @@ def run(spec: EvalSpec) -> int:
         flat["ratio_top1"] = results["ratio_top1"]
     flat.update({f"compression_{k}": v for k, v in results["compression"].items()})
     tracker.log_metrics(flat)
+    if tracker.active:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / posixpath.basename(spec.output)
+            path.write_text(json.dumps(results, indent=2, sort_keys=True))
+            tracker.log_artifact(path)
     tracker.end()
     return 0
 

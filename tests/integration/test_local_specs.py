@@ -55,3 +55,7 @@ def test_local_specs_chain_from_an_empty_directory(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # the specs' default tracking URI, in the cwd
     runs = {e.name: len(client.search_runs([e.experiment_id])) for e in client.search_experiments()}
     assert runs == {"Default": 0, "splatclip-fit": 1, "splatclip-train": 2, "splatclip-eval": 1}
+    for experiment in ("splatclip-train", "splatclip-eval"):  # artifacts beside the job, not in a worker's directory
+        assert client.get_experiment_by_name(experiment).artifact_location.startswith(str(tmp_path))
+    evaluation = client.search_runs([client.get_experiment_by_name("splatclip-eval").experiment_id])[0]
+    assert [a.path for a in client.list_artifacts(evaluation.info.run_id)] == ["digits.json"]
