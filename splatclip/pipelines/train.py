@@ -359,7 +359,8 @@ def run(spec: TrainSpec) -> int:
     if not shards:
         return 2
     for weights in (spec.model.pretrained, spec.teacher and spec.teacher.pretrained):
-        if weights and "://" not in weights and os.sep in weights and not os.path.exists(weights):
+        looks_like_a_file = weights and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")))
+        if looks_like_a_file and "://" not in weights and not os.path.exists(weights):
             log.error("pretrained weights %s: no such file", weights)
             return 2
     sources = None
