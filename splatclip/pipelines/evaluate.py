@@ -88,17 +88,25 @@ def run(spec: EvalSpec) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not storage.input_shards(spec.data, spec.storage, "evaluation")[0]:
         return 2
+    for field, url in (("checkpoint", spec.checkpoint), ("rgb_checkpoint", spec.rgb_checkpoint)):
+        if url and not storage.exists(url, spec.storage):
+            log.error("%s %s: no such model file (a train run writes model.pt in its directory)", field, url)
+            return 2
     tracker = Tracker(spec.tracking, "evaluate")
     tracker.start(spec)
-    results = {"splat": zero_shot(load_model(spec.checkpoint, spec.storage, device), spec.data, spec.classes,
-                                  spec.templates, spec.batch_size, spec.storage, device)}
-    if spec.rgb_checkpoint and spec.rgb_data:
-        rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
-        results["rgb"] = zero_shot(rgb, spec.rgb_data, spec.classes, spec.templates, spec.batch_size, spec.storage,
-                                   device)
-        results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
-    results["compression"] = compression(spec.data, spec.storage)
-    storage.write_json(spec.output, results, spec.storage)
+    try:
+        results = {"splat": zero_shot(load_model(spec.checkpoint, spec.storage, device), spec.data, spec.classes,
+                                      spec.templates, spec.batch_size, spec.storage, device)}
+        if spec.rgb_checkpoint and spec.rgb_data:
+            rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
+            results["rgb"] = zero_shot(rgb, spec.rgb_data, spec.classes, spec.templates, spec.batch_size,
+                                       spec.storage, device)
+            results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
+        results["compression"] = compression(spec.data, spec.storage)
+        storage.write_json(spec.output, results, spec.storage)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
     print_table(results)
     flat = {f"splat_{k}": v for k, v in results["splat"].items() if isinstance(v, (int, float))}
     if "rgb" in results:

@@ -170,7 +170,7 @@ class TrainSpec(Model):
 
 class EvalSpec(Model):
     data: str = Field(..., description="Labeled splat shards (with .cls): brace pattern.")
-    checkpoint: str = Field(..., description="Trained model file or directory (local or s3://).")
+    checkpoint: str = Field(..., description="A train run's model.pt (local or s3://).")
     classes: str = Field("imagenet", description="'imagenet', 'digits' or a path to a JSON list of class names.")
     templates: str = Field("imagenet", description="'imagenet', 'digits' or a path to a JSON list of templates with {c}.")
     rgb_checkpoint: str | None = Field(None, description="RGB model to evaluate on the same images.")

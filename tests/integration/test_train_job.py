@@ -164,34 +164,53 @@ def final_step(run_dir: Path) -> int:
     return torch.load(run_dir / "model.pt", weights_only=True)["step"]
 
 
-def test_killed_worker_resumes_and_rerun_continues(digits, tmp_path):
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, besides: list[Path] = ()) -> None:
+    """Until a checkpoint other than `besides` is in the run directory."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not set(checkpoint_dirs(run_dir)) - set(besides):
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        time.sleep(0.3)
+    assert set(checkpoint_dirs(run_dir)) - set(besides), "no checkpoint appeared"
+
+
+def test_killed_job_and_killed_worker_resume_and_a_rerun_continues(digits, tmp_path):
+    """The whole job killed after its first checkpoint, then rerun; in the rerun one worker killed
+    (FailureConfig restarts it); then a rerun of the finished job. One MLflow run throughout, and
+    the step count of an uninterrupted run."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = train_args(digits, "resume", uri, "stages.0.epochs=4", "stages.1.epochs=2", "checkpoint_every=4",
                       "stages.0.lr=0.001", "stages.1.lr=0.0005", "max_failures=3")
     run_dir = digits / "runs" / "resume"
     proc = run_train_subprocess(args, tmp_path)
-    deadline = time.time() + 300
-    while time.time() < deadline and not checkpoint_dirs(run_dir):
-        time.sleep(0.3)
-    assert checkpoint_dirs(run_dir), "no checkpoint appeared"
+    wait_for_checkpoint(run_dir, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.communicate()
+    assert not (run_dir / "model.pt").exists()
+    run_id = json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"]
+
+    rerun = run_train_subprocess(args, tmp_path)
+    wait_for_checkpoint(run_dir, rerun, besides=checkpoint_dirs(run_dir))
     workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
     assert workers, "no Ray Train worker process found"
     os.kill(int(workers[-1]), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    assert final_step(run_dir) == 36  # 6 steps per epoch, 4 + 2 epochs: the same as without a failure
-    run_id = json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"]
-    client = MlflowClient(uri)
-    steps = sorted({m.step for m in client.get_metric_history(run_id, "loss")})
-    assert steps[-1] == 36 and len(client.search_runs([client.get_experiment_by_name("train-tests").experiment_id])) == 1
-
-    # rerun of the finished job with the same name: it resumes at the end and does not start over
-    rerun = run_train_subprocess(args, tmp_path)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-4000:]
-    assert final_step(run_dir) == 36
+    assert final_step(run_dir) == 36  # 6 steps per epoch, 4 + 2 epochs: the same as without a failure
     assert json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"] == run_id
-    assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == steps  # nothing retrained
+    client = MlflowClient(uri)
+    history = client.get_metric_history(run_id, "loss")
+    steps = sorted({m.step for m in history})
+    assert steps == list(range(1, 37)), steps
+    assert [m.step for m in history].count(1) == 1  # resumed from a checkpoint each time, never from step 0
+    assert len(client.search_runs([client.get_experiment_by_name("train-tests").experiment_id])) == 1
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    # rerun of the finished job with the same name: it resumes at the end and does not start over
+    again = run_train_subprocess(args, tmp_path)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-4000:]
+    assert final_step(run_dir) == 36
+    assert len(client.get_metric_history(run_id, "loss")) == len(history)  # nothing retrained
 
 
 def test_ray_job_submit_train_logs_to_mlflow_server(digits, ray_head, mlflow_server, tmp_path):

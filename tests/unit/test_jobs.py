@@ -18,3 +18,15 @@ def test_a_job_given_no_shards_exits_2_naming_the_pattern(tmp_path, job, what):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"no {what} shards match {pattern} (2 expected names missing)" in proc.stderr
     assert "Ray instance" not in proc.stderr  # it stopped before starting or joining a cluster
+
+
+def test_evaluate_given_no_model_file_exits_2_naming_it(tmp_path):
+    (tmp_path / "test-00000.tar").write_bytes(b"")  # a shard is found; the model is not
+    missing = tmp_path / "runs" / "nothing" / "model.pt"
+    proc = subprocess.run([sys.executable, "jobs/evaluate.py", "jobs/specs/eval.local.yaml", "--set",
+                           f"data={tmp_path}/test-00000.tar", "--set", f"checkpoint={missing}",
+                           "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"checkpoint {missing}: no such model file" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # stopped before opening an MLflow run
