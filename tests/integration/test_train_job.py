@@ -164,13 +164,23 @@ def final_step(run_dir: Path) -> int:
     return torch.load(run_dir / "model.pt", weights_only=True)["step"]
 
 
-def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, besides: list[Path] = ()) -> None:
-    """Until a checkpoint other than `besides` is in the run directory."""
+def registered_checkpoint(run_dir: Path) -> str | None:
+    """The latest checkpoint Ray Train has recorded in its snapshot (a directory may be half copied)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, besides: str | None = None) -> str:
+    """Until Ray Train records a checkpoint other than `besides`; its directory name."""
     deadline = time.time() + 300
-    while time.time() < deadline and not set(checkpoint_dirs(run_dir)) - set(besides):
+    while time.time() < deadline and registered_checkpoint(run_dir) in (None, besides):
         assert proc.poll() is None, proc.communicate()[0][-4000:]
         time.sleep(0.3)
-    assert set(checkpoint_dirs(run_dir)) - set(besides), "no checkpoint appeared"
+    assert registered_checkpoint(run_dir) not in (None, besides), "no checkpoint appeared"
+    return registered_checkpoint(run_dir)
 
 
 def test_killed_job_and_killed_worker_resume_and_a_rerun_continues(digits, tmp_path):
@@ -182,16 +192,17 @@ def test_killed_job_and_killed_worker_resume_and_a_rerun_continues(digits, tmp_p
                       "stages.0.lr=0.001", "stages.1.lr=0.0005", "max_failures=3")
     run_dir = digits / "runs" / "resume"
     proc = run_train_subprocess(args, tmp_path)
-    wait_for_checkpoint(run_dir, proc)
+    first = wait_for_checkpoint(run_dir, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.communicate()
+    proc.communicate(timeout=60)
     assert not (run_dir / "model.pt").exists()
     run_id = json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"]
 
     rerun = run_train_subprocess(args, tmp_path)
-    wait_for_checkpoint(run_dir, rerun, besides=checkpoint_dirs(run_dir))
-    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    assert workers, "no Ray Train worker process found"
+    wait_for_checkpoint(run_dir, rerun, besides=first)
+    workers = subprocess.run(["pgrep", "-s", str(rerun.pid), "-f", "RayTrainWorker"],  # this job's session
+                             capture_output=True, text=True).stdout.split()
+    assert workers, "no Ray Train worker process found in the job's session"
     os.kill(int(workers[-1]), signal.SIGKILL)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-4000:]
