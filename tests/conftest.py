@@ -57,6 +57,25 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+@pytest.fixture
+def kill_job():
+    """Kill a job process started with `start_new_session=True` the way a lost machine would: it and
+    every process of its session. Ray's workers and actors run in process groups of their own, so
+    killing the job's group alone leaves them running (and writing) after their driver is gone."""
+
+    def kill(proc: subprocess.Popen) -> None:
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+        proc.communicate(timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline and subprocess.run(["pgrep", "-s", str(proc.pid)],
+                                                         capture_output=True).returncode == 0:
+            time.sleep(0.2)
+        left = subprocess.run(["pgrep", "-a", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+        assert not left, f"processes of the killed job still run:\n{left}"
+
+    return kill
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """moto's S3 server on a free loopback port, with throwaway credentials in the environment."""

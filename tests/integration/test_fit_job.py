@@ -3,7 +3,6 @@
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -133,7 +132,7 @@ def test_fit_pipeline_on_s3(ray_local, photo_shards, s3_bucket):
     assert storage.read_success(f"{bucket}/splats", storage_spec)["shards"] == ["photos-00000.tar", "photos-00001.tar"]
 
 
-def test_killed_job_resumes_to_the_same_output(photo_shards, tmp_path):
+def test_killed_job_resumes_to_the_same_output(photo_shards, tmp_path, kill_job):
     """Kill the job process once its first shard is committed, rerun, compare with a clean run."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -147,8 +146,7 @@ def test_killed_job_resumes_to_the_same_output(photo_shards, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not list(out.glob("*.tar")):
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc)
     committed = sorted(p.name for p in out.glob("*.tar"))
     assert 1 <= len(committed) < 3, committed  # killed midway
     for name in committed:  # every visible shard is complete
