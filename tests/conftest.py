@@ -64,13 +64,13 @@ def kill_job():
     killing the job's group alone leaves them running (and writing) after their driver is gone."""
 
     def kill(proc: subprocess.Popen) -> None:
-        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
-        proc.communicate(timeout=30)
-        deadline = time.time() + 30
-        while time.time() < deadline and subprocess.run(["pgrep", "-s", str(proc.pid)],
-                                                         capture_output=True).returncode == 0:
+        for _ in range(150):  # again while any is left (one may fork as they die); 30 s at most
+            subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
             time.sleep(0.2)
-        left = subprocess.run(["pgrep", "-a", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+            left = subprocess.run(["pgrep", "-a", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+            if not left:
+                break
+        proc.communicate(timeout=30)
         assert not left, f"processes of the killed job still run:\n{left}"
 
     return kill

@@ -94,7 +94,7 @@ def run(spec: EvalSpec) -> int:
             return 2
     tracker = Tracker(spec.tracking, "evaluate")
     tracker.start(spec)
-    try:
+    with tracker.failed_on_error():
         results = {"splat": zero_shot(load_model(spec.checkpoint, spec.storage, device), spec.data, spec.classes,
                                       spec.templates, spec.batch_size, spec.storage, device)}
         if spec.rgb_checkpoint and spec.rgb_data:
@@ -104,9 +104,6 @@ def run(spec: EvalSpec) -> int:
             results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
         results["compression"] = compression(spec.data, spec.storage)
         storage.write_json(spec.output, results, spec.storage)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
     print_table(results)
     flat = {f"splat_{k}": v for k, v in results["splat"].items() if isinstance(v, (int, float))}
     if "rgb" in results:

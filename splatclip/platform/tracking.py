@@ -7,6 +7,7 @@ than 0, accepts every call and does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -140,3 +141,12 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.active and self.run_id:
             self.client.set_terminated(self.run_id, status=status)
+
+    @contextlib.contextmanager
+    def failed_on_error(self):
+        """End the run FAILED when the block raises (and raise on); a run the block finishes stays open."""
+        try:
+            yield
+        except BaseException:
+            self.end("FAILED")
+            raise

@@ -177,11 +177,11 @@ def registered_checkpoint(run_dir: Path) -> str | None:
 def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, besides: str | None = None) -> str:
     """Until Ray Train records a checkpoint other than `besides`; its directory name."""
     deadline = time.time() + 300
-    while time.time() < deadline and registered_checkpoint(run_dir) in (None, besides):
+    while (latest := registered_checkpoint(run_dir)) in (None, besides) and time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[0][-4000:]
         time.sleep(0.3)
-    assert registered_checkpoint(run_dir) not in (None, besides), "no checkpoint appeared"
-    return registered_checkpoint(run_dir)
+    assert latest not in (None, besides), "no checkpoint appeared"
+    return latest
 
 
 def test_killed_job_reruns_and_a_killed_worker_resumes(digits, tmp_path, kill_job):
