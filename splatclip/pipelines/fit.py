@@ -306,10 +306,12 @@ def run(spec: FitSpec) -> int:
         storage.write_json(run_file, {"run_id": run_id, "tracking_uri": spec.tracking.uri}, spec.storage)
 
     if todo:
-        init_ray(spec.ray)
-        for committed, row in enumerate(build_dataset(spec, todo).iter_rows(), 1):
-            stats = json.loads(row["stats"])
-            tracker.log_metrics({"shards_committed": committed, "images_fitted": stats["fitted"]}, step=committed)
+        with tracker.failed_on_error():
+            init_ray(spec.ray)
+            for committed, row in enumerate(build_dataset(spec, todo).iter_rows(), 1):
+                stats = json.loads(row["stats"])
+                tracker.log_metrics({"shards_committed": committed, "images_fitted": stats["fitted"]},
+                                    step=committed)
     records, unfinished = [], []
     for s in shards:
         url = stats_url(spec, s)

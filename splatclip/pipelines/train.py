@@ -353,6 +353,26 @@ def absolute_paths(spec: TrainSpec) -> TrainSpec:
     return spec.model_copy(update=update)
 
 
+def make_trainer(spec: TrainSpec, config: dict):
+    """The TorchTrainer of a spec: its workers, their resources, the run's storage and restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    path, fs = trainer_storage(spec)
+    resources = {"CPU": spec.ray.cpus_per_actor}
+    if spec.ray.gpus_per_actor:
+        resources["GPU"] = spec.ray.gpus_per_actor
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=spec.ray.actors, use_gpu=spec.ray.gpus_per_actor > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=spec.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+
+
 def run(spec: TrainSpec) -> int:
     spec = absolute_paths(spec)
     shards, _ = storage.input_shards(spec.data, spec.storage, "training")
@@ -374,27 +394,17 @@ def run(spec: TrainSpec) -> int:
     log.info("%d shards, %d samples", len(shards), sum(counts.values()))
     tracker = Tracker(spec.tracking, "train")
     run_id = start_run(tracker, spec)
-    init_ray(spec.ray)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    with tracker.failed_on_error():
+        init_ray(spec.ray)
+        from ray.train import TrainingFailedError
 
-    path, fs = trainer_storage(spec)
-    resources = {"CPU": spec.ray.cpus_per_actor}
-    if spec.ray.gpus_per_actor:
-        resources["GPU"] = spec.ray.gpus_per_actor
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec, "shards": shards, "counts": counts, "sources": sources, "run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=spec.ray.actors, use_gpu=spec.ray.gpus_per_actor > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=spec.name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=spec.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.error:
-        log.error("training failed: %s", result.error)
-        tracker.end("FAILED")
-        return 1
+        trainer = make_trainer(spec, {"spec": spec, "shards": shards, "counts": counts, "sources": sources,
+                                      "run_id": run_id})
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as err:  # a worker's error, after `max_failures` restarts
+            log.error("training failed: %s", err)
+            tracker.end("FAILED")
+            return 1
     print(f"trained {spec.name}: {result.metrics}; model at {storage.join(run_dir(spec), 'model.pt')}")
     return 0

@@ -123,6 +123,21 @@ def test_distill_from_source_images_with_an_rgb_teacher(digits, tmp_path):
     assert len(losses) == 24 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
 
+def test_a_failed_training_exits_1_and_ends_its_mlflow_run_failed(digits, tmp_path):
+    """Distillation over shards without teacher embeddings (and no source images) fails in the
+    worker; with no restarts allowed the job says so and marks its run FAILED."""
+    with write_shard(str(tmp_path / "plain" / "train-00000.tar")) as w:
+        for s in read_samples(str(digits / "splats-train" / "train-00000.tar")):
+            w.write({k: v for k, v in s.items() if k != "teacher.npy"})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_spec(TrainSpec, SPEC, train_args(digits, "fails", uri, f"data={tmp_path}/plain/train-00000.tar",
+                                                "stages=[{kind: distill, epochs: 1}]", "ray.actors=1",
+                                                "max_failures=0"))
+    assert train.run(spec) == 1
+    run_id = json.loads((digits / "runs" / "fails" / "_mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
 def test_train_on_s3_checkpoints_there_and_a_rerun_resumes(digits, s3_bucket, tmp_path):
     """Shards, checkpoints and the model all in (moto) S3; the rerun finds the run there."""
     bucket, storage_spec = s3_bucket
