@@ -64,13 +64,14 @@ def kill_job():
     killing the job's group alone leaves them running (and writing) after their driver is gone."""
 
     def kill(proc: subprocess.Popen) -> None:
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+        proc.communicate(timeout=30)  # reaped: a zombie would still count as a process of the session
         for _ in range(150):  # again while any is left (one may fork as they die); 30 s at most
-            subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
-            time.sleep(0.2)
             left = subprocess.run(["pgrep", "-a", "-s", str(proc.pid)], capture_output=True, text=True).stdout
             if not left:
                 break
-        proc.communicate(timeout=30)
+            subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+            time.sleep(0.2)
         assert not left, f"processes of the killed job still run:\n{left}"
 
     return kill
