@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 from splatclip.pipelines.evaluate import run
+from splatclip.platform.secrets import install_log_filter, secret_values
 from splatclip.platform.specs import EvalSpec, spec_from_args
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = spec_from_args(EvalSpec, sys.argv[1:], "evaluate.py",
                            default=str(Path(__file__).parent / "specs" / "eval.local.yaml"))
+    install_log_filter(secret_values(spec))  # URL credentials and the spec's secrets never reach a log line
     sys.exit(run(spec))

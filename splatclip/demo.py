@@ -29,7 +29,7 @@ from PIL import Image
 from splatclip import datasets, pictures
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop, decode
-from splatclip.pipelines import evaluate, fit, train
+from splatclip.pipelines import evaluate, fit, fit_report, train
 from splatclip.platform import storage
 from splatclip.platform.shards import read_samples
 from splatclip.platform.specs import EvalSpec, FitParams, FitSpec, TrackingSpec, TrainSpec
@@ -148,7 +148,7 @@ def contact_sheet(root: Path, d: dict) -> np.ndarray:
     rows = []
     for name, source, out, size in (("photos", d["photos"], "photos", 224), ("digits", d["test"], "test", 28)):
         shard = storage.list_shards(source)[0][0]
-        originals, renders = fit.fitted_pairs(shard, str(root / "splats" / out / Path(shard).name), size, 8)
+        originals, renders = fit_report.fitted_pairs(shard, str(root / "splats" / out / Path(shard).name), size, 8)
         if size < 100:  # digits: enlarge to be visible
             originals = [torch.nn.functional.interpolate(o[None], scale_factor=4, mode="nearest")[0] for o in originals]
             renders = [torch.nn.functional.interpolate(r[None], scale_factor=4, mode="nearest")[0] for r in renders]

@@ -1,4 +1,11 @@
-"""Decode images safely and crop them the way CLIP does (short side to size, center crop)."""
+"""Decode untrusted images safely and crop them the way CLIP does (center square, then resize).
+
+Decoding is bounded before any pixel is read: only the accepted formats are opened, and the
+declared size must pass the pixel and aspect-ratio limits. Cropping takes the center square of the
+short side in source coordinates first and resizes only that square (box-reduced by whole factors
+first when it is much larger), so a 40000x1 image costs what a 1x1 one does, never a 224x8.96M
+intermediate.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from splatclip.platform.specs import PIL_MAX_PIXELS
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+
 
 class ImageError(ValueError):
     """An image that cannot be used; `reason` is a short machine-readable cause."""
@@ -19,8 +30,8 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def decode(data: bytes, max_pixels: int = 89_478_485) -> np.ndarray:
-    """Encoded bytes -> uint8 [H, W, 3] RGB, EXIF orientation applied.
+def decode(data: bytes, max_pixels: int = PIL_MAX_PIXELS, formats=FORMATS, max_aspect: float | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 [H, W, 3] RGB, EXIF orientation applied. Raises ImageError only.
 
     Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images become 8-bit RGB.
     """
@@ -29,20 +40,34 @@ def decode(data: bytes, max_pixels: int = 89_478_485) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
-                raise ImageError("too_large", f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+            img = Image.open(io.BytesIO(data), formats=list(formats))
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise ImageError("undecodable", f"{w}x{h} pixels")
+            if w * h > max_pixels:
+                raise ImageError("too_large", f"{w}x{h} exceeds {max_pixels} pixels")
+            if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
+                raise ImageError("aspect_ratio", f"{w}x{h} is beyond the aspect-ratio limit {max_aspect:g}")
             img.load()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError("too_large", str(err)) from None
     except UnidentifiedImageError:
-        raise ImageError("undecodable", "not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError("truncated" if "truncated" in str(err).lower() else "undecodable", str(err)) from None
-    img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+        raise ImageError("undecodable", f"not an image of the accepted formats ({', '.join(formats)})") from None
+    except MemoryError:
+        raise ImageError("too_large", "out of memory while decoding") from None
+    except Exception as err:  # a decoder's own error on damaged data: OSError, SyntaxError, struct.error, ...
+        reason = "truncated" if "truncated" in str(err).lower() else "undecodable"
+        raise ImageError(reason, f"{type(err).__name__}: {err}"[:300]) from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF: keep the stored orientation
+        pass
+    try:
+        return to_rgb(img)
+    except Exception as err:
+        raise ImageError("undecodable", f"{type(err).__name__}: {err}"[:300]) from None
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -58,18 +83,22 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def clip_crop(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, size, size] in [0, 1]: short side to `size`, center crop."""
-    img = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()[None] / 255.0
-    h, w = img.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        img = F.interpolate(img, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return img[0, :, top : top + size, left : left + size].clamp(0, 1).contiguous()
+    """uint8 [H, W, 3] -> float32 [3, size, size] in [0, 1]: the center square of the short side,
+    resized to `size` (what CLIP's short-side resize and center crop take, at any aspect ratio)."""
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = rgb[top : top + side, left : left + side]
+    factor = side // (2 * size)
+    if factor >= 2:  # a box filter by a whole factor first: the bicubic below then works on <= 4x size
+        square = np.asarray(Image.fromarray(np.ascontiguousarray(square)).reduce(factor))
+    img = torch.from_numpy(np.array(square, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()[None] / 255.0
+    if img.shape[-1] != size:
+        img = F.interpolate(img, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return img[0].clamp(0, 1).contiguous()
 
 
-def load_file(path: str, size: int, max_pixels: int = 89_478_485) -> tuple[torch.Tensor, int]:
+def load_file(path: str, size: int, max_pixels: int = PIL_MAX_PIXELS) -> tuple[torch.Tensor, int]:
     """An image file -> ([3, size, size], source bytes)."""
     with open(path, "rb") as f:
         data = f.read()

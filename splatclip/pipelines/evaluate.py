@@ -17,15 +17,16 @@ from splatclip.models.backbone import input_size
 from splatclip.models.zeroshot import class_embeddings, load_classes, load_templates, topk_correct
 from splatclip.pipelines.samples import Skipped, collate, stream
 from splatclip.platform import storage
-from splatclip.platform.shards import read_samples
-from splatclip.platform.specs import EvalSpec, StorageSpec
+from splatclip.platform.shards import DEFAULT_LIMITS, ShardError, read_samples
+from splatclip.platform.specs import EvalSpec, ShardLimits, StorageSpec
 from splatclip.platform.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def embed(model, data: str, n_classes: int, batch_size: int, spec: StorageSpec | None, device="cpu"):
+def embed(model, data: str, n_classes: int, batch_size: int, spec: StorageSpec | None, device="cpu",
+          limits: ShardLimits = DEFAULT_LIMITS):
     """(embeddings [M, D], labels [M], skipped) of every usable labeled sample of the shards."""
     shards, _ = storage.list_shards(data, spec)
     if not shards:
@@ -42,7 +43,8 @@ def embed(model, data: str, n_classes: int, batch_size: int, spec: StorageSpec |
         labels.append(batch["labels"])
         pending.clear()
 
-    for sample in stream(shards, 0, 1, 0, 0, model.kind, size, spec, skipped, need_text=False, classes=n_classes):
+    for sample in stream(shards, 0, 1, 0, 0, model.kind, size, spec, skipped, need_text=False, classes=n_classes,
+                         limits=limits):
         pending.append(sample)
         if len(pending) == batch_size:
             flush()
@@ -53,11 +55,12 @@ def embed(model, data: str, n_classes: int, batch_size: int, spec: StorageSpec |
     return torch.cat(feats), torch.cat(labels), skipped
 
 
-def zero_shot(model, data, classes_src, templates_src, batch_size, spec=None, device="cpu") -> dict:
+def zero_shot(model, data, classes_src, templates_src, batch_size, spec=None, device="cpu",
+              limits: ShardLimits = DEFAULT_LIMITS) -> dict:
     classes = load_classes(classes_src, spec)
     templates = load_templates(templates_src, spec)
     text = class_embeddings(model.encode_text, model.tokenizer, classes, templates, device).cpu()
-    feats, labels, skipped = embed(model, data, len(classes), batch_size, spec, device)
+    feats, labels, skipped = embed(model, data, len(classes), batch_size, spec, device, limits)
     hits = topk_correct(feats, text, labels, ks=(1, 5))
     n = len(labels)
     return {"top1": hits[1] / n, "top5": hits[5] / n, "images": n, "skipped": dict(skipped.reasons)}
@@ -69,11 +72,14 @@ def compression(data: str, spec: StorageSpec | None) -> dict:
     shards, _ = storage.list_shards(data, spec)
     records = []
     for url in shards:
-        for sample in read_samples(url, spec):
-            try:
-                records.append(json.loads(sample["json"]))
-            except (KeyError, ValueError):
-                continue
+        try:
+            for sample in read_samples(url, spec, wanted=("json",)):
+                try:
+                    records.append(json.loads(sample["json"]))
+                except (KeyError, ValueError, RecursionError):
+                    continue
+        except ShardError as err:
+            log.warning("shard %s is unreadable: %s", url, err)
     if not records:
         return {}
     mean = lambda k: float(np.mean([r[k] for r in records if k in r]))  # noqa: E731
@@ -96,11 +102,11 @@ def run(spec: EvalSpec) -> int:
     tracker.start(spec)
     with tracker.failed_on_error():
         results = {"splat": zero_shot(load_model(spec.checkpoint, spec.storage, device), spec.data, spec.classes,
-                                      spec.templates, spec.batch_size, spec.storage, device)}
+                                      spec.templates, spec.batch_size, spec.storage, device, spec.limits)}
         if spec.rgb_checkpoint and spec.rgb_data:
             rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
             results["rgb"] = zero_shot(rgb, spec.rgb_data, spec.classes, spec.templates, spec.batch_size,
-                                       spec.storage, device)
+                                       spec.storage, device, spec.limits)
             results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
         results["compression"] = compression(spec.data, spec.storage)
         storage.write_json(spec.output, results, spec.storage)

@@ -5,6 +5,10 @@ teacher model embeds the images during training.
 
 The stream is deterministic for a (seed, epoch): shards are shuffled with that seed and split
 between workers, so a resumed worker regenerates the same order and skips what it already used.
+
+Shards are untrusted even when this project wrote them: every sample is checked before it can reach
+a model (splat count and value ranges, teacher embedding shape and finiteness, class id, caption)
+and a bad one is skipped and counted by reason, never raised.
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ import torch
 
 from splatclip import splats
 from splatclip.fitting.images import ImageError, clip_crop, decode
+from splatclip.pipelines.layout import IMAGE_EXTS, stats_beside
 from splatclip.platform import storage
-from splatclip.platform.shards import read_samples
-from splatclip.platform.specs import StorageSpec
+from splatclip.platform.shards import DEFAULT_LIMITS, ShardError, problems, read_samples
+from splatclip.platform.specs import ShardLimits, StorageSpec
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_CAPTION_CHARS = 4096  # far beyond any text tower's context; longer captions are cut before tokenizing
+# Splat values a fitted image can hold: positions near the image, positive scales under ten image
+# sizes, colors (opacity folded in) far from float16's limit. Outside them a sample is corrupt.
+POSITION_RANGE = (-1.0, 2.0)
+MAX_SCALE = 10.0
+MAX_COLOR = 1000.0
 
 
 @dataclass
@@ -39,30 +49,61 @@ class Skipped:
         self.reasons[reason] += 1
 
 
-def count_samples(url: str, spec: StorageSpec | None) -> int:
-    """Samples in a shard: from the fit job's `_stats` record beside it when there is one."""
-    directory, name = url.rsplit("/", 1)
-    stats = storage.join(directory, "_stats", name.removesuffix(".tar") + ".json")
-    if storage.exists(stats, spec):
-        return int(storage.read_json(stats, spec)["fitted"])
-    return sum(1 for _ in read_samples(url, spec))
+def count_samples(url: str, spec: StorageSpec | None, limits: ShardLimits = DEFAULT_LIMITS) -> int:
+    """Samples in a shard: from the fit job's `_stats` record beside it when there is one (0 for a
+    shard that cannot be read)."""
+    stats = stats_beside(url)
+    try:
+        if storage.exists(stats, spec):
+            return int(storage.read_json(stats, spec)["fitted"])
+        return sum(1 for s in read_samples(url, spec, limits, ()) if not problems(s))
+    except (ShardError, ValueError, KeyError, TypeError) as err:
+        log.warning("cannot count the samples of %s: %s", url, err)
+        return 0
 
 
-def decode_image(sample: dict, size: int) -> torch.Tensor | None:
+def decode_image(sample: dict, size: int, limits: ShardLimits = DEFAULT_LIMITS) -> torch.Tensor | None:
     """The sample's image, CLIP-cropped to [3, size, size] in [0, 1]; None when missing or bad."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     try:
-        return clip_crop(decode(sample[ext]), size) if ext else None
+        rgb = decode(sample[ext], limits.max_image_pixels, limits.image_formats, limits.max_aspect_ratio) if ext else None
+        return clip_crop(rgb, size) if rgb is not None else None
     except ImageError:
         return None
 
 
-def with_sources(raws, source_url: str, spec: StorageSpec | None):
+def splat_problem(arr: np.ndarray, limits: ShardLimits) -> str | None:
+    """Why a (format-valid) splat array may not reach a model, or None."""
+    if len(arr) == 0:
+        return "no_live_gaussians"
+    if len(arr) > limits.max_gaussians:
+        return "too_many_gaussians"
+    values = arr.astype(np.float32)
+    lo, hi = POSITION_RANGE
+    if ((values[:, :2] < lo) | (values[:, :2] > hi)).any() or (np.abs(values[:, 2:5]) > MAX_SCALE).any() \
+            or (np.abs(values[:, 5:8]) > MAX_COLOR).any():
+        return "splats_out_of_range"
+    return None
+
+
+def teacher_embedding(data: bytes, dim: int | None) -> np.ndarray | None:
+    """A stored teacher embedding as float32 [D], or None unless it is a finite vector of `dim`."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception:
+        return None
+    if arr.dtype.kind != "f" or arr.ndim != 1 or (dim is not None and arr.shape[0] != dim):
+        return None
+    arr = arr.astype(np.float32)
+    return arr if np.isfinite(arr).all() and np.abs(arr).max(initial=0) < 1e4 else None
+
+
+def with_sources(raws, source_url: str, spec: StorageSpec | None, limits: ShardLimits = DEFAULT_LIMITS):
     """Splat samples of one shard, each paired with its source sample (or None) from the image
     shard `source_url`, matched by key. The fit job keeps the source order, so both shards are
     read once side by side; source samples passed over on the way are held until asked for (a key
     with no source holds the rest of the image shard in memory)."""
-    sources = read_samples(source_url, spec)
+    sources = _guarded(read_samples(source_url, spec, limits, IMAGE_EXTS), source_url)
     ahead: dict[str, dict] = {}
     for raw in raws:
         key = raw["__key__"]
@@ -73,8 +114,10 @@ def with_sources(raws, source_url: str, spec: StorageSpec | None):
         yield raw, ahead.pop(key, None)
 
 
-def decode_sample(sample: dict, kind: str, image_size: int, classes: int | None, skipped: Skipped) -> dict | None:
-    """A raw sample -> {"splats" [n, 8] | "image" [3, S, S], "text", "teacher", "label"}, or None."""
+def decode_sample(sample: dict, kind: str, image_size: int, classes: int | None, skipped: Skipped,
+                  limits: ShardLimits = DEFAULT_LIMITS, embed_dim: int | None = None) -> dict | None:
+    """A raw sample -> {"splats" [n, 8] | "image" [3, S, S], "text", "teacher", "label"}, or None.
+    A stored teacher embedding must be a finite vector of `embed_dim` (when given)."""
     key = sample["__key__"]
     out = {}
     if kind == "splat":
@@ -86,17 +129,21 @@ def decode_sample(sample: dict, kind: str, image_size: int, classes: int | None,
         except splats.SplatFormatError:
             skipped.add("corrupt_splats", key)
             return None
-        if len(out["splats"]) == 0:
-            skipped.add("no_live_gaussians", key)
+        why = splat_problem(out["splats"], limits)
+        if why:
+            skipped.add(why, key)
             return None
     else:
-        out["image"] = decode_image(sample, image_size)
+        out["image"] = decode_image(sample, image_size, limits)
         if out["image"] is None:
             skipped.add("bad_image", key)
             return None
-    out["text"] = sample.get("txt", b"").decode("utf-8", "replace").strip()
+    out["text"] = sample.get("txt", b"")[: 4 * MAX_CAPTION_CHARS].decode("utf-8", "replace").strip()[:MAX_CAPTION_CHARS]
     if "teacher.npy" in sample:
-        out["teacher"] = np.load(io.BytesIO(sample["teacher.npy"]), allow_pickle=False)
+        out["teacher"] = teacher_embedding(sample["teacher.npy"], embed_dim)
+        if out["teacher"] is None:
+            skipped.add("bad_teacher", key)
+            return None
     if classes is not None:
         try:
             label = int(sample.get("cls", b"").decode().strip())
@@ -116,33 +163,44 @@ def worker_shards(shards: list[str], rank: int, world: int, seed: int, epoch: in
     return order[rank::world] if len(order) >= world else order
 
 
+def _guarded(samples, url: str):
+    """A shard's samples, ending (with a warning) instead of raising when the shard cannot be read."""
+    try:
+        yield from samples
+    except ShardError as err:
+        log.warning("shard %s is unreadable: %s", url, err)
+
+
 def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, need_text=True, classes=None,
-           sources: dict[str, str] | None = None, source_size: int = 224):
+           sources: dict[str, str] | None = None, source_size: int = 224, limits: ShardLimits = DEFAULT_LIMITS,
+           embed_dim: int | None = None):
     """Valid samples of this worker for one epoch, in a deterministic order. With fewer shards
     than workers every worker reads them all and keeps every world-th sample. With `sources`
     (splat shard URL -> its image shard URL) each sample also carries its source "image"
-    [3, source_size, source_size]; a sample whose source is missing or undecodable is skipped."""
+    [3, source_size, source_size]; a sample whose source is missing or undecodable is skipped. A
+    sample the shard reader found a problem with, or that fails its checks, is skipped and counted."""
     mine = worker_shards(shards, rank, world, seed, epoch)
     by_sample = len(shards) < world
     i = 0
     for url in mine:
-        raws = read_samples(url, spec)
-        pairs = with_sources(raws, sources[url], spec) if sources else ((raw, None) for raw in raws)
+        raws = _guarded(read_samples(url, spec, limits), url)
+        pairs = with_sources(raws, sources[url], spec, limits) if sources else ((raw, None) for raw in raws)
         for raw, source in pairs:
             i += 1
             if by_sample and (i - 1) % world != rank:
                 continue
-            if "__error__" in raw:
-                skipped.add("unsafe_path", raw["__key__"])
+            lost = [reason for member, reason, _ in problems(raw) if not member]
+            if lost:
+                skipped.add(lost[0], raw["__key__"])
                 continue
-            s = decode_sample(raw, kind, image_size, classes, skipped)
+            s = decode_sample(raw, kind, image_size, classes, skipped, limits, embed_dim)
             if s is None:
                 continue
             if need_text and not s["text"]:
                 skipped.add("empty_caption", raw["__key__"])
                 continue
             if sources:
-                s["image"] = decode_image(source, source_size) if source is not None else None
+                s["image"] = decode_image(source, source_size, limits) if source is not None else None
                 if s["image"] is None:
                     skipped.add("bad_source_image" if source is not None else "no_source_image", raw["__key__"])
                     continue

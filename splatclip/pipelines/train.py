@@ -16,7 +16,6 @@ import io
 import logging
 import math
 import os
-import posixpath
 import random
 import tempfile
 import time
@@ -29,9 +28,11 @@ import torch.distributed as dist
 from splatclip.models.backbone import create, embed_images, input_size
 from splatclip.models.gsclip import GSCLIP, from_open_clip
 from splatclip.models.losses import clip_loss, distill_loss
+from splatclip.pipelines.layout import shard_name
 from splatclip.pipelines.samples import Skipped, collate, count_samples, stream, worker_shards
 from splatclip.platform import storage
 from splatclip.platform.runtime import init_ray
+from splatclip.platform.secrets import redact
 from splatclip.platform.specs import ModelSpec, StorageSpec, TeacherSpec, TrainSpec
 from splatclip.platform.tracking import Tracker, absolute_uri
 
@@ -63,29 +64,60 @@ def steps_per_epoch(counts: dict[str, int], shards: list[str], world: int, seed:
 
 
 def batches(spec: TrainSpec, shards, counts, rank, world, image_size, tokenizer, epoch: int, skip: int, skipped,
-            sources: dict[str, str] | None = None, source_size: int = 224):
+            sources: dict[str, str] | None = None, source_size: int = 224, embed_dim: int | None = None,
+            poisoned: frozenset = frozenset(), cursor: dict | None = None):
     """Endless (epoch, index, batch) from a data position; an exhausted stream restarts its epoch's
-    order (bad samples may leave fewer than counted). With `sources`, batches carry source images."""
+    order (bad samples may leave fewer than counted). With `sources`, batches carry source images.
+    Positions in `poisoned` (batches that raised before) are drawn but never yielded, on every rank
+    alike; `cursor` always holds the position being drawn, for the record of a failure."""
     kind = spec.model.encoder
+    cursor = {} if cursor is None else cursor
     while True:
         per_epoch = steps_per_epoch(counts, shards, world, spec.seed, epoch, spec.batch_size)
         index, pending = 0, []
+        cursor.update(epoch=epoch, index=index)
         while index < per_epoch:
             drawn = 0
             for sample in stream(shards, rank, world, spec.seed, epoch, kind, image_size, spec.storage, skipped,
-                                 sources=sources, source_size=source_size):
+                                 sources=sources, source_size=source_size, limits=spec.limits, embed_dim=embed_dim):
                 drawn += 1
                 pending.append(sample)
                 if len(pending) < spec.batch_size:
                     continue
-                if index >= skip:
+                if index >= skip and (epoch, index) in poisoned:
+                    skipped.add("poisoned_batch", f"epoch {epoch} batch {index}")
+                elif index >= skip:
                     yield epoch, index, collate(pending, tokenizer, image_size)
                 pending, index = [], index + 1
+                cursor.update(epoch=epoch, index=index)
                 if index >= per_epoch:
                     break
             if not drawn:
                 raise RuntimeError(f"worker {rank} found no usable samples in its shards ({dict(skipped.reasons)})")
         epoch, skip = epoch + 1, 0
+
+
+def poisoned_batches(spec: TrainSpec) -> frozenset:
+    """The (epoch, batch) positions whose step raised in an earlier attempt of this run."""
+    directory = storage.join(run_dir(spec), "_poisoned")
+    found = set()
+    for name in storage.listdir(directory, spec.storage):
+        parts = name.removesuffix(".json").split("-")
+        if len(parts) == 2 and parts[0][1:].isdigit() and parts[1][1:].isdigit():
+            found.add((int(parts[0][1:]), int(parts[1][1:])))
+    return frozenset(found)
+
+
+def record_poisoned(spec: TrainSpec, cursor: dict, rank: int, err: BaseException) -> None:
+    """Record the batch a step failed on, so that the restarted workers pass over it: a sample that
+    kills a worker is never replayed by every restart until `max_failures` runs out."""
+    url = storage.join(run_dir(spec), "_poisoned", f"e{cursor['epoch']}-b{cursor['index']}.json")
+    log.error("rank %d failed on epoch %d batch %d (%s: %s); restarted workers will pass over it", rank,
+              cursor["epoch"], cursor["index"], type(err).__name__, str(err)[:300])
+    try:
+        storage.write_json(url, {"rank": rank, "error": f"{type(err).__name__}: {err}"[:1000]}, spec.storage)
+    except Exception as write_err:  # the original error matters more
+        log.error("could not record the failed batch: %s", write_err)
 
 
 def sync_gradients(params: list[torch.nn.Parameter], world: int) -> None:
@@ -187,17 +219,20 @@ def train_loop(config: dict) -> None:
 
     tracker = Tracker(spec.tracking, "train", rank)
     if tracker.active:
-        state["run_id"] = tracker.start(spec, resume_run_id=state["run_id"] or config["run_id"])
+        state["run_id"] = tracker.start(spec, resume_run_id=config["run_id"] or state["run_id"])
         tracker.log_params({"model.trainable_share": f"{model.trainable_share():.4f}"})
 
     skipped = Skipped()
+    nonfinite_steps = 0
+    poisoned = poisoned_batches(spec)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for si in range(state["stage"], len(spec.stages)):
         stage = spec.stages[si]
         stage_teacher = teacher if stage.kind == "distill" else None  # images are read for it only
         sources = (config["sources"], input_size(teacher)) if stage_teacher is not None else (None, 0)
+        cursor: dict = {}
         data = batches(spec, shards, counts, rank, world, image_size, model.tokenizer, state["epoch"], state["batch"],
-                       skipped, *sources)
+                       skipped, *sources, embed_dim=model.clip.visual.output_dim, poisoned=poisoned, cursor=cursor)
         share = model.set_trainable(stage.unfreeze_blocks)
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=spec.weight_decay)
@@ -214,15 +249,23 @@ def train_loop(config: dict) -> None:
         while state["stage_step"] < total:
             loss_sum = 0.0
             for _ in range(spec.grad_accum):
-                epoch, index, batch = next(data)
-                with autocast:
-                    loss = stage_loss(model, stage.kind, batch, device, world, stage_teacher)
-                (loss / spec.grad_accum).backward()
+                try:  # this rank's own work on one batch (not the collectives, which fail with any rank)
+                    epoch, index, batch = next(data)
+                    with autocast:
+                        loss = stage_loss(model, stage.kind, batch, device, world, stage_teacher)
+                    (loss / spec.grad_accum).backward()
+                except Exception as err:
+                    record_poisoned(spec, cursor, rank, err)
+                    raise
                 loss_sum += loss.item() / spec.grad_accum
                 state["epoch"], state["batch"] = epoch, index + 1
             sync_gradients(trainable, world)
-            torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip)
-            opt.step()
+            norm = torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip)
+            if torch.isfinite(norm):  # the same on every rank: the gradients were averaged
+                opt.step()
+            else:
+                nonfinite_steps += 1
+                log.warning("rank %d: non-finite gradients at step %d; the update is skipped", rank, state["step"] + 1)
             sched.step()
             opt.zero_grad(set_to_none=True)
             state["stage_step"] += 1
@@ -230,7 +273,7 @@ def train_loop(config: dict) -> None:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             metrics = {"loss": loss_sum / (world if stage.kind == "contrastive" else 1), "lr": sched.get_last_lr()[0],
                        "stage": si, "samples_per_second": spec.batch_size * spec.grad_accum * world / elapsed,
-                       "skipped_samples": sum(skipped.reasons.values())}
+                       "skipped_samples": sum(skipped.reasons.values()), "nonfinite_steps": nonfinite_steps}
             tracker.log_metrics(metrics, step=state["step"])
             if spec.eval_data and state["step"] % spec.eval_every == 0 and rank == 0:
                 tracker.log_metrics(evaluate_during_training(model, spec, device), step=state["step"])
@@ -254,12 +297,12 @@ def train_loop(config: dict) -> None:
 def source_shards(spec: TrainSpec, shards: list[str]) -> dict[str, str]:
     """Each splat shard's source image shard (the shard of the same name under `images`)."""
     found, _ = storage.input_shards(spec.images, spec.storage, "source image")
-    by_name = {posixpath.basename(u): u for u in found}
-    missing = [s for s in shards if posixpath.basename(s) not in by_name]
+    by_name = {shard_name(u): u for u in found}
+    missing = [s for s in shards if shard_name(s) not in by_name]
     if missing:
-        raise FileNotFoundError(f"images {spec.images}: no source shard for {len(missing)} splat shard(s), e.g. "
-                                f"{posixpath.basename(missing[0])} (a source shard must have its splat shard's name)")
-    return {s: by_name[posixpath.basename(s)] for s in shards}
+        raise FileNotFoundError(f"images {redact(spec.images)}: no source shard for {len(missing)} splat shard(s), "
+                                f"e.g. {shard_name(missing[0])} (a source shard must have its splat shard's name)")
+    return {s: by_name[shard_name(s)] for s in shards}
 
 
 def start_run(tracker: Tracker, spec: TrainSpec) -> str | None:
@@ -268,9 +311,9 @@ def start_run(tracker: Tracker, spec: TrainSpec) -> str | None:
     if not tracker.active:
         return None
     run_file = storage.join(run_dir(spec), "_mlflow_run.json")
-    previous = storage.read_json(run_file, spec.storage)["run_id"] if storage.exists(run_file, spec.storage) else None
-    run_id = tracker.start(spec, resume_run_id=previous)
-    storage.write_json(run_file, {"run_id": run_id}, spec.storage)
+    previous = storage.read_json(run_file, spec.storage) if storage.exists(run_file, spec.storage) else {}
+    run_id = tracker.start(spec, resume_run_id=tracker.recorded_run(previous))
+    storage.write_json(run_file, tracker.run_record(), spec.storage)
     return run_id
 
 
@@ -313,7 +356,8 @@ def evaluate_during_training(model: GSCLIP, spec: TrainSpec, device) -> dict[str
 
     was_training = model.training
     model.eval()
-    result = zero_shot(model, spec.eval_data, spec.classes, spec.templates, spec.batch_size, spec.storage, device)
+    result = zero_shot(model, spec.eval_data, spec.classes, spec.templates, spec.batch_size, spec.storage, device,
+                       spec.limits)
     model.train(was_training)
     return {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]}
 
@@ -390,7 +434,7 @@ def run(spec: TrainSpec) -> int:
         except FileNotFoundError as err:
             log.error("%s", err)
             return 2
-    counts = {s: count_samples(s, spec.storage) for s in shards}
+    counts = {s: count_samples(s, spec.storage, spec.limits) for s in shards}
     log.info("%d shards, %d samples", len(shards), sum(counts.values()))
     tracker = Tracker(spec.tracking, "train")
     run_id = start_run(tracker, spec)

@@ -2,7 +2,9 @@
 
 A spec is the whole description of a job. Every model forbids unknown keys, so a typo is an error
 naming the dotted field, never a silently ignored setting. Secrets are `SecretStr`: they print as
-asterisks and `public_dict` drops them before anything is logged.
+asterisks and `public_dict` drops them before anything is logged; credentials inside URLs are
+redacted there and in every error line. Non-finite floats and absurd sizes are refused, so what a
+job starts with is something it can finish.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from splatclip.platform.secrets import is_secret_field, redact
+
 Backend = Literal["auto", "torch", "torch-dense", "triton", "gsplat"]
 
 
@@ -28,7 +32,7 @@ class SpecError(Exception):
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 def _env_secret(*names: str):
@@ -65,27 +69,53 @@ class TrackingSpec(Model):
 class RaySpec(Model):
     address: str | None = Field(None, description="Cluster to join; RAY_ADDRESS wins when set.")
     num_cpus: int | None = Field(
-        None, ge=1, description="Logical CPUs of a local Ray; default max(4, cores) so actors cannot starve reads."
+        None, ge=1, le=65_536, description="Logical CPUs of a local Ray; default max(4, cores) so actors cannot "
+        "starve reads."
     )
-    actors: int = Field(1, ge=1, description="Size of the actor pool (fitting actors or training workers).")
-    max_actors: int | None = Field(None, ge=1, description="Autoscale the pool up to this size.")
-    cpus_per_actor: float = Field(0.5, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
+    actors: int = Field(1, ge=1, le=10_000, description="Size of the actor pool (fitting actors or training workers).")
+    max_actors: int | None = Field(None, ge=1, le=10_000, description="Autoscale the pool up to this size.")
+    cpus_per_actor: float = Field(0.5, gt=0, le=1024)
+    gpus_per_actor: float = Field(0.0, ge=0, le=64)
+
+
+PIL_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb guard (Image.MAX_IMAGE_PIXELS)
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+
+
+class ShardLimits(Model):
+    """What a shard may hold before a member (or the rest of the shard) is refused and recorded.
+    Crawled data is untrusted: every size here is checked before the bytes are read or decoded."""
+
+    max_member_bytes: int = Field(64 << 20, ge=1024, le=4 << 30,
+                                  description="Largest member read (its declared size, sparse members expanded).")
+    max_metadata_bytes: int = Field(1 << 20, ge=64, le=64 << 20, description="Largest .txt, .cls or .json member.")
+    max_shard_bytes: int = Field(8 << 30, ge=1 << 16, le=1 << 40,
+                                 description="Tar bytes read from one shard (after decompression); the rest is "
+                                 "recorded as lost.")
+    max_image_pixels: int = Field(PIL_MAX_PIXELS, ge=64, le=PIL_MAX_PIXELS,
+                                  description="Larger images are refused before decoding (at most PIL's own guard).")
+    max_aspect_ratio: float = Field(20.0, ge=1, le=1000, description="Longer side over shorter side; beyond it an "
+                                    "image is refused.")
+    image_formats: list[ImageFormat] = Field(["JPEG", "PNG", "WEBP"], min_length=1,
+                                             description="Image formats decoded (whatever a member's extension says).")
+    max_gaussians: int = Field(65_536, ge=1, le=1 << 20, description="Training and evaluation skip splat samples "
+                               "with more Gaussians.")
 
 
 class FitParams(Model):
     """The batched fitter's settings (PAPER.md: 'GS fitting')."""
 
-    gaussians: int = Field(400, ge=1, description="Gaussians per image, N.")
-    iterations: int = Field(2000, ge=0)
-    size: int = Field(224, ge=8, description="Images are resized (short side) and center-cropped to size x size.")
+    gaussians: int = Field(400, ge=1, le=1 << 18, description="Gaussians per image, N.")
+    iterations: int = Field(2000, ge=0, le=1_000_000)
+    size: int = Field(224, ge=16, le=4096, description="Images are center-cropped (a square of the short side) and "
+                      "resized to size x size; at least 16 (SSIM's window).")
     init: Literal["structured", "random"] = "structured"
-    lr_position: float = Field(0.04, gt=0, description="Adam learning rate for x, y, in grid cells per step.")
-    lr_cholesky: float = Field(0.02, gt=0, description="Adam learning rate for l11, l21, l22, in grid cells.")
-    lr_color: float = Field(0.01, gt=0)
-    color_l1: float = Field(1e-6, ge=0, description="lambda of the L1 penalty on colors.")
-    prune_tau: float = Field(0.0, ge=0, description="Luminance threshold; 0 disables pruning (paper: 0.05).")
-    target_psnr: float | None = Field(None, gt=0, description="Stop an image early once it reaches this PSNR.")
+    lr_position: float = Field(0.04, gt=0, le=100, description="Adam learning rate for x, y, in grid cells per step.")
+    lr_cholesky: float = Field(0.02, gt=0, le=100, description="Adam learning rate for l11, l21, l22, in grid cells.")
+    lr_color: float = Field(0.01, gt=0, le=100)
+    color_l1: float = Field(1e-6, ge=0, le=1e3, description="lambda of the L1 penalty on colors.")
+    prune_tau: float = Field(0.0, ge=0, le=10, description="Luminance threshold; 0 disables pruning (paper: 0.05).")
+    target_psnr: float | None = Field(None, gt=0, le=120, description="Stop an image early once it reaches this PSNR.")
     backend: Backend = "auto"
     compile: bool = Field(True, description="Fuse the CPU renderer with torch.compile (about 30 s to compile).")
     seed: int = 0
@@ -97,13 +127,17 @@ class TeacherSpec(Model):
 
 
 class FitSpec(Model):
-    input: str = Field(..., description="Source shards: brace pattern of tar URLs (local, s3:// or examples://).")
-    output: str = Field(..., description="Directory URL for the splat shards (local or s3://).")
+    input: str = Field(..., min_length=1, description="Source shards: brace pattern of tar URLs (local, s3:// or "
+                       "examples://); a URL listed twice is read once.")
+    output: str = Field(..., min_length=1, description="Directory URL for the splat shards (local or s3://).")
     fit: FitParams = Field(default_factory=FitParams)
-    batch_size: int = Field(16, ge=1, description="Images fitted together in one optimizer step.")
+    batch_size: int = Field(16, ge=1, le=65_536, description="Images fitted together in one optimizer step.")
     teacher: TeacherSpec | None = None
-    max_failed_fraction: float = Field(0.01, ge=0, le=1, description="Failure budget before the job exits non-zero.")
-    max_image_pixels: int = Field(89_478_485, ge=1, description="Larger decoded images are rejected as bombs.")
+    max_failed_fraction: float = Field(0.01, ge=0, le=1, description="Failure budget (images, and shards) before "
+                                       "the job exits non-zero.")
+    limits: ShardLimits = Field(default_factory=ShardLimits)
+    overwrite: bool = Field(False, description="Refit every shard into an output written with other fit settings "
+                            "(its shards are deleted first); without it such an output stops the job.")
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
@@ -114,33 +148,34 @@ class ModelSpec(Model):
                       "(demo-vit), or a path to a model config JSON.")
     pretrained: str | None = None
     encoder: Literal["splat", "rgb"] = "splat"
-    latents: int = Field(196, ge=1, description="Perceiver latent tokens fed to the backbone.")
-    resampler_layers: int = Field(4, ge=1)
-    resampler_width: int = Field(448, ge=8, description="Width inside the resampler (projected to the ViT's).")
-    fourier_bands: int = Field(8, ge=1)
+    latents: int = Field(196, ge=1, le=4096, description="Perceiver latent tokens fed to the backbone.")
+    resampler_layers: int = Field(4, ge=1, le=64)
+    resampler_width: int = Field(448, ge=8, le=16_384, description="Width inside the resampler (projected to the ViT's).")
+    fourier_bands: int = Field(8, ge=1, le=64)
 
 
 class StageSpec(Model):
     kind: Literal["distill", "contrastive"]
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    unfreeze_blocks: int = Field(0, ge=0, description="First k backbone blocks that train in this stage.")
+    epochs: float = Field(1.0, gt=0, le=100_000)
+    lr: float = Field(1e-4, gt=0, le=10)
+    warmup_steps: int = Field(0, ge=0, le=10_000_000)
+    unfreeze_blocks: int = Field(0, ge=0, le=1000, description="First k backbone blocks that train in this stage.")
 
 
 class TrainSpec(Model):
-    data: str = Field(..., description="Splat shards (or image shards for encoder=rgb): brace pattern "
+    data: str = Field(..., min_length=1, description="Splat shards (or image shards for encoder=rgb): brace pattern "
                       "(local, s3:// or examples://).")
     storage_path: str = Field("outputs/train", description="Where Ray Train keeps checkpoints (local or s3://).")
-    name: str = Field("splatclip-train", description="Run name; rerunning with the same name resumes.")
+    name: str = Field("splatclip-train", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                      description="Run name (letters, digits, '.', '_', '-'); rerunning with the same name resumes.")
     model: ModelSpec = Field(default_factory=ModelSpec)
-    stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(kind="contrastive")])
-    batch_size: int = Field(64, ge=1, description="Per-worker batch size.")
-    grad_accum: int = Field(1, ge=1)
-    weight_decay: float = Field(0.05, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(kind="contrastive")], max_length=100)
+    batch_size: int = Field(64, ge=1, le=65_536, description="Per-worker batch size.")
+    grad_accum: int = Field(1, ge=1, le=4096)
+    weight_decay: float = Field(0.05, ge=0, le=10)
+    grad_clip: float = Field(1.0, gt=0, le=1e6)
     checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
-    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from.")
+    max_failures: int = Field(2, ge=0, le=1000, description="Worker failures Ray Train recovers from.")
     images: str | None = Field(
         None, description="The source image shards of `data` (same shard names and keys): distill stages then "
         "match the teacher's embeddings of these images, computed on the workers, not embeddings stored in the shards.")
@@ -151,6 +186,7 @@ class TrainSpec(Model):
     templates: str = Field("imagenet", description="Prompt templates for eval_data ('imagenet', 'digits' or a JSON list).")
     eval_every: int = Field(100, ge=1, description="Optimizer steps between zero-shot evaluations.")
     seed: int = 0
+    limits: ShardLimits = Field(default_factory=ShardLimits)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
@@ -175,8 +211,9 @@ class EvalSpec(Model):
     templates: str = Field("imagenet", description="'imagenet', 'digits' or a path to a JSON list of templates with {c}.")
     rgb_checkpoint: str | None = Field(None, description="RGB model to evaluate on the same images.")
     rgb_data: str | None = Field(None, description="The source image shards of `data`, for the RGB model.")
-    output: str = Field("outputs/eval.json")
-    batch_size: int = Field(64, ge=1)
+    output: str = Field("outputs/eval.json", min_length=1)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    limits: ShardLimits = Field(default_factory=ShardLimits)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
@@ -193,13 +230,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise SpecError([f"--set {key}: value is not valid YAML ({err.problem})"]) from None
+        raise SpecError([_yaml_problem(f"--set {key}", err)]) from None
     return [p.strip() for p in parts], value
 
 
-def apply_override(data: dict, path: list[str], value: Any) -> None:
-    """Set data[a][b]... = value; list items are addressed by index (stages.0.lr=1e-4)."""
+def apply_override(data: dict, path: list[str], value: Any, kind: type[BaseModel] | None = None) -> None:
+    """Set data[a][b]... = value; list items are addressed by index (stages.0.lr=1e-4). With the spec's
+    model `kind`, a list the data does not hold yet starts as the field's default (so stages.0.lr works
+    on a spec file without `stages`)."""
     node: Any = data
+    model: Any = kind
     for i, part in enumerate(path):
         where = ".".join(path[: i + 1])
         last = i == len(path) - 1
@@ -213,22 +253,55 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
             continue
         if not isinstance(node, dict):
             raise SpecError([f"--set {'.'.join(path)}: {'.'.join(path[:i])} is not a mapping"])
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if last:
             node[part] = value
-        else:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
+            continue
+        if node.get(part) is None:
+            default = field.get_default(call_default_factory=True) if field is not None else None
+            node[part] = [_dump(d) for d in default] if isinstance(default, list) else {}
+        node = node[part]
+        model = _inner_model(field.annotation) if field is not None else None
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds, directly, optionally or as list items."""
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        inner = _inner_model(arg)
+        if inner is not None:
+            return inner
+    return None
 
 
 def _problem_lines(err: ValidationError) -> list[str]:
+    """One line per wrong field, naming it. The wrong value is shown only when it is short, plain
+    data and neither the field's name nor the error says it could be a secret (an unknown field's
+    value never is shown: a misspelled secret key is still a secret); URL credentials are redacted."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(spec)"
         got = e.get("input")
-        shown = "" if isinstance(got, (dict, list)) or got is None or e["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"{loc}: {e['msg']}{shown}")
+        hidden = (isinstance(got, (dict, list)) or got is None or e["type"] in ("missing", "extra_forbidden")
+                  or any(is_secret_field(p) for p in e["loc"]))
+        shown = "" if hidden else f" (got {redact(repr(got))[:80]})"
+        lines.append(f"{loc}: {redact(e['msg'])}{shown}")
     return lines
+
+
+def _yaml_problem(where: str, err: yaml.YAMLError) -> str:
+    """A YAML error by position and kind, never with the offending text (it may be a secret's line)."""
+    mark = getattr(err, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or type(err).__name__
+    return f"{where}: not valid YAML{at} ({problem})"
 
 
 def load_spec(kind: type[Model], path: str | Path | None = None, overrides: list[str] = ()) -> Model:
@@ -240,14 +313,14 @@ def load_spec(kind: type[Model], path: str | Path | None = None, overrides: list
         except FileNotFoundError:
             raise SpecError([f"{path}: no such spec file"]) from None
         except yaml.YAMLError as err:
-            raise SpecError([f"{path}: not valid YAML ({err})"]) from None
+            raise SpecError([_yaml_problem(str(path), err)]) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise SpecError([f"{path}: the spec must be a mapping of fields"])
         data = loaded or {}
     problems = []
     for text in overrides:
         try:
-            apply_override(data, *parse_override(text))
+            apply_override(data, *parse_override(text), kind=kind)
         except SpecError as err:
             problems += err.problems
     if problems:
@@ -259,7 +332,8 @@ def load_spec(kind: type[Model], path: str | Path | None = None, overrides: list
 
 
 def public_dict(spec: BaseModel) -> dict:
-    """The spec as plain JSON data with every secret field removed (not masked: removed)."""
+    """The spec as plain JSON data with every secret field removed (not masked: removed) and URL
+    credentials redacted from every string."""
 
     def strip(model: BaseModel) -> dict:
         out = {}
@@ -270,10 +344,15 @@ def public_dict(spec: BaseModel) -> dict:
             if isinstance(value, BaseModel):
                 out[name] = strip(value)
             elif isinstance(value, list):
-                out[name] = [strip(v) if isinstance(v, BaseModel) else v for v in value]
+                out[name] = [strip(v) if isinstance(v, BaseModel) else clean(v) for v in value]
+            elif isinstance(value, dict):
+                out[name] = {k: clean(v) for k, v in value.items()}
             else:
-                out[name] = value
+                out[name] = clean(value)
         return out
+
+    def clean(value):
+        return redact(value) if isinstance(value, str) else value
 
     return json.loads(json.dumps(strip(spec), default=str))
 

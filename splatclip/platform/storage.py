@@ -111,6 +111,20 @@ def read_bytes(url: str, spec: StorageSpec | None = None) -> bytes:
     return fs.cat_file(path)
 
 
+def listdir(url: str, spec: StorageSpec | None = None) -> list[str]:
+    """Names of the files directly under a directory URL ([] when there is none)."""
+    fs, path = filesystem(url, spec)
+    try:
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def remove(url: str, spec: StorageSpec | None = None) -> None:
+    fs, path = filesystem(url, spec)
+    fs.rm_file(path)
+
+
 def open_read(url: str, spec: StorageSpec | None = None) -> IO[bytes]:
     fs, path = filesystem(url, spec)
     return fs.open(path, "rb")

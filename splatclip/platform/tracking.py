@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from splatclip.platform.secrets import redact
 from splatclip.platform.specs import TrackingSpec, flatten, public_dict, spec_hash
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,42 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=self.spec.uri)
         return self._client
 
+    def recorded_run(self, record: dict) -> str | None:
+        """The run id a job's run file recorded, unless it was recorded for another tracking URI."""
+        run_id = record.get("run_id")
+        recorded_uri = record.get("tracking_uri")
+        if run_id and recorded_uri is not None and recorded_uri != redact(self.spec.uri):
+            log.warning("the recorded MLflow run %s belongs to %s, not %s: starting a new run", run_id, recorded_uri,
+                        redact(self.spec.uri))
+            return None
+        return run_id
+
+    def run_record(self) -> dict:
+        """What a job writes to its run file, for a rerun to resume (no credentials)."""
+        return {"run_id": self.run_id, "tracking_uri": redact(self.spec.uri)}
+
+    def _resumable(self, run_id: str):
+        """The run to resume, or None (with a warning) when this tracking server does not have it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            log.warning("MLflow run %s is not on %s (%s): starting a new run", run_id, redact(self.spec.uri),
+                        redact(str(err))[:200])
+            return None
+        if run.info.lifecycle_stage == "deleted":
+            log.warning("MLflow run %s was deleted: starting a new run", run_id)
+            return None
+        return run
+
     def start(self, job_spec: BaseModel, resume_run_id: str | None = None) -> str | None:
         """Open (or reopen) the run, tag it and log the spec as params. Returns the run id."""
         if not self.active:
             return None
         client = self.client
-        if resume_run_id:
-            run = client.get_run(resume_run_id)
+        run = self._resumable(resume_run_id) if resume_run_id else None
+        if run is not None:
             self.run_id = run.info.run_id
             client.update_run(self.run_id, status="RUNNING")
             log.info("resuming MLflow run %s", self.run_id)
@@ -88,7 +118,7 @@ class Tracker:
                 tags["mlflow.source.git.commit"] = commit
             run = client.create_run(experiment_id, run_name=self.spec.run_name, tags=tags)
             self.run_id = run.info.run_id
-            log.info("MLflow run %s in experiment %r at %s", self.run_id, self.spec.experiment, self.spec.uri)
+            log.info("MLflow run %s in experiment %r at %s", self.run_id, self.spec.experiment, redact(self.spec.uri))
         self.log_params(flatten(public_dict(job_spec)))
         return self.run_id
 

@@ -46,7 +46,7 @@ def test_shard_roundtrip_and_unsafe_member(tmp_path):
     samples = list(read_samples(url))
     assert [s["__key__"] for s in samples] == ["a", "../escape", "b"]
     assert samples[0]["txt"] == b"hello" and samples[2]["txt"] == b"world"
-    assert samples[1]["__error__"] == "path outside the archive" and "txt" not in samples[1]
+    assert samples[1]["__problems__"] == [("", "unsafe_path", "path outside the archive")] and "txt" not in samples[1]
 
 
 def test_a_job_input_with_no_shards_is_reported(tmp_path, caplog):

@@ -1,0 +1,262 @@
+"""The fit job's Ray Data stages, one row per sample:
+
+    read_shard    (task per shard)    samples, images still encoded; metadata checked and cleaned
+    decode_batch  (CPU tasks)         decode and crop each image, within the spec's limits
+    FitActor      (actor pool)        fit a whole batch at once; a failing batch is split and retried
+    ShardWriter   (one actor)         buffers rows until a shard is complete, commits it whole
+
+A row that goes wrong carries `error` (a short reason) and `detail` and travels on, so that its
+shard's record names it; `notes` holds problems of a sample that was still fitted (a bad caption,
+an oversized member). No single sample can stop a stage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import torch
+
+from splatclip import splats
+from splatclip.fitting.images import ImageError, clip_crop, decode
+from splatclip.pipelines import layout
+from splatclip.pipelines.fit_report import SHARD_LEVEL, shard_stats
+from splatclip.platform import storage
+from splatclip.platform.secrets import redact
+from splatclip.platform.shards import ShardError, problems, read_samples, write_shard
+from splatclip.platform.specs import FitSpec, ShardLimits
+
+log = logging.getLogger(__name__)
+
+WANTED = (*layout.IMAGE_EXTS, *layout.METADATA_EXTS)
+MAX_JSON_DEPTH = 32  # a sample's .json deeper than this is dropped (every later parse stays far from the stack limit)
+
+
+def _row(shard, index, total, key="", image=b"", txt=b"", cls=b"", source=b"", error="", detail="", notes=()):
+    return {"shard": shard, "index": index, "total": total, "key": key, "image": image, "txt": txt, "cls": cls,
+            "source": source, "error": error, "detail": detail, "notes": json.dumps(list(notes))}
+
+
+def clean_metadata(sample: dict, limits: ShardLimits) -> tuple[dict, list[dict]]:
+    """The sample's txt, cls and json members as they will be written (valid UTF-8 text, a class id,
+    re-serialized JSON), and a note for each one that was dropped or repaired."""
+    key, out, notes = sample["__key__"], {"txt": b"", "cls": b"", "source": b""}, []
+
+    def note(member, reason, detail):
+        notes.append({"key": key, "member": member, "reason": reason, "detail": detail})
+
+    for ext in layout.METADATA_EXTS:
+        data = sample.get(ext)
+        if data is None:
+            continue
+        if len(data) > limits.max_metadata_bytes:
+            note(ext, "metadata_too_large", f"{len(data)} bytes (limit {limits.max_metadata_bytes})")
+            continue
+        if ext == "txt":
+            text = data.decode("utf-8", "replace")
+            if "\ufffd" in text and b"\xef\xbf\xbd" not in data:
+                note(ext, "bad_text", "not valid UTF-8; invalid bytes replaced")
+            out["txt"] = text.encode("utf-8")
+        elif ext == "cls":
+            try:
+                label = int(data.decode("ascii").strip())
+                if not 0 <= label < 2**31:
+                    raise ValueError(f"{label} is out of range")
+            except (ValueError, UnicodeDecodeError) as err:
+                note(ext, "bad_class", f"not a class id ({str(err)[:100]})")
+                continue
+            out["cls"] = str(label).encode()
+        else:
+            try:
+                parsed = json.loads(data, parse_constant=_refuse_constant)
+                if _depth(parsed) > MAX_JSON_DEPTH:
+                    raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+                out["source"] = json.dumps(parsed, sort_keys=True).encode()
+            except (ValueError, RecursionError, UnicodeDecodeError) as err:
+                note(ext, "bad_metadata", f"{type(err).__name__}: {str(err)[:200]}")
+    return out, notes
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            todo.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def read_shard(item: dict, spec: FitSpec) -> list[dict]:
+    """One source shard -> one row per sample (and per lost part of it), images still encoded. A
+    shard that cannot be opened at all becomes a single shard-level row."""
+    url = item["shard"]
+    rows = []
+    try:
+        for sample in read_samples(url, spec.storage, spec.limits, WANTED):
+            rows.append(sample_row(url, len(rows), sample, spec.limits))
+    except ShardError as err:
+        log.warning("shard %s is unreadable: %s", redact(url), err)
+        return [_row(url, SHARD_LEVEL, 0, error="unreadable_shard", detail=str(err))]
+    if not rows:
+        return [_row(url, SHARD_LEVEL, 0, error="empty_shard")]
+    for r in rows:
+        r["total"] = len(rows)
+    return rows
+
+
+def sample_row(url: str, index: int, sample: dict, limits: ShardLimits) -> dict:
+    key = sample["__key__"]
+    found = problems(sample)
+    notes = [{"key": key, "member": m, "reason": r, "detail": d} for m, r, d in found if m]
+    lost = [(r, d) for m, r, d in found if not m]  # problems of the whole sample
+    ext = next((e for e in layout.IMAGE_EXTS if e in sample), None)
+    if lost or ext is None:
+        image_problem = next(((r, d) for m, r, d in found if m in layout.IMAGE_EXTS), None)
+        reason, detail = lost[0] if lost else image_problem or ("no_image", f"members: {sorted(sample)}")
+        return _row(url, index, 0, key, error=reason, detail=detail, notes=notes)
+    meta, meta_notes = clean_metadata(sample, limits)
+    return _row(url, index, 0, key, sample[ext], **meta, notes=notes + meta_notes)
+
+
+def decode_batch(batch: dict, size: int, limits: ShardLimits) -> dict:
+    """Encoded bytes -> cropped uint8 [S, S, 3] (a CPU task per batch). Drops the encoded bytes."""
+    n = len(batch["key"])
+    pixels = np.zeros((n, size, size, 3), np.uint8)
+    src_w, src_h = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    errors, details = list(batch["error"]), list(batch["detail"])
+    for i in range(n):
+        if errors[i] or batch["index"][i] == SHARD_LEVEL:
+            continue
+        try:
+            rgb = decode(batch["image"][i], limits.max_image_pixels, limits.image_formats, limits.max_aspect_ratio)
+            pixels[i] = (clip_crop(rgb, size).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        except ImageError as err:
+            errors[i], details[i] = err.reason, str(err)
+            continue
+        except Exception as err:  # nothing one image does may stop the stage
+            errors[i], details[i] = "undecodable", f"{type(err).__name__}: {err}"[:300]
+            continue
+        src_h[i], src_w[i] = rgb.shape[:2]
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out.update(pixels=pixels, src_w=src_w, src_h=src_h, error=np.array(errors, dtype=object),
+               detail=np.array(details, dtype=object),
+               src_bytes=np.array([len(b) for b in batch["image"]], np.int64))
+    return out
+
+
+class FitActor:
+    """Holds the (optional) teacher model and fits whole batches on its device."""
+
+    def __init__(self, spec: FitSpec):
+        self.spec = spec
+        want_gpu = spec.ray.gpus_per_actor > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if want_gpu else "cpu")
+        self.teacher = None
+        if spec.teacher is not None:
+            from splatclip.models.backbone import create
+
+            self.teacher, _ = create(spec.teacher.model, spec.teacher.pretrained, spec.storage, self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        from splatclip.fitting.resilient import Failure, fit_images
+
+        n = len(batch["key"])
+        errors, details = list(batch["error"]), list(batch["detail"])
+        splat_bytes, meta, teacher = [b""] * n, [b""] * n, [b""] * n
+        ok = [i for i in range(n) if not errors[i] and batch["index"][i] != SHARD_LEVEL]
+        if ok:
+            images = torch.from_numpy(np.stack([batch["pixels"][i] for i in ok])).to(self.device)
+            images = images.permute(0, 3, 1, 2).float() / 255.0  # [B, 3, S, S]
+            fitted = fit_images(images, self.spec.fit, [int(batch["src_bytes"][i]) for i in ok])
+            embeddings = self._teacher(images, fitted)
+            for j, i in enumerate(ok):
+                result = fitted[j]
+                if isinstance(result, Failure):
+                    errors[i], details[i] = result.reason, result.detail
+                    continue
+                if embeddings[j] is None and self.teacher is not None:
+                    errors[i], details[i] = "teacher_failed", "the teacher gave no finite embedding"
+                    continue
+                arr, metrics = result
+                splat_bytes[i] = splats.to_bytes(arr)
+                record = {**metrics, "source_width": int(batch["src_w"][i]), "source_height": int(batch["src_h"][i]),
+                          "source": json.loads(batch["source"][i]) if batch["source"][i] else None}
+                meta[i] = json.dumps(record, sort_keys=True).encode()
+                if embeddings[j] is not None:
+                    buf = io.BytesIO()
+                    np.save(buf, embeddings[j], allow_pickle=False)
+                    teacher[i] = buf.getvalue()
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out.update(splats=np.array(splat_bytes, dtype=object), meta=np.array(meta, dtype=object),
+                   teacher=np.array(teacher, dtype=object), error=np.array(errors, dtype=object),
+                   detail=np.array(details, dtype=object))
+        return out
+
+    def _teacher(self, images: torch.Tensor, fitted: list) -> list[np.ndarray | None]:
+        """The teacher's float16 embedding of each fitted image (None where there is none or it is not
+        finite); a failing batch is split like a fitting batch."""
+        from splatclip.fitting.resilient import Failure, split_on_failure
+
+        out: list[np.ndarray | None] = [None] * len(images)
+        if self.teacher is None:
+            return out
+        from splatclip.models.backbone import embed_images
+
+        def run(idx: list[int]) -> None:
+            emb = embed_images(self.teacher, images[idx]).cpu().numpy().astype(np.float16)  # [b, D]
+            for j, i in enumerate(idx):
+                out[i] = emb[j] if np.isfinite(emb[j]).all() else None
+
+        todo = [i for i, f in enumerate(fitted) if not isinstance(f, Failure)]
+        if todo:
+            split_on_failure(run, todo, lambda i, err: log.warning("teacher failed on one image: %s", err))
+        return out
+
+
+class ShardWriter:
+    """Buffers fitted rows per shard; commits a shard (stats first, then the tar) once all of its
+    rows have arrived. Emits one row per committed shard with its statistics."""
+
+    def __init__(self, spec: FitSpec):
+        self.spec = spec
+        self.pending: dict[str, list[dict]] = {}
+
+    def __call__(self, batch: dict) -> dict:
+        done = []
+        for i in range(len(batch["key"])):
+            row = {k: batch[k][i] for k in batch}
+            shard = row["shard"]
+            if row["index"] == SHARD_LEVEL:
+                done.append(self.commit(shard, [row]))
+                continue
+            rows = self.pending.setdefault(shard, [])
+            rows.append(row)
+            if len(rows) == row["total"]:
+                done.append(self.commit(shard, self.pending.pop(shard)))
+        return {"shard": np.array([d["shard"] for d in done], dtype=object),
+                "stats": np.array([json.dumps(d) for d in done], dtype=object)}
+
+    def commit(self, shard: str, rows: list[dict]) -> dict:
+        rows.sort(key=lambda r: r["index"])
+        stats = shard_stats(shard, rows)
+        storage.write_json(layout.stats_url(self.spec.output, shard), stats, self.spec.storage)
+        if stats["status"] != "unreadable":
+            with write_shard(layout.output_url(self.spec.output, shard), self.spec.storage) as writer:
+                for r in rows:
+                    if r["index"] == SHARD_LEVEL or r["error"]:
+                        continue
+                    sample = {"__key__": r["key"], "splats.npy": r["splats"], "json": r["meta"]}
+                    for ext in ("txt", "cls", "teacher"):
+                        if r[ext]:
+                            sample[f"{ext}.npy" if ext == "teacher" else ext] = r[ext]
+                    writer.write(sample)
+        log.info("committed %s: %d fitted, %d failed", layout.shard_name(shard), stats["fitted"], len(stats["errors"]))
+        return stats
