@@ -3,11 +3,12 @@
 `name` is an open_clip model name ("ViT-B-16"), the name of a config shipped in
 `splatclip/models/configs/` ("demo-vit"), or a path to a model config JSON (registered under its
 file stem). `pretrained` is an open_clip tag, a local checkpoint, or an s3:// / file:// URL
-fetched through storage to a local temporary file. Nothing is downloaded unless a tag asks for it.
+fetched through storage into a private cache (keyed by URL and endpoint). Nothing is downloaded unless a tag asks for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -40,16 +41,34 @@ def model_name(name: str) -> str:
     return name
 
 
+def weights_cache() -> Path:
+    """This user's private cache of fetched weights (mode 0700; another user's directory is refused)."""
+    root = Path(tempfile.gettempdir()) / f"splatclip-weights-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    info = root.lstat()
+    if not root.is_dir() or root.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{root} is not a private directory of this user")
+    return root
+
+
 def local_weights(pretrained: str | None, spec: StorageSpec | None) -> str | None:
-    """A path open_clip can load: remote URLs are fetched to a temporary file once per process."""
+    """A path open_clip can load: remote URLs are fetched once into the private cache, under a key of
+    the whole URL and the storage endpoint (two stores with the same path never share a file),
+    written beside the target and renamed into place (a reader never sees half a file)."""
     if pretrained is None or "://" not in pretrained or pretrained.startswith(("http://", "https://")):
         return pretrained
-    target = Path(tempfile.gettempdir()) / "splatclip-weights" / pretrained.replace("://", "/").replace("/", "_")
+    endpoint = (spec.endpoint_url if spec is not None else None) or ""
+    digest = hashlib.sha256(f"{endpoint}\n{pretrained}".encode()).hexdigest()[:32]
+    target = weights_cache() / f"{digest}-{Path(pretrained.split('?')[0]).name[-64:]}"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_suffix(f".{os.getpid()}.part")
-        part.write_bytes(storage.read_bytes(pretrained, spec))
-        part.replace(target)
+        fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{digest}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(storage.read_bytes(pretrained, spec))
+            os.replace(part, target)
+        finally:
+            if os.path.exists(part):
+                os.unlink(part)
     return str(target)
 
 

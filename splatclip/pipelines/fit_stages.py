@@ -121,7 +121,7 @@ def sample_row(url: str, index: int, sample: dict, limits: ShardLimits) -> dict:
     if lost or ext is None:
         image_problem = next(((r, d) for m, r, d in found if m in layout.IMAGE_EXTS), None)
         reason, detail = lost[0] if lost else image_problem or ("no_image", f"members: {sorted(sample)}")
-        return _row(url, index, 0, key, error=reason, detail=detail, notes=notes)
+        return _row(url, index, 0, key, error=reason, detail=detail)
     meta, meta_notes = clean_metadata(sample, limits)
     return _row(url, index, 0, key, sample[ext], **meta, notes=notes + meta_notes)
 

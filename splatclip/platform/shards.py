@@ -40,7 +40,8 @@ from splatclip.platform.storage import atomic_write, open_read
 DEFAULT_LIMITS = ShardLimits()
 RESERVED = "__"  # extensions starting with this are the reader's own fields, never members
 _KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")  # webdataset's key/extension split
-_MAGIC = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
+_MAGIC = {b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), b"BZh": lambda f: bz2.BZ2File(f, "rb"),
+          b"\xfd7zXZ\x00": lambda f: lzma.LZMAFile(f, "rb")}
 
 
 class ShardError(Exception):
@@ -89,7 +90,7 @@ def _unpacked(raw: IO[bytes]) -> IO[bytes]:
     rest = _Prefixed(head, raw)
     for magic, opener in _MAGIC.items():
         if head.startswith(magic):
-            return opener(rest, "rb")
+            return opener(rest)
     return rest
 
 

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -179,3 +180,67 @@ def test_ray_job_submit(ray_head, photo_shards, tmp_path):
     assert keys_of(str(out / "photos-00002.tar")) == datasets.PHOTOS[6:]
     arr = splats.from_bytes(next(read_samples(str(out / "photos-00000.tar")))["splats.npy"])
     assert arr.dtype == np.float16 and arr.shape == (16, 8)
+
+
+def test_hostile_corpus_costs_only_its_bad_samples(ray_local, tmp_path):
+    """Every class of hostile input in tests/corpus.py, through the real job: each bad sample is
+    recorded with its reason, each good one is fitted, nothing else is lost, written twice or
+    written outside the output, and the job ends within its budget."""
+    import corpus
+
+    src = tmp_path / "src"
+    corpus.hostile_shards(src)
+    names = "hostile-{00000.tar,00000.tar,00001.tar.gz,00002.tar.gz,00003.tar,00004.tar,00005.tar}"  # 00000 twice
+    spec = spec_for(f"{src}/{names}", tmp_path / "out", *corpus.LIMITS, "max_failed_fraction=0.7")
+    start = time.time()
+    assert run(spec) == 0
+    assert time.time() - start < 240
+    out = tmp_path / "out"
+    fitted = [k for n in ("hostile-00000.tar", "hostile-00001.tar", "hostile-00002.tar") for k in keys_of(str(out / n))]
+    assert fitted == corpus.GOOD  # in order, each once: the duplicate good0 was not written again
+    for name in ("hostile-00000.tar", "hostile-00001.tar", "hostile-00002.tar"):
+        with tarfile.open(out / name) as tar:
+            members = tar.getnames()
+        assert len(members) == len(set(members)), f"{name} has duplicate members"
+        assert not [m for m in members if ".__" in m or m.startswith(("/", ".."))]
+    records = [json.loads((out / "_stats" / f"hostile-0000{i}.json").read_text()) for i in range(5)]
+    failed = [(e["key"], e["reason"]) for r in records for e in r["errors"] if e["reason"] != "unreadable_shard"]
+    assert failed == corpus.EXPECT_FAILED
+    noted = {n["key"]: n["reason"] for r in records for n in r["notes"]}
+    assert noted == corpus.EXPECT_NOTED
+    assert records[3]["status"] == "unreadable" and records[4]["status"] == "empty"
+    by_key = {s["__key__"]: s for s in read_samples(str(out / "hostile-00000.tar"))}
+    assert by_key["badutf8"]["txt"].decode("utf-8") == "caf\ufffd \ufffd\ufffd"  # cleaned, still a caption
+    assert "cls" not in by_key["badcls"] and by_key["good0"]["cls"] == b"3"
+    assert json.loads(by_key["deepjson"]["json"])["source"] is None
+    assert json.loads(by_key["good0"]["json"])["source"] == {"url": "http://example.invalid/0"}
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["fitted"] == len(corpus.GOOD) and summary["failed"] == len(corpus.EXPECT_FAILED)
+    assert summary["shards"] == 6 and summary["shards_missing"] == [f"{src}/hostile-00005.tar"]
+    written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {"src", "out"}  # nothing outside the output (and the sources untouched)
+    # The default 1% budget counts images: 16 of 27 failed is far past it.
+    assert run(spec_for(f"{src}/{names}", tmp_path / "out", *corpus.LIMITS)) == 1
+
+
+def test_inputs_that_would_collide_stop_the_job_before_it_writes(tmp_path, caplog):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(ROOT / "tests" / "unit" / "tests_helpers.py", tmp_path / folder / "00000.tar")
+    spec = spec_for(f"{tmp_path}/{{a,b}}/00000.tar", tmp_path / "out")
+    assert run(spec) == 2
+    assert f"{tmp_path}/a/00000.tar and {tmp_path}/b/00000.tar would both write 00000.tar" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_with_other_fit_settings_needs_overwrite(ray_local, photo_shards, tmp_path, caplog):
+    src = f"{photo_shards}/photos-00000.tar"
+    out = tmp_path / "out"
+    assert run(spec_for(src, out)) == 0
+    assert (out / "_SUCCESS.json").exists()
+    assert run(spec_for(src, out, "fit.gaussians=25")) == 2
+    assert "fit.gaussians: 16 in the output, 25 in this spec" in caplog.text
+    assert splats.from_bytes(next(read_samples(str(out / "photos-00000.tar")))["splats.npy"]).shape == (16, 8)
+    assert run(spec_for(src, out, "fit.gaussians=25", "overwrite=true")) == 0
+    assert splats.from_bytes(next(read_samples(str(out / "photos-00000.tar")))["splats.npy"]).shape == (25, 8)
+    assert json.loads((out / "_fit.json").read_text())["settings"]["fit"]["gaussians"] == 25
