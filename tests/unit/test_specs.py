@@ -177,3 +177,66 @@ def test_the_spec_reference_in_docs_is_generated_from_the_models(monkeypatch):
     doc = (Path(__file__).resolve().parents[2] / "docs" / "specs.md").read_text()
     for name, kind in KINDS.items():
         assert f"## {name}\n\n{spec_reference(kind)}\n" in doc, f"docs/specs.md: the {name} table is out of date"
+
+
+@pytest.mark.parametrize("override", [
+    "storage.secret_acess_key=SECRET-VALUE-1",  # misspelled: an unknown field, its value still a secret
+    "storage.secret_access_key={nested: SECRET-VALUE-1}",  # wrong type on a secret field
+    "storage.access_key_id=[SECRET-VALUE-1]",
+    "tracking.password=SECRET-VALUE-1",
+    "tracking.uri=[https://user:SECRET-VALUE-1@mlflow.invalid]",
+    "ray.address=7",  # a plain field keeps its value in the message (here a number; nothing secret)
+])
+def test_validation_errors_name_the_field_never_a_secret(override, capsys):
+    code, err = run_job_args(["jobs/specs/fit.local.yaml", "--set", override], capsys)
+    assert code == 2 and err.startswith(f"fit.py: {override.split('=')[0]}")
+    assert "SECRET-VALUE-1" not in err
+
+
+def test_yaml_error_on_a_secrets_line_shows_its_position_not_its_text(tmp_path, capsys):
+    bad = tmp_path / "spec.yaml"
+    bad.write_text('input: a.tar\noutput: b\nstorage:\n  secret_access_key: "SECRET-VALUE-2\n')
+    code, err = run_job_args([str(bad)], capsys)
+    assert code == 2 and "not valid YAML at line" in err and "SECRET-VALUE-2" not in err
+    code, err = run_job_args(["jobs/specs/fit.local.yaml", "--set", "storage.secret_access_key='SECRET-VALUE-2"],
+                             capsys)
+    assert code == 2 and "SECRET-VALUE-2" not in err
+
+
+def test_url_credentials_are_redacted_wherever_the_spec_is_shown():
+    spec = load_spec(FitSpec, None, ["input=https://crawler:SECRET-VALUE-3@data.invalid/{0..1}.tar", "output=o",
+                                     "tracking.uri=http://me:SECRET-VALUE-3@127.0.0.1:5000"])
+    assert spec.tracking.uri == "http://me:SECRET-VALUE-3@127.0.0.1:5000"  # the job itself still uses it
+    shown = json.dumps(public_dict(spec))
+    assert "SECRET-VALUE-3" not in shown and "http://***@127.0.0.1:5000" in shown
+
+
+@pytest.mark.parametrize("override, field", [
+    ("fit.lr_color=.nan", "fit.lr_color"),
+    ("fit.lr_color=.inf", "fit.lr_color"),
+    ("max_failed_fraction=.nan", "max_failed_fraction"),
+    ("fit.size=8", "fit.size"),  # below SSIM's 11-pixel window
+    ("fit.gaussians=100000000", "fit.gaussians"),
+    ("batch_size=10000000", "batch_size"),
+    ("limits.max_image_pixels=1000000000", "limits.max_image_pixels"),  # beyond PIL's own guard
+    ("limits.image_formats=[PSD]", "limits.image_formats.0"),
+    ("output=", "output"),
+])
+def test_specs_refuse_what_cannot_work(override, field, capsys):
+    code, err = run_job_args(["jobs/specs/fit.local.yaml", "--set", override], capsys)
+    assert code == 2 and err.startswith(f"fit.py: {field}:"), err
+
+
+def test_a_list_override_works_when_the_file_has_no_list(tmp_path):
+    bare = tmp_path / "train.yaml"
+    bare.write_text("data: x.tar\n")
+    spec = load_spec(TrainSpec, bare, ["stages.0.lr=0.002", "stages.0.epochs=3"])
+    assert len(spec.stages) == 1 and spec.stages[0].kind == "contrastive"
+    assert spec.stages[0].lr == 0.002 and spec.stages[0].epochs == 3
+    with pytest.raises(SpecError, match="stages.1 is not an item of a 1-item list"):
+        load_spec(TrainSpec, bare, ["stages.1.lr=0.002"])
+
+
+def test_train_run_names_cannot_leave_the_storage_path():
+    with pytest.raises(SpecError, match="^name:"):
+        load_spec(TrainSpec, None, ["data=x.tar", "name=../../elsewhere"])
