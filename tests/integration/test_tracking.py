@@ -72,3 +72,32 @@ def test_an_error_in_the_block_ends_the_run_failed(tmp_path):
         with tracker.failed_on_error():
             raise ValueError("bad shard")
     assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_a_stale_recorded_run_starts_a_new_one(mlflow_server, caplog):
+    spec = make_spec(mlflow_server)
+    tracker = Tracker(spec.tracking, "fit")
+    run_id = tracker.start(spec, resume_run_id="0123456789abcdef0123456789abcdef")  # unknown to this server
+    assert run_id and run_id != "0123456789abcdef0123456789abcdef" and "starting a new run" in caplog.text
+    record = tracker.run_record()
+    tracker.end()
+    assert tracker.recorded_run(record) == run_id
+    assert tracker.recorded_run({"run_id": run_id, "tracking_uri": "sqlite:////elsewhere/mlflow.db"}) is None
+    assert tracker.recorded_run({"run_id": run_id}) == run_id  # a run file from before URIs were recorded
+    MlflowClient(mlflow_server).delete_run(run_id)
+    again = Tracker(spec.tracking, "fit")
+    assert again.start(spec, resume_run_id=run_id) not in (None, run_id)
+    again.end()
+
+
+def test_credentials_in_the_tracking_uri_stay_out_of_the_run(mlflow_server, caplog):
+    with_password = mlflow_server.replace("http://", "http://splat:PASSWORD-IN-URI@")
+    spec = make_spec(with_password)
+    tracker = Tracker(spec.tracking, "fit")
+    run_id = tracker.start(spec)  # the server ignores the credentials; the client sends them
+    record = tracker.run_record()
+    tracker.end()
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    shown = str(run.data.params) + str(run.data.tags) + str(record) + caplog.text
+    assert "PASSWORD-IN-URI" not in shown and SECRET not in shown
+    assert run.data.params["tracking.uri"] == mlflow_server.replace("http://", "http://***@")

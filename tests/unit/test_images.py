@@ -53,3 +53,38 @@ def test_clip_crop_short_side_then_center():
     rgb[:, 100:200] = 255  # the center third is white
     out = clip_crop(rgb, 50)
     assert out.shape == (3, 50, 50) and out.mean() > 0.95
+
+
+def test_a_long_thin_image_costs_what_its_crop_does():
+    import time
+
+    line = encoded(Image.new("RGB", (40000, 1), (200, 30, 30)), "PNG")  # the 198-byte PNG of the issue
+    start = time.perf_counter()
+    out = clip_crop(decode(line), 224)  # center square 1x1, then resized: no 224 x 8.96M intermediate
+    assert out.shape == (3, 224, 224) and time.perf_counter() - start < 2
+    assert abs(out[0].mean().item() - 200 / 255) < 0.01
+    with pytest.raises(ImageError) as info:
+        decode(line, max_aspect=20)
+    assert info.value.reason == "aspect_ratio"
+
+
+def test_crop_is_taken_in_source_coordinates_before_resizing():
+    rgb = np.zeros((3000, 1000, 3), np.uint8)
+    rgb[1000:2000] = 255  # the center square is white, the rest black
+    out = clip_crop(rgb, 64)
+    assert out.shape == (3, 64, 64) and out.min() > 0.99
+
+
+def test_only_the_accepted_formats_are_decoded():
+    gif = encoded(Image.new("RGB", (16, 16)), "GIF")
+    with pytest.raises(ImageError) as info:
+        decode(gif)
+    assert info.value.reason == "undecodable" and "JPEG, PNG, WEBP" in str(info.value)
+    assert decode(gif, formats=("GIF",)).shape == (16, 16, 3)
+
+
+def test_damaged_exif_keeps_the_stored_orientation():
+    img = Image.new("RGB", (30, 10), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 99  # no such orientation
+    assert decode(encoded(img, "JPEG", exif=exif)).shape == (10, 30, 3)

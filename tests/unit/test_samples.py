@@ -76,3 +76,55 @@ def test_caption_ids_are_stable_and_tell_copies_apart():
                     tokenizer=lambda texts: torch.zeros(len(texts), 4, dtype=torch.long))
     ids = batch["caption_ids"]
     assert ids.dtype == torch.int64 and ids[0] == ids[2] != ids[1]
+
+
+def teacher_bytes(arr):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_samples_that_would_kill_a_worker_are_skipped(tmp_path):
+    """Wrong-shape or NaN teacher embeddings, a million Gaussians, values far outside a fit's range:
+    each is counted under its reason and never reaches collate or a model."""
+    from splatclip.platform.specs import ShardLimits
+
+    url = str(tmp_path / "s.tar")
+    huge = np.zeros((1_000_000, 8), np.float16)
+    huge[:, 2], huge[:, 4] = 0.01, 0.01
+    wild = np.zeros((4, 8), np.float16)
+    wild[:, 2], wild[:, 4], wild[:, 0] = 0.01, 0.01, 30000.0
+    good_teacher = teacher_bytes(np.full(8, 0.3, np.float16))
+    with write_shard(url) as w:
+        w.write({"__key__": "ok", "splats.npy": good_splats(), "txt": b"a", "teacher.npy": good_teacher})
+        w.write({"__key__": "shape", "splats.npy": good_splats(), "txt": b"a",
+                 "teacher.npy": teacher_bytes(np.zeros((2, 4), np.float16))})
+        w.write({"__key__": "dim", "splats.npy": good_splats(), "txt": b"a",
+                 "teacher.npy": teacher_bytes(np.zeros(5, np.float16))})
+        w.write({"__key__": "nan", "splats.npy": good_splats(), "txt": b"a",
+                 "teacher.npy": teacher_bytes(np.full(8, np.nan, np.float16))})
+        w.write({"__key__": "junk", "splats.npy": good_splats(), "txt": b"a", "teacher.npy": b"\x93NUMPY junk"})
+        w.write({"__key__": "million", "splats.npy": splats.to_bytes(huge), "txt": b"a", "teacher.npy": good_teacher})
+        w.write({"__key__": "wild", "splats.npy": splats.to_bytes(wild), "txt": b"a", "teacher.npy": good_teacher})
+        w.write({"__key__": "ok", "splats.npy": good_splats(), "txt": b"the same key", "teacher.npy": good_teacher})
+        w.write({"__key__": "ok2", "splats.npy": good_splats(), "txt": b"b" * 100_000, "teacher.npy": good_teacher})
+    skipped = Skipped()
+    got = list(stream([url], 0, 1, 0, 0, "splat", 32, None, skipped, embed_dim=8,
+                      limits=ShardLimits(max_gaussians=65_536)))
+    assert len(got) == 2 and len(got[1]["text"]) == 4096  # a huge caption is cut before tokenizing
+    assert dict(skipped.reasons) == {"bad_teacher": 4, "too_many_gaussians": 1, "splats_out_of_range": 1,
+                                     "duplicate_key": 1}
+    assert collate(got)["teacher"].shape == (2, 8)
+
+
+def test_an_unreadable_shard_ends_its_stream_without_raising(tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar" * 100)
+    good = str(tmp_path / "good.tar")
+    with write_shard(good) as w:
+        w.write({"__key__": "ok", "splats.npy": good_splats(), "txt": b"a"})
+    skipped = Skipped()
+    got = list(stream([str(bad), good], 0, 1, 0, 0, "splat", 32, None, skipped))
+    assert len(got) == 1

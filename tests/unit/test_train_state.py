@@ -19,3 +19,46 @@ def test_rng_state_round_trips_through_a_weights_only_load():
     set_rng_state(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["rng"])
     got = (torch.rand(3), np.random.rand(3), np.random.standard_normal(), random.random())
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2:] == got[2:]
+
+
+def test_a_batch_that_raised_is_passed_over_by_every_rank(tmp_path):
+    """A failing step records its position; the restarted workers draw that batch and skip it."""
+    from splatclip.pipelines.train import batches, poisoned_batches, record_poisoned
+    from splatclip.pipelines.samples import Skipped
+    from splatclip.platform.shards import write_shard
+    from splatclip.platform.specs import load_spec, TrainSpec
+    from test_samples import good_splats
+
+    url = str(tmp_path / "s.tar")
+    with write_shard(url) as w:
+        for i in range(8):
+            w.write({"__key__": f"k{i}", "splats.npy": good_splats(), "txt": f"caption {i}".encode()})
+    spec = load_spec(TrainSpec, None, [f"data={url}", f"storage_path={tmp_path / 'runs'}", "batch_size=2"])
+    assert poisoned_batches(spec) == frozenset()
+    record_poisoned(spec, {"epoch": 0, "index": 1}, 0, RuntimeError("this batch killed the worker"))
+    poisoned = poisoned_batches(spec)
+    assert poisoned == {(0, 1)}
+    skipped = Skipped()
+    data = batches(spec, [url], {url: 8}, 0, 1, 32, None, 0, 0, skipped, poisoned=poisoned)
+    got = [next(data)[:2] for _ in range(4)]
+    assert got == [(0, 0), (0, 2), (0, 3), (1, 0)] and skipped.reasons["poisoned_batch"] == 1
+
+
+def test_fetched_weights_are_cached_privately_by_url_and_endpoint(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from splatclip.models import backbone
+    from splatclip.platform.specs import StorageSpec
+
+    monkeypatch.setattr(backbone.tempfile, "gettempdir", lambda: str(tmp_path))
+    fetched = []
+    monkeypatch.setattr(backbone.storage, "read_bytes", lambda url, spec: fetched.append((url, spec.endpoint_url))
+                        or f"{url} at {spec.endpoint_url}".encode())
+    one = backbone.local_weights("s3://b/w.pt", StorageSpec(endpoint_url="http://127.0.0.1:1"))
+    two = backbone.local_weights("s3://b/w.pt", StorageSpec(endpoint_url="http://127.0.0.1:2"))
+    again = backbone.local_weights("s3://b/w.pt", StorageSpec(endpoint_url="http://127.0.0.1:1"))
+    assert one == again != two and len(fetched) == 2
+    assert open(two, "rb").read() == b"s3://b/w.pt at http://127.0.0.1:2"
+    mode = stat.S_IMODE(os.stat(os.path.dirname(one)).st_mode)
+    assert mode == 0o700 and not [p for p in os.listdir(os.path.dirname(one)) if p.endswith(".part")]
