@@ -169,8 +169,23 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), "pictures")
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.active and self.run_id:
+        """Close the run. MLflow's own "View run at URL" line would print the tracking URI whole
+        (credentials included), so it is suppressed and logged here redacted."""
+        if not (self.active and self.run_id):
+            return
+        saved = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        try:
             self.client.set_terminated(self.run_id, status=status)
+        finally:
+            if saved is None:
+                del os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"]
+            else:
+                os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = saved
+        if self.spec.uri.startswith(("http://", "https://")):
+            experiment = self.client.get_run(self.run_id).info.experiment_id
+            log.info("MLflow run %s (%s): %s/#/experiments/%s/runs/%s", self.run_id, status,
+                     redact(self.spec.uri).rstrip("/"), experiment, self.run_id)
 
     @contextlib.contextmanager
     def failed_on_error(self):

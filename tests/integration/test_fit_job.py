@@ -244,3 +244,37 @@ def test_a_rerun_with_other_fit_settings_needs_overwrite(ray_local, photo_shards
     assert run(spec_for(src, out, "fit.gaussians=25", "overwrite=true")) == 0
     assert splats.from_bytes(next(read_samples(str(out / "photos-00000.tar")))["splats.npy"]).shape == (25, 8)
     assert json.loads((out / "_fit.json").read_text())["settings"]["fit"]["gaussians"] == 25
+
+
+def test_no_secret_reaches_output_logs_or_mlflow(photo_shards, tmp_path, mlflow_server):
+    """The real job with a storage secret in its spec file and a password in its tracking URI: the
+    secrets appear nowhere in its stdout/stderr, the MLflow server's params, tags and artifacts, or
+    any file it wrote. A misspelled secret key and a YAML error on a secret's line do not echo it."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    secret, password = "SECRET-KEY-9f8e7d", "PASSWORD-1a2b3c"
+    spec_file = tmp_path / "fit.yaml"
+    spec_file.write_text(f"input: {photo_shards}/photos-00000.tar\noutput: {tmp_path}/out\n"
+                         f"storage:\n  access_key_id: KEYID-77\n  secret_access_key: {secret}\n")
+    uri = mlflow_server.replace("http://", f"http://splat:{password}@")
+    sets = [f"--set={o}" for o in FAST + [f"tracking.uri={uri}", "tracking.experiment=secrets"]]
+    job = [sys.executable, str(ROOT / "jobs" / "fit.py")]
+    done = subprocess.run([*job, str(spec_file), *sets], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = [done.stdout, done.stderr]
+    client = MlflowClient(mlflow_server)
+    (found,) = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
+    shown += [json.dumps(found.data.params), json.dumps(found.data.tags)]
+    artifacts = Path(client.download_artifacts(found.info.run_id, "", str(tmp_path / "artifacts")))
+    files = [p for p in [*artifacts.rglob("*"), *(tmp_path / "out").rglob("*")] if p.is_file()]
+    assert any(p.name == "_mlflow_run.json" for p in files) and any(p.suffix == ".png" for p in files)
+    shown += [p.read_bytes().decode("latin-1") for p in files]
+    for text in shown:
+        assert secret not in text and password not in text and "KEYID-77" not in text
+    assert found.data.params["tracking.uri"] == mlflow_server.replace("http://", "http://***@")
+
+    spec_file.write_text(f"input: a.tar\noutput: b\nstorage:\n  secret_access_key: '{secret}\n")  # unclosed quote
+    for argv in ([str(spec_file)], ["--set=input=a", "--set=output=b", f"--set=storage.secret_acess_key={secret}"]):
+        bad = subprocess.run([*job, *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and secret not in bad.stdout + bad.stderr, bad.stderr

@@ -284,3 +284,48 @@ def test_evaluate_matches_accuracy_by_hand(digits, tmp_path):
     assert result["splat"]["images"] == len(samples) == 40
     assert result["splat"]["top1"] == pytest.approx(correct / 40)
     assert result["compression"]["ratio_raw"] == pytest.approx(28 * 28 * 3 / (36 * 16), rel=1e-6)
+
+
+def npy(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_hostile_splat_shards_cost_samples_not_workers(digits, tmp_path):
+    """Each training shard gains samples that would kill a worker (a teacher embedding of the wrong
+    shape or NaN, a million Gaussians, values no fit makes, a corrupt array), a duplicate key, a
+    reserved member name and a cut tail: the job finishes and counts every one by reason."""
+    huge = np.zeros((1_000_000, 8), np.float16)
+    huge[:, 2], huge[:, 4] = 0.01, 0.01
+    wild = np.zeros((36, 8), np.float16)
+    wild[:, 2], wild[:, 4], wild[:, 1] = 0.01, 0.01, 40000.0
+    for i in range(4):
+        good = list(read_samples(str(digits / "splats-train" / f"train-{i:05d}.tar")))
+        teacher = good[0]["teacher.npy"]
+        bad = [
+            {**good[1], "__key__": "shape", "teacher.npy": npy(np.zeros((3, 4), np.float16))},
+            {**good[1], "__key__": "nan", "teacher.npy": npy(np.full(32, np.nan, np.float16))},
+            {**good[1], "__key__": "dim", "teacher.npy": npy(np.zeros(7, np.float16))},
+            {"__key__": "million", "splats.npy": splats.to_bytes(huge), "txt": b"a digit", "teacher.npy": teacher},
+            {"__key__": "wild", "splats.npy": splats.to_bytes(wild), "txt": b"a digit", "teacher.npy": teacher},
+            {"__key__": "corrupt", "splats.npy": b"\x93NUMPY\x01\x00junk", "txt": b"a digit", "teacher.npy": teacher},
+            {**good[2], "__error__": b"\xff\xfe"},  # the reader's own flag as a member name: dropped, sample kept
+            {**good[3]},  # a second sample with the key of the fourth
+        ]
+        path = tmp_path / "hostile" / f"train-{i:05d}.tar"
+        with write_shard(str(path)) as w:
+            for s in good[:3] + bad[:6] + [bad[6]] + good[3:] + [bad[7]]:
+                w.write({k: v for k, v in s.items() if k not in ("__url__", "__problems__")})
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 10_000])  # a cut tail: the last samples are lost
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_spec(TrainSpec, SPEC, train_args(digits, "hostile", uri, f"data={tmp_path}/hostile/train-{{00000..00003}}.tar",
+                                                 "stages=[{kind: distill, epochs: 1, lr: 0.003}]", "checkpoint_every=100",
+                                                 "max_failures=0"))  # any crash fails the test
+    assert train.run(spec) == 0
+    run_id = json.loads((digits / "runs" / "hostile" / "_mlflow_run.json").read_text())["run_id"]
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    for reason in ("bad_teacher", "too_many_gaussians", "splats_out_of_range", "corrupt_splats"):
+        assert metrics.get(f"skipped.{reason}", 0) >= 1, (reason, metrics)
+    assert metrics["skipped.bad_teacher"] >= 3 and metrics.get("nonfinite_steps", 0) == 0
