@@ -51,6 +51,13 @@ def weights_cache() -> Path:
     return root
 
 
+def missing_weights(pretrained: str | None) -> bool:
+    """Whether `pretrained` names a local weights file that does not exist (a tag or URL never does)."""
+    looks_like_a_file = pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin",
+                                                                                    ".safetensors")))
+    return bool(looks_like_a_file) and "://" not in pretrained and not os.path.exists(pretrained)
+
+
 def local_weights(pretrained: str | None, spec: StorageSpec | None) -> str | None:
     """A path open_clip can load: remote URLs are fetched once into the private cache, under a key of
     the whole URL and the storage endpoint (two stores with the same path never share a file),

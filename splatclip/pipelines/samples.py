@@ -50,12 +50,16 @@ class Skipped:
 
 
 def count_samples(url: str, spec: StorageSpec | None, limits: ShardLimits = DEFAULT_LIMITS) -> int:
-    """Samples in a shard: from the fit job's `_stats` record beside it when there is one (0 for a
-    shard that cannot be read)."""
+    """Samples in a shard: from the fit job's `_stats` record beside it when there is one and it is
+    plausible, else by reading the shard (0 for a shard that cannot be read). The count sets the
+    steps of an epoch, so a record that lies must not make one endless."""
     stats = stats_beside(url)
     try:
         if storage.exists(stats, spec):
-            return int(storage.read_json(stats, spec)["fitted"])
+            fitted = storage.read_json(stats, spec)["fitted"]
+            if isinstance(fitted, int) and 0 <= fitted <= limits.max_shard_samples:
+                return fitted
+            log.warning("%s: its record's sample count %r is not plausible; counting the shard", url, fitted)
         return sum(1 for s in read_samples(url, spec, limits, ()) if not problems(s))
     except (ShardError, ValueError, KeyError, TypeError) as err:
         log.warning("cannot count the samples of %s: %s", url, err)

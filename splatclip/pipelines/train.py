@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from splatclip.models.backbone import create, embed_images, input_size
+from splatclip.models.backbone import create, embed_images, input_size, missing_weights
 from splatclip.models.gsclip import GSCLIP, from_open_clip
 from splatclip.models.losses import clip_loss, distill_loss
 from splatclip.pipelines.layout import shard_name
@@ -423,8 +423,7 @@ def run(spec: TrainSpec) -> int:
     if not shards:
         return 2
     for weights in (spec.model.pretrained, spec.teacher and spec.teacher.pretrained):
-        looks_like_a_file = weights and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")))
-        if looks_like_a_file and "://" not in weights and not os.path.exists(weights):
+        if missing_weights(weights):
             log.error("pretrained weights %s: no such file", weights)
             return 2
     sources = None

@@ -10,8 +10,8 @@ of the file name, extension = the rest, lower-cased). Every damage costs only wh
 - a member name reserved for this reader (`KEY.__error__`), an unsafe or undecodable key, a member
   repeated within a sample, or a key seen before in the shard (the first sample is kept) is dropped;
 - a damaged header is skipped (the reader resynchronises on the next valid header);
-- a truncated or corrupt tail, or bytes beyond `max_shard_bytes`, end the shard after the samples
-  before it.
+- a truncated or corrupt tail, or bytes beyond `max_shard_bytes` (or samples beyond
+  `max_shard_samples`), end the shard after the samples before it.
 
 Each such problem travels with its sample in `__problems__` (a list of (member, reason, detail)); a
 problem with no whole sample left (a dropped duplicate, the damaged tail) comes as a sample with no
@@ -170,6 +170,11 @@ def _samples(tar: tarfile.TarFile, url: str, limits: ShardLimits, wanted: set[st
         if current is None or key != current.key:
             if current is not None:
                 yield current.record(url)
+            if len(seen) >= limits.max_shard_samples:
+                yield {"__key__": "", "__url__": url, "__problems__": [
+                    ("", "shard_too_large", f"more than {limits.max_shard_samples} samples; the rest of the shard "
+                     "is not read")]}
+                return
             current = _Sample(key)
             why = unsafe_key(key)
             if why:

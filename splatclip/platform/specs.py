@@ -92,6 +92,8 @@ class ShardLimits(Model):
     max_shard_bytes: int = Field(8 << 30, ge=1 << 16, le=1 << 40,
                                  description="Tar bytes read from one shard (after decompression); the rest is "
                                  "recorded as lost.")
+    max_shard_samples: int = Field(100_000, ge=1, le=10_000_000,
+                                   description="Samples read from one shard; the rest is recorded as lost.")
     max_image_pixels: int = Field(PIL_MAX_PIXELS, ge=64, le=PIL_MAX_PIXELS,
                                   description="Larger images are refused before decoding (at most PIL's own guard).")
     max_aspect_ratio: float = Field(20.0, ge=1, le=1000, description="Longer side over shorter side; beyond it an "

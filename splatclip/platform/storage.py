@@ -9,15 +9,18 @@ block aborts the multipart upload.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
+import re
 import uuid
 from typing import IO, Iterator
 
 import braceexpand
 import fsspec
 
+from splatclip.platform.secrets import redact
 from splatclip.platform.specs import StorageSpec
 
 log = logging.getLogger(__name__)
@@ -57,9 +60,21 @@ def join(base: str, *names: str) -> str:
     return "/".join([base.rstrip("/"), *names])
 
 
+MAX_NAMES = 1_000_000  # names one pattern may expand to (a typo like {0..9999999999} must not hang a job)
+_INT_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+
+
 def expand_braces(pattern: str) -> list[str]:
-    """'a/{00000..00002}.tar' -> ['a/00000.tar', 'a/00001.tar', 'a/00002.tar'] (zero padding kept)."""
-    return list(braceexpand.braceexpand(pattern))
+    """'a/{00000..00002}.tar' -> ['a/00000.tar', 'a/00001.tar', 'a/00002.tar'] (zero padding kept).
+    Raises ValueError past MAX_NAMES names (braceexpand builds each range whole, so ranges are
+    sized before anything is expanded)."""
+    for start, end, step in _INT_RANGE.findall(pattern):
+        if abs(int(end) - int(start)) // max(abs(int(step or 1)), 1) >= MAX_NAMES:
+            raise ValueError(f"the range {{{start}..{end}}} holds more than {MAX_NAMES} names")
+    names = list(itertools.islice(braceexpand.braceexpand(pattern), MAX_NAMES + 1))
+    if len(names) > MAX_NAMES:
+        raise ValueError(f"the pattern expands to more than {MAX_NAMES} names")
+    return names
 
 
 def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str], list[str]]:
@@ -85,11 +100,15 @@ def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str
 
 def input_shards(pattern: str, spec: StorageSpec | None, what: str) -> tuple[list[str], list[str]]:
     """list_shards for a job's input, logging each missing name; a job with no shard at all stops."""
-    found, missing = list_shards(pattern, spec)
+    try:
+        found, missing = list_shards(pattern, spec)
+    except ValueError as err:
+        log.error("%s shards %s: %s", what, redact(pattern), err)
+        return [], []
     for url in missing:
-        log.warning("%s shard missing: %s", what, url)
+        log.warning("%s shard missing: %s", what, redact(url))
     if not found:
-        log.error("no %s shards match %s (%d expected names missing)", what, pattern, len(missing))
+        log.error("no %s shards match %s (%d expected names missing)", what, redact(pattern), len(missing))
     return found, missing
 
 

@@ -30,3 +30,14 @@ def test_evaluate_given_no_model_file_exits_2_naming_it(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"checkpoint {missing}: no such model file" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # stopped before opening an MLflow run
+
+
+def test_fit_with_a_missing_teacher_weights_file_exits_2_before_writing(tmp_path):
+    (tmp_path / "src-00000.tar").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "jobs/fit.py", "jobs/specs/fit.local.yaml", "--set",
+                           f"input={tmp_path}/src-00000.tar", "--set", f"output={tmp_path}/out", "--set",
+                           "teacher.model=demo-vit", "--set", f"teacher.pretrained={tmp_path}/missing.pt"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"teacher.pretrained {tmp_path}/missing.pt: no such file" in proc.stderr
+    assert not (tmp_path / "out").exists() and "Ray instance" not in proc.stderr

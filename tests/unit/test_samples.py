@@ -128,3 +128,19 @@ def test_an_unreadable_shard_ends_its_stream_without_raising(tmp_path):
     skipped = Skipped()
     got = list(stream([str(bad), good], 0, 1, 0, 0, "splat", 32, None, skipped))
     assert len(got) == 1
+
+
+def test_a_lying_sample_count_is_not_believed(tmp_path):
+    import json
+
+    from splatclip.pipelines.samples import count_samples
+
+    url = str(tmp_path / "out" / "s.tar")
+    with write_shard(url) as w:
+        for i in range(3):
+            w.write({"__key__": f"k{i}", "splats.npy": good_splats(), "txt": b"a"})
+    (tmp_path / "out" / "_stats").mkdir()
+    (tmp_path / "out" / "_stats" / "s.json").write_text(json.dumps({"fitted": 10**12}))
+    assert count_samples(url, None) == 3  # an epoch of 10^12 samples would never end
+    (tmp_path / "out" / "_stats" / "s.json").write_text(json.dumps({"fitted": 2}))
+    assert count_samples(url, None) == 2

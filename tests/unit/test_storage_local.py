@@ -53,3 +53,27 @@ def test_a_job_input_with_no_shards_is_reported(tmp_path, caplog):
     found, missing = storage.input_shards(str(tmp_path / "none-{0..2}.tar"), None, "training")
     assert found == [] and len(missing) == 3
     assert "no training shards match" in caplog.text
+
+
+def test_a_pattern_of_billions_of_names_is_refused_at_once():
+    import time
+
+    from splatclip.platform.storage import expand_braces, input_shards
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="more than 1000000 names"):
+        expand_braces("s3://b/{00000000000..99999999999}.tar")
+    assert input_shards("/nowhere/{0..999}{0..999}{0..9}.tar", None, "input") == ([], [])
+    assert time.perf_counter() - start < 5
+
+
+def test_a_shard_of_too_many_samples_is_cut_and_says_so(tmp_path):
+    from splatclip.platform.specs import ShardLimits
+
+    url = str(tmp_path / "many.tar")
+    with write_shard(url) as w:
+        for i in range(30):
+            w.write({"__key__": f"k{i:03d}", "txt": b"x"})
+    got = list(read_samples(url, limits=ShardLimits(max_shard_samples=10)))
+    assert [s["__key__"] for s in got[:10]] == [f"k{i:03d}" for i in range(10)]
+    assert len(got) == 11 and got[10]["__problems__"][0][1] == "shard_too_large"
