@@ -45,7 +45,7 @@ class RedactingFilter(logging.Filter):
         clean = self.scrub(message)
         if record.exc_info and record.exc_info[1] is not None:
             clean += "\n" + self.scrub(logging.Formatter().formatException(record.exc_info))
-            record.exc_info = None
+            record.exc_info, record.exc_text = None, None
         if clean != message or record.args:
             record.msg, record.args = clean, None
         return True
