@@ -240,3 +240,21 @@ def test_a_list_override_works_when_the_file_has_no_list(tmp_path):
 def test_train_run_names_cannot_leave_the_storage_path():
     with pytest.raises(SpecError, match="^name:"):
         load_spec(TrainSpec, None, ["data=x.tar", "name=../../elsewhere"])
+
+
+def test_the_log_filter_redacts_url_credentials_and_known_secrets(caplog):
+    import logging
+
+    from splatclip.platform.secrets import RedactingFilter, redact
+
+    assert redact("s3 at https://ak:sk@minio.invalid:9000/b and http://plain.invalid/x") == \
+        "s3 at https://***@minio.invalid:9000/b and http://plain.invalid/x"
+    log = logging.getLogger("redaction-test")
+    caplog.handler.addFilter(RedactingFilter(["KNOWN-SECRET"]))
+    log.warning("uri %s, key %s", "http://u:PASS-IN-URI@h:1", "KNOWN-SECRET")
+    try:
+        raise ValueError("failed with KNOWN-SECRET")
+    except ValueError:
+        log.exception("boom")
+    text = "\n".join(caplog.handler.format(r) for r in caplog.records)
+    assert "PASS-IN-URI" not in text and "KNOWN-SECRET" not in text and "http://***@h:1" in text
