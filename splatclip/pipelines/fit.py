@@ -2,13 +2,13 @@
 
     shard URLs -> read (tasks: one shard each, images stay encoded)
                -> decode (tasks: bounded decoding, CLIP crop)
-               -> fit (actor pool: one batch of images per optimizer step, optional teacher)
-               -> write (one actor: buffers rows until a shard is complete, commits it whole)
+               -> fit (actor pool: one batch of images per optimizer step, optional teacher; each
+                  actor writes its batches as parts and commits the shards they complete)
 
-The stages are in `fit_stages`, the records and summary in `fit_report`, the output layout in
-`layout`. Each input shard becomes one output shard of the same name; its record goes to
-`_stats/NAME.json` before the tar is committed, so a committed tar always has its record. A rerun
-skips committed shards, and refuses (exit 2) an output made with other fit settings unless the
+The stages are in `fit_stages`, the distributed commit in `fit_parts`, the records and summary in
+`fit_report`, the output layout in `layout`. Each input shard becomes one output shard of the same
+name; its record goes to `_stats/NAME.json` before the tar is committed, so a committed tar always
+has its record. A rerun skips committed shards and the samples earlier parts hold, and refuses (exit 2) an output made with other fit settings unless the
 spec says `overwrite`. Inputs are checked before anything is written: a URL listed twice is read
 once, and two inputs with one output name stop the job (exit 2). Bad samples are recorded with key
 and reason and the job goes on; the exit status is 1 only past the failure budget (or when shards
@@ -17,14 +17,13 @@ were left unfinished).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 from splatclip.models.backbone import missing_weights
 from splatclip.pipelines import layout
 from splatclip.pipelines.fit_report import over_budget, report, summarize
-from splatclip.pipelines.fit_stages import FitActor, ShardWriter, decode_batch, read_shard
+from splatclip.pipelines.fit_stages import FitActor, decode_batch, read_shard
 from splatclip.platform import storage
 from splatclip.platform.runtime import actor_options, init_ray, pool_size
 from splatclip.platform.secrets import redact
@@ -94,6 +93,33 @@ def prepare_output(spec: FitSpec, shards: list[str]) -> list[str]:
     return []
 
 
+class Progress:
+    """What a user watches while the job runs: parts written, shards committed, images done and the
+    rate, in the log (every `every` seconds) and as MLflow metrics."""
+
+    def __init__(self, shards: int, tracker: Tracker, every: float = 10.0):
+        self.shards, self.tracker, self.every = shards, tracker, every
+        self.start = self.last = time.perf_counter()
+        self.parts = self.committed = self.images = self.fitted = 0
+
+    def add(self, row: dict) -> None:
+        self.parts += 1
+        self.committed += int(row["committed"])
+        self.images += int(row["images"])
+        self.fitted += int(row["fitted"])
+        if time.perf_counter() - self.last >= self.every:
+            self.report()
+
+    def report(self, final: bool = False) -> None:
+        self.last = time.perf_counter()
+        rate = self.images / max(self.last - self.start, 1e-9)
+        log.info("%s%d of %d shards committed, %d images done (%d fitted), %.1f images/s",
+                 "done: " if final else "", self.committed, self.shards, self.images, self.fitted, rate)
+        self.tracker.log_metrics({"progress/shards_committed": self.committed, "progress/images_done": self.images,
+                                  "progress/images_fitted": self.fitted, "progress/images_per_second": rate},
+                                 step=self.parts)
+
+
 def build_dataset(spec: FitSpec, todo: list[str]):
     import ray
 
@@ -102,10 +128,8 @@ def build_dataset(spec: FitSpec, todo: list[str]):
     ds = ds.flat_map(read_shard, fn_kwargs={"spec": spec})
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.fit.size, "limits": spec.limits},
                         batch_size=spec.batch_size, num_cpus=0.5)
-    ds = ds.map_batches(FitActor, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
-                        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **actor_options(spec.ray))
-    return ds.map_batches(ShardWriter, fn_constructor_kwargs={"spec": spec}, batch_size=None,
-                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+    return ds.map_batches(FitActor, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
+                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **actor_options(spec.ray))
 
 
 def run(spec: FitSpec) -> int:
@@ -131,13 +155,15 @@ def run(spec: FitSpec) -> int:
     if run_id:
         storage.write_json(run_file, tracker.run_record(), spec.storage)
 
+    progress = Progress(len(todo), tracker)
     if todo:
         with tracker.failed_on_error():
             init_ray(spec.ray)
-            for committed, row in enumerate(build_dataset(spec, todo).iter_rows(), 1):
-                stats = json.loads(row["stats"])
-                tracker.log_metrics({"shards_committed": committed, "images_fitted": stats["fitted"]},
-                                    step=committed)
+            dataset = build_dataset(spec, todo)
+            for row in dataset.iter_rows():
+                progress.add(row)
+            progress.report(final=True)
+            tracker.log_text(dataset.stats(), "ray_data_stats.txt")
     records, unfinished = [], []
     for s in shards:
         url = layout.stats_url(spec.output, s)
@@ -148,6 +174,7 @@ def run(spec: FitSpec) -> int:
         else:
             unfinished.append(s)
     summary = summarize(records, missing, unfinished, time.perf_counter() - start, pool_size(spec.ray)[1])
+    summary["images_this_run"] = progress.images
     problems = over_budget(summary, spec)
     summary["ok"] = not problems
     summary["problems"] = problems

@@ -3,7 +3,6 @@ budget, and what goes to the terminal and MLflow (metrics, a contact sheet)."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
@@ -22,22 +21,23 @@ SHARD_LEVEL = -1  # index of a row that stands for a whole shard (empty or unrea
 
 
 def shard_stats(shard: str, rows: list[dict]) -> dict:
-    """The record of one shard: counts, failed samples (errors) and repaired ones (notes) with key
-    and reason, and the per-image figures."""
+    """The record of one shard from the records of its samples ({index, key, error, detail, notes
+    [list], meta [the fitted sample's metrics, or None]}): counts, failed samples (errors) and
+    repaired ones (notes) with key and reason, and the per-image figures."""
     if len(rows) == 1 and rows[0]["index"] == SHARD_LEVEL:
         r = rows[0]
         status = "unreadable" if r["error"] == "unreadable_shard" else "empty"
         errors = [{"key": "", "reason": r["error"], "detail": r["detail"]}] if status == "unreadable" else []
         return {"shard": redact(shard), "status": status, "images": 0, "fitted": 0, "errors": errors, "notes": [],
                 "psnr": [], "bytes": 0, "source_bytes": 0, "raw_bytes": 0, "seconds": 0.0}
-    fitted = [json.loads(r["meta"]) for r in rows if not r["error"]]
+    fitted = [r["meta"] for r in rows if not r["error"]]
     return {
         "shard": redact(shard),
         "status": "done",
         "images": len(rows),
         "fitted": len(fitted),
         "errors": [{"key": r["key"], "reason": r["error"], "detail": r["detail"]} for r in rows if r["error"]],
-        "notes": [n for r in rows for n in json.loads(r["notes"])],
+        "notes": [n for r in rows for n in r["notes"]],
         "psnr": [m["psnr"] for m in fitted],
         "bytes": sum(m["bytes"] for m in fitted),
         "source_bytes": sum(m["source_bytes"] for m in fitted),

@@ -1,9 +1,10 @@
 """The fit job's Ray Data stages, one row per sample:
 
-    read_shard    (task per shard)    samples, images still encoded; metadata checked and cleaned
+    read_shard    (task per shard)    samples not yet in a part, images still encoded; metadata
+                                      checked and cleaned
     decode_batch  (CPU tasks)         decode and crop each image, within the spec's limits
-    FitActor      (actor pool)        fit a whole batch at once; a failing batch is split and retried
-    ShardWriter   (one actor)         buffers rows until a shard is complete, commits it whole
+    FitActor      (actor pool)        fit a whole batch at once (a failing batch is split and
+                                      retried), write it as parts, commit the shards it completes
 
 A row that goes wrong carries `error` (a short reason) and `detail` and travels on, so that its
 shard's record names it; `notes` holds problems of a sample that was still fitted (a bad caption,
@@ -21,7 +22,7 @@ import torch
 
 from splatclip import splats
 from splatclip.fitting.images import ImageError, clip_crop, decode
-from splatclip.pipelines import layout
+from splatclip.pipelines import fit_parts, layout
 from splatclip.pipelines.fit_report import SHARD_LEVEL, shard_stats
 from splatclip.platform import storage
 from splatclip.platform.secrets import redact
@@ -95,8 +96,9 @@ def _depth(value) -> int:
 
 
 def read_shard(item: dict, spec: FitSpec) -> list[dict]:
-    """One source shard -> one row per sample (and per lost part of it), images still encoded. A
-    shard that cannot be opened at all becomes a single shard-level row."""
+    """One source shard -> one row per sample (and per lost part of it) that no earlier part holds,
+    images still encoded. A shard that cannot be opened at all, or holds nothing, is recorded here
+    and yields no row; so is a shard whose parts were all written before a kill."""
     url = item["shard"]
     rows = []
     try:
@@ -104,12 +106,29 @@ def read_shard(item: dict, spec: FitSpec) -> list[dict]:
             rows.append(sample_row(url, len(rows), sample, spec.limits))
     except ShardError as err:
         log.warning("shard %s is unreadable: %s", redact(url), err)
-        return [_row(url, SHARD_LEVEL, 0, error="unreadable_shard", detail=str(err))]
+        commit_whole(spec, url, "unreadable_shard", str(err))
+        return []
     if not rows:
-        return [_row(url, SHARD_LEVEL, 0, error="empty_shard")]
+        commit_whole(spec, url, "empty_shard", "")
+        return []
     for r in rows:
         r["total"] = len(rows)
+    done = fit_parts.covered(spec, url)
+    if done:
+        log.info("%s: %d of %d samples are in parts already", layout.shard_name(url), len(done), len(rows))
+        rows = [r for r in rows if r["index"] not in done]
+        if not rows:
+            fit_parts.commit_if_complete(spec, url)
     return rows
+
+
+def commit_whole(spec: FitSpec, url: str, reason: str, detail: str) -> None:
+    """Record a shard with no sample to fit: unreadable (a record only) or empty (and an empty tar)."""
+    stats = shard_stats(url, [{"index": SHARD_LEVEL, "key": "", "error": reason, "detail": detail}])
+    storage.write_json(layout.stats_url(spec.output, url), stats, spec.storage)
+    if stats["status"] == "empty":
+        with write_shard(layout.output_url(spec.output, url), spec.storage):
+            pass
 
 
 def sample_row(url: str, index: int, sample: dict, limits: ShardLimits) -> dict:
@@ -133,7 +152,7 @@ def decode_batch(batch: dict, size: int, limits: ShardLimits) -> dict:
     src_w, src_h = np.zeros(n, np.int64), np.zeros(n, np.int64)
     errors, details = list(batch["error"]), list(batch["detail"])
     for i in range(n):
-        if errors[i] or batch["index"][i] == SHARD_LEVEL:
+        if errors[i]:
             continue
         try:
             rgb = decode(batch["image"][i], limits.max_image_pixels, limits.image_formats, limits.max_aspect_ratio)
@@ -166,39 +185,54 @@ class FitActor:
             self.teacher, _ = create(spec.teacher.model, spec.teacher.pretrained, spec.storage, self.device)
 
     def __call__(self, batch: dict) -> dict:
+        """Fit a batch, write it as one part per shard it touches, commit the shards it completes.
+        Returns one row per part: shard, images, fitted, committed."""
         from splatclip.fitting.resilient import Failure, fit_images
 
         n = len(batch["key"])
-        errors, details = list(batch["error"]), list(batch["detail"])
-        splat_bytes, meta, teacher = [b""] * n, [b""] * n, [b""] * n
-        ok = [i for i in range(n) if not errors[i] and batch["index"][i] != SHARD_LEVEL]
+        records = [{"index": int(batch["index"][i]), "total": int(batch["total"][i]), "key": batch["key"][i],
+                    "error": batch["error"][i], "detail": batch["detail"][i], "notes": json.loads(batch["notes"][i]),
+                    "meta": None} for i in range(n)]
+        samples: list[dict | None] = [None] * n
+        ok = [i for i in range(n) if not records[i]["error"]]
         if ok:
             images = torch.from_numpy(np.stack([batch["pixels"][i] for i in ok])).to(self.device)
             images = images.permute(0, 3, 1, 2).float() / 255.0  # [B, 3, S, S]
             fitted = fit_images(images, self.spec.fit, [int(batch["src_bytes"][i]) for i in ok])
             embeddings = self._teacher(images, fitted)
             for j, i in enumerate(ok):
-                result = fitted[j]
+                result, rec = fitted[j], records[i]
                 if isinstance(result, Failure):
-                    errors[i], details[i] = result.reason, result.detail
+                    rec["error"], rec["detail"] = result.reason, result.detail
                     continue
                 if embeddings[j] is None and self.teacher is not None:
-                    errors[i], details[i] = "teacher_failed", "the teacher gave no finite embedding"
+                    rec["error"], rec["detail"] = "teacher_failed", "the teacher gave no finite embedding"
                     continue
                 arr, metrics = result
-                splat_bytes[i] = splats.to_bytes(arr)
-                record = {**metrics, "source_width": int(batch["src_w"][i]), "source_height": int(batch["src_h"][i]),
-                          "source": json.loads(batch["source"][i]) if batch["source"][i] else None}
-                meta[i] = json.dumps(record, sort_keys=True).encode()
+                rec["meta"] = {**metrics, "source_width": int(batch["src_w"][i]),
+                               "source_height": int(batch["src_h"][i]),
+                               "source": json.loads(batch["source"][i]) if batch["source"][i] else None}
+                sample = {"__key__": rec["key"], "splats.npy": splats.to_bytes(arr),
+                          "json": json.dumps(rec["meta"], sort_keys=True).encode()}
+                for ext in ("txt", "cls"):
+                    if batch[ext][i]:
+                        sample[ext] = batch[ext][i]
                 if embeddings[j] is not None:
                     buf = io.BytesIO()
                     np.save(buf, embeddings[j], allow_pickle=False)
-                    teacher[i] = buf.getvalue()
-        out = {k: v for k, v in batch.items() if k != "pixels"}
-        out.update(splats=np.array(splat_bytes, dtype=object), meta=np.array(meta, dtype=object),
-                   teacher=np.array(teacher, dtype=object), error=np.array(errors, dtype=object),
-                   detail=np.array(details, dtype=object))
-        return out
+                    sample["teacher.npy"] = buf.getvalue()
+                samples[i] = sample
+        out = {"shard": [], "images": [], "fitted": [], "committed": []}
+        for shard in dict.fromkeys(batch["shard"]):
+            mine = [i for i in range(n) if batch["shard"][i] == shard]
+            fit_parts.write_part(self.spec, shard, [records[i] for i in mine],
+                                 [samples[i] for i in mine if samples[i] is not None])
+            out["shard"].append(shard)
+            out["images"].append(len(mine))
+            out["fitted"].append(sum(samples[i] is not None for i in mine))
+            out["committed"].append(fit_parts.commit_if_complete(self.spec, shard) is not None)
+        return {"shard": np.array(out["shard"], dtype=object), "images": np.array(out["images"], np.int64),
+                "fitted": np.array(out["fitted"], np.int64), "committed": np.array(out["committed"], bool)}
 
     def _teacher(self, images: torch.Tensor, fitted: list) -> list[np.ndarray | None]:
         """The teacher's float16 embedding of each fitted image (None where there is none or it is not
@@ -219,44 +253,3 @@ class FitActor:
         if todo:
             split_on_failure(run, todo, lambda i, err: log.warning("teacher failed on one image: %s", err))
         return out
-
-
-class ShardWriter:
-    """Buffers fitted rows per shard; commits a shard (stats first, then the tar) once all of its
-    rows have arrived. Emits one row per committed shard with its statistics."""
-
-    def __init__(self, spec: FitSpec):
-        self.spec = spec
-        self.pending: dict[str, list[dict]] = {}
-
-    def __call__(self, batch: dict) -> dict:
-        done = []
-        for i in range(len(batch["key"])):
-            row = {k: batch[k][i] for k in batch}
-            shard = row["shard"]
-            if row["index"] == SHARD_LEVEL:
-                done.append(self.commit(shard, [row]))
-                continue
-            rows = self.pending.setdefault(shard, [])
-            rows.append(row)
-            if len(rows) == row["total"]:
-                done.append(self.commit(shard, self.pending.pop(shard)))
-        return {"shard": np.array([d["shard"] for d in done], dtype=object),
-                "stats": np.array([json.dumps(d) for d in done], dtype=object)}
-
-    def commit(self, shard: str, rows: list[dict]) -> dict:
-        rows.sort(key=lambda r: r["index"])
-        stats = shard_stats(shard, rows)
-        storage.write_json(layout.stats_url(self.spec.output, shard), stats, self.spec.storage)
-        if stats["status"] != "unreadable":
-            with write_shard(layout.output_url(self.spec.output, shard), self.spec.storage) as writer:
-                for r in rows:
-                    if r["index"] == SHARD_LEVEL or r["error"]:
-                        continue
-                    sample = {"__key__": r["key"], "splats.npy": r["splats"], "json": r["meta"]}
-                    for ext in ("txt", "cls", "teacher"):
-                        if r[ext]:
-                            sample[f"{ext}.npy" if ext == "teacher" else ext] = r[ext]
-                    writer.write(sample)
-        log.info("committed %s: %d fitted, %d failed", layout.shard_name(shard), stats["fitted"], len(stats["errors"]))
-        return stats

@@ -3,6 +3,7 @@
     OUTPUT/NAME.tar            one splat shard per source shard: KEY.splats.npy, KEY.json, KEY.txt,
                                KEY.cls, KEY.teacher.npy (source members pass through cleaned)
     OUTPUT/_stats/NAME.json    its record: counts, failed samples and notes with key and reason
+    OUTPUT/_parts/NAME/       fitted batches of a shard not yet committed (see fit_parts)
     OUTPUT/_fit.json           the fit settings every shard of the directory was made with
     OUTPUT/_summary.json       the last run's summary; _SUCCESS.json once every input is done
 
@@ -37,6 +38,10 @@ def output_url(output: str, shard: str) -> str:
 
 def stats_url(output: str, shard: str) -> str:
     return storage.join(output, "_stats", shard_name(shard).removesuffix(".tar") + ".json")
+
+
+def parts_dir(output: str, shard: str) -> str:
+    return storage.join(output, "_parts", shard_name(shard).removesuffix(".tar"))
 
 
 def stats_beside(splat_shard: str) -> str:

@@ -157,6 +157,10 @@ class Tracker:
             return
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_text(self, text: str, name: str) -> None:
+        if self.active:
+            self.client.log_text(self.run_id, text, name)
+
     def log_image(self, image: np.ndarray, name: str) -> None:
         """An HxWx3 uint8 picture as a PNG artifact."""
         if not self.active:
