@@ -120,6 +120,12 @@ class Progress:
                                  step=self.parts)
 
 
+# Decode tasks: half a CPU each, retried twice at most when their process dies. Their remote args
+# differ from the fitting actors' (Ray Data fuses stages whose args are equal), so decoding stays on
+# CPU tasks that run on any node, CPU-only ones included, beside the actors rather than inside them.
+DECODE_TASK = {"num_cpus": 0.5, "max_retries": 2}
+
+
 def build_dataset(spec: FitSpec, todo: list[str]):
     import ray
 
@@ -127,7 +133,7 @@ def build_dataset(spec: FitSpec, todo: list[str]):
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=max(1, len(todo)))
     ds = ds.flat_map(read_shard, fn_kwargs={"spec": spec})
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.fit.size, "limits": spec.limits},
-                        batch_size=spec.batch_size, num_cpus=0.5)
+                        batch_size=spec.batch_size, **DECODE_TASK)
     return ds.map_batches(FitActor, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
                           compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **actor_options(spec.ray))
 
