@@ -20,6 +20,7 @@ def test_cluster_yaml_validates_against_ray_schema():
     assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
     gpu_types = [t for t in types.values() if t["resources"].get("GPU")]
     assert len(gpu_types) == 2 and all(t["min_workers"] < t["max_workers"] for t in gpu_types)
+    assert not types["decode_cpu"]["resources"].get("GPU")  # the fit job's read and decode tasks
     assert any("constraints.txt" in c for c in config["setup_commands"])
     # token authentication on every node, with the token copied from the launching machine
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
