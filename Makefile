@@ -30,6 +30,7 @@ test-unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/render_speed.py
 	$(BIN)/python benchmarks/fit_quality.py
+	$(BIN)/python benchmarks/fit_scale.py --quick
 
 # Re-pin constraints.txt to what is installed in .venv now.
 constraints: $(STAMP)
