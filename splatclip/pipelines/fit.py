@@ -120,10 +120,11 @@ class Progress:
                                  step=self.parts)
 
 
-# Decode tasks: half a CPU each, retried twice at most when their process dies. Their remote args
-# differ from the fitting actors' (Ray Data fuses stages whose args are equal), so decoding stays on
-# CPU tasks that run on any node, CPU-only ones included, beside the actors rather than inside them.
-DECODE_TASK = {"num_cpus": 0.5, "max_retries": 2}
+# Decode tasks: half a CPU and the memory of the largest image they may hold (max_image_pixels RGB,
+# its crop and PIL's copy). Their resources differ from the fitting actors' (Ray Data fuses stages
+# whose resources are equal), so decoding stays on CPU tasks that run on any node, CPU-only ones
+# included, beside the actors rather than inside them.
+DECODE_TASK = {"num_cpus": 0.5, "memory": 1 << 30}
 
 
 def build_dataset(spec: FitSpec, todo: list[str]):

@@ -7,8 +7,9 @@ shard is committed whole once its parts cover every one of its samples.
 
 Every fitting actor writes the parts of its own batches (a retried batch rewrites the same part),
 then looks at the shard's part records: when they cover all of its samples it writes the shard's
-`_stats` record and the shard itself, streamed from its parts in sample order (atomic: the tar
-appears whole or not at all), and removes the parts. Two actors that finish a shard's last parts
+`_stats` record and the shard itself, its parts' bytes copied back to back in sample order (atomic:
+the tar appears whole or not at all; parts that overlap, after a rerun batched differently, are
+merged sample by sample instead), and removes the parts. Two actors that finish a shard's last parts
 at once both commit the same bytes; the one that finds the parts gone leaves it to the other. No
 process sees more than its own batches and one shard's parts, one part at a time; a rerun after a
 kill reads which samples the parts already cover and fits only the rest (resume by batch).
@@ -21,6 +22,7 @@ would be known complete for a shard, and a rerun could not tell which samples we
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from splatclip.pipelines import layout
 from splatclip.pipelines.fit_report import shard_stats
@@ -43,48 +45,50 @@ def write_part(spec: FitSpec, shard: str, rows: list[dict], samples: list[dict])
     with write_shard(base + ".tar", spec.storage) as writer:
         for sample in samples:
             writer.write(sample)
-    storage.write_json(base + ".json", {"total": rows[0]["total"], "rows": rows}, spec.storage)
+        data_bytes = writer.tarstream.offset  # where the members end and the end-of-archive blocks begin
+    storage.write_json(base + ".json", {"total": rows[0]["total"], "rows": rows, "data_bytes": data_bytes},
+                       spec.storage)
 
 
-def part_records(spec: FitSpec, shard: str) -> tuple[dict[int, dict], list[str], int | None]:
-    """({sample index: its record}, the part names in order, the shard's sample count) of the parts
-    written so far (the first part's record wins where two overlap)."""
+def part_records(spec: FitSpec, shard: str) -> tuple[dict[int, dict], dict[str, dict], int | None]:
+    """({sample index: its record}, {part name: its record}, the shard's sample count) of the parts
+    written so far, parts in sample order (the first part's record wins where two overlap)."""
     directory = layout.parts_dir(spec.output, shard)
     names = [n.removesuffix(".json") for n in storage.listdir(directory, spec.storage) if n.endswith(".json")]
     records: dict[int, dict] = {}
+    parts: dict[str, dict] = {}
     total = None
     for name in sorted(names):
         try:
             part = storage.read_json(storage.join(directory, name + ".json"), spec.storage)
         except FileNotFoundError:  # committed and removed meanwhile
             continue
-        total = part["total"]
+        total, parts[name] = part["total"], part
         for row in part["rows"]:
             records.setdefault(row["index"], {**row, "part": name})
-    return records, sorted(names), total
+    return records, parts, total
 
 
 def commit_if_complete(spec: FitSpec, shard: str) -> dict | None:
     """Commit the shard when its parts cover all of its samples; its record, or None."""
-    records, names, total = part_records(spec, shard)
+    records, parts, total = part_records(spec, shard)
     if total is None or set(records) != set(range(total)):
         return None
     rows = [records[i] for i in range(total)]
-    directory = layout.parts_dir(spec.output, shard)
     stats = shard_stats(shard, rows)
     try:
         storage.write_json(layout.stats_url(spec.output, shard), stats, spec.storage)
-        with write_shard(layout.output_url(spec.output, shard), spec.storage) as writer:
-            for name in names:  # in sample order, one part in memory at a time
-                wanted = {r["key"] for r in rows if r["part"] == name and not r["error"]}
-                for sample in read_samples(storage.join(directory, name + ".tar"), spec.storage, spec.limits):
-                    if sample["__key__"] in wanted:
-                        writer.write({k: v for k, v in sample.items() if k in PART_EXTS or k == "__key__"})
+        used = Counter(r["part"] for r in rows)
+        if all(used[name] == len(part["rows"]) for name, part in parts.items()):  # no two parts overlap
+            concatenate(spec, shard, parts)
+        else:
+            merge(spec, shard, parts, rows)
     except (FileNotFoundError, ShardError):  # another actor committed it and removed the parts first
         if storage.exists(layout.output_url(spec.output, shard), spec.storage):
             return None
         raise
-    for name in names:
+    directory = layout.parts_dir(spec.output, shard)
+    for name in parts:
         for ext in (".json", ".tar"):
             try:
                 storage.remove(storage.join(directory, name + ext), spec.storage)
@@ -92,6 +96,35 @@ def commit_if_complete(spec: FitSpec, shard: str) -> dict | None:
                 pass
     log.info("committed %s: %d fitted, %d failed", layout.shard_name(shard), stats["fitted"], len(stats["errors"]))
     return stats
+
+
+def concatenate(spec: FitSpec, shard: str, parts: dict[str, dict]) -> None:
+    """The shard as its parts' members back to back (bytes copied, nothing parsed), then the
+    end-of-archive blocks: valid because each part is a tar of whole members."""
+    directory = layout.parts_dir(spec.output, shard)
+    with storage.atomic_write(layout.output_url(spec.output, shard), spec.storage) as out:
+        for name, part in parts.items():
+            left = part["data_bytes"]
+            with storage.open_read(storage.join(directory, name + ".tar"), spec.storage) as src:
+                while left > 0:
+                    chunk = src.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise FileNotFoundError(f"part {name} of {layout.shard_name(shard)} ends early")
+                    out.write(chunk)
+                    left -= len(chunk)
+        out.write(b"\0" * 1024)
+
+
+def merge(spec: FitSpec, shard: str, parts: dict[str, dict], rows: list[dict]) -> None:
+    """The shard from overlapping parts (a rerun batched differently): each sample from the first
+    part that holds it, parts read one at a time in sample order."""
+    directory = layout.parts_dir(spec.output, shard)
+    with write_shard(layout.output_url(spec.output, shard), spec.storage) as writer:
+        for name in parts:
+            wanted = {r["key"] for r in rows if r["part"] == name and not r["error"]}
+            for sample in read_samples(storage.join(directory, name + ".tar"), spec.storage, spec.limits):
+                if sample["__key__"] in wanted:
+                    writer.write({k: v for k, v in sample.items() if k in PART_EXTS or k == "__key__"})
 
 
 def covered(spec: FitSpec, shard: str) -> set[int]:
