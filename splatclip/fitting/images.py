@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from splatclip.platform.specs import PIL_MAX_PIXELS
-
-FORMATS = ("JPEG", "PNG", "WEBP")
+from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits
 
 
 class ImageError(ValueError):
@@ -30,23 +28,25 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def decode(data: bytes, max_pixels: int = PIL_MAX_PIXELS, formats=FORMATS, max_aspect: float | None = None) -> np.ndarray:
-    """Encoded bytes -> uint8 [H, W, 3] RGB, EXIF orientation applied. Raises ImageError only.
+def decode(data: bytes, limits: ShardLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Encoded bytes -> uint8 [H, W, 3] RGB, EXIF orientation applied, within `limits` (formats,
+    pixels, aspect ratio). Raises ImageError only.
 
     Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images become 8-bit RGB.
     """
     if not data:
         raise ImageError("empty", "zero bytes")
+    formats, max_pixels, max_aspect = limits.image_formats, limits.max_image_pixels, limits.max_aspect_ratio
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(formats))
+            img = Image.open(io.BytesIO(data), formats=formats)
             w, h = img.size
             if w < 1 or h < 1:
                 raise ImageError("undecodable", f"{w}x{h} pixels")
             if w * h > max_pixels:
                 raise ImageError("too_large", f"{w}x{h} exceeds {max_pixels} pixels")
-            if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
+            if max(w, h) > max_aspect * min(w, h):
                 raise ImageError("aspect_ratio", f"{w}x{h} is beyond the aspect-ratio limit {max_aspect:g}")
             img.load()
     except ImageError:
@@ -98,8 +98,8 @@ def clip_crop(rgb: np.ndarray, size: int) -> torch.Tensor:
     return img[0].clamp(0, 1).contiguous()
 
 
-def load_file(path: str, size: int, max_pixels: int = PIL_MAX_PIXELS) -> tuple[torch.Tensor, int]:
+def load_file(path: str, size: int, limits: ShardLimits = DEFAULT_LIMITS) -> tuple[torch.Tensor, int]:
     """An image file -> ([3, size, size], source bytes)."""
     with open(path, "rb") as f:
         data = f.read()
-    return clip_crop(decode(data, max_pixels), size), len(data)
+    return clip_crop(decode(data, limits), size), len(data)

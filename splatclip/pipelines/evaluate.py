@@ -15,10 +15,10 @@ import torch
 
 from splatclip.models.backbone import input_size
 from splatclip.models.zeroshot import class_embeddings, load_classes, load_templates, topk_correct
-from splatclip.pipelines.samples import Skipped, collate, stream
+from splatclip.pipelines.samples import Skipped, collate, readable, stream
 from splatclip.platform import storage
-from splatclip.platform.shards import DEFAULT_LIMITS, ShardError, read_samples
-from splatclip.platform.specs import EvalSpec, ShardLimits, StorageSpec
+from splatclip.platform.shards import read_samples
+from splatclip.platform.specs import DEFAULT_LIMITS, EvalSpec, ShardLimits, StorageSpec
 from splatclip.platform.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,11 @@ def compression(data: str, spec: StorageSpec | None) -> dict:
     shards, _ = storage.list_shards(data, spec)
     records = []
     for url in shards:
-        try:
-            for sample in read_samples(url, spec, wanted=("json",)):
-                try:
-                    records.append(json.loads(sample["json"]))
-                except (KeyError, ValueError, RecursionError):
-                    continue
-        except ShardError as err:
-            log.warning("shard %s is unreadable: %s", url, err)
+        for sample in readable(read_samples(url, spec, wanted=("json",)), url):
+            try:
+                records.append(json.loads(sample["json"]))
+            except (KeyError, ValueError, RecursionError):
+                continue
     if not records:
         return {}
     mean = lambda k: float(np.mean([r[k] for r in records if k in r]))  # noqa: E731

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 
-from splatclip.models.backbone import missing_weights
 from splatclip.pipelines import layout
 from splatclip.pipelines.fit_report import over_budget, report, summarize
 from splatclip.pipelines.fit_stages import FitActor, decode_batch, read_shard
@@ -145,8 +144,11 @@ def run(spec: FitSpec) -> int:
     if not shards:
         return 2
     shards, problems = unique_inputs(shards)
-    if spec.teacher is not None and missing_weights(spec.teacher.pretrained):
-        problems.append(f"teacher.pretrained {spec.teacher.pretrained}: no such file")
+    if spec.teacher is not None:
+        from splatclip.models.backbone import missing_weights  # imports open_clip: only when a teacher is named
+
+        if missing_weights(spec.teacher.pretrained):
+            problems.append(f"teacher.pretrained {spec.teacher.pretrained}: no such file")
     problems = problems or prepare_output(spec, shards)
     if problems:
         for p in problems:

@@ -6,10 +6,11 @@ shard is committed whole once its parts cover every one of its samples.
                                          the tar, so a part exists once its JSON does
 
 Every fitting actor writes the parts of its own batches (a retried batch rewrites the same part),
-then looks at the shard's part records: when they cover all of its samples it writes the shard's
-`_stats` record and the shard itself, its parts' bytes copied back to back in sample order (atomic:
-the tar appears whole or not at all; parts that overlap, after a rerun batched differently, are
-merged sample by sample instead), and removes the parts. Two actors that finish a shard's last parts
+then lists the shard's parts: once their index ranges span the shard it reads their records, and
+when those cover all of its samples it writes the shard's `_stats` record and the shard itself, its
+parts' bytes copied back to back in sample order (atomic: the tar appears whole or not at all;
+parts that overlap, after a rerun batched differently, are merged sample by sample instead), and
+removes the parts. Two actors that finish a shard's last parts
 at once both commit the same bytes; the one that finds the parts gone leaves it to the other. No
 process sees more than its own batches and one shard's parts, one part at a time; a rerun after a
 kill reads which samples the parts already cover and fits only the rest (resume by batch).
@@ -50,11 +51,27 @@ def write_part(spec: FitSpec, shard: str, rows: list[dict], samples: list[dict])
                        spec.storage)
 
 
-def part_records(spec: FitSpec, shard: str) -> tuple[dict[int, dict], dict[str, dict], int | None]:
-    """({sample index: its record}, {part name: its record}, the shard's sample count) of the parts
-    written so far, parts in sample order (the first part's record wins where two overlap)."""
+def part_names(spec: FitSpec, shard: str) -> list[str]:
+    """The shard's parts written so far (those whose record exists), in sample order."""
     directory = layout.parts_dir(spec.output, shard)
-    names = [n.removesuffix(".json") for n in storage.listdir(directory, spec.storage) if n.endswith(".json")]
+    return [n.removesuffix(".json") for n in storage.listdir(directory, spec.storage) if n.endswith(".json")]
+
+
+def may_cover(names: list[str], total: int) -> bool:
+    """Whether the index ranges in the part names span 0..total-1: necessary for the parts to cover
+    the shard, and known from one listing (a part's range can hold gaps, so the records decide)."""
+    reached = -1
+    for first, last in sorted(tuple(map(int, n.split("-"))) for n in names):
+        if first > reached + 1:
+            return False
+        reached = max(reached, last)
+    return reached >= total - 1
+
+
+def part_records(spec: FitSpec, shard: str, names: list[str]) -> tuple[dict[int, dict], dict[str, dict], int | None]:
+    """({sample index: its record}, {part name: its record}, the shard's sample count) of the named
+    parts, in sample order (the first part's record wins where two overlap)."""
+    directory = layout.parts_dir(spec.output, shard)
     records: dict[int, dict] = {}
     parts: dict[str, dict] = {}
     total = None
@@ -69,9 +86,13 @@ def part_records(spec: FitSpec, shard: str) -> tuple[dict[int, dict], dict[str, 
     return records, parts, total
 
 
-def commit_if_complete(spec: FitSpec, shard: str) -> dict | None:
-    """Commit the shard when its parts cover all of its samples; its record, or None."""
-    records, parts, total = part_records(spec, shard)
+def commit_if_complete(spec: FitSpec, shard: str, total: int) -> dict | None:
+    """Commit the shard of `total` samples when its parts cover all of them; its record, or None.
+    Each call lists the parts; their records are read only once the names' ranges span the shard."""
+    names = part_names(spec, shard)
+    if not may_cover(names, total):
+        return None
+    records, parts, total = part_records(spec, shard, names)
     if total is None or set(records) != set(range(total)):
         return None
     rows = [records[i] for i in range(total)]
@@ -129,4 +150,4 @@ def merge(spec: FitSpec, shard: str, parts: dict[str, dict], rows: list[dict]) -
 
 def covered(spec: FitSpec, shard: str) -> set[int]:
     """Sample indices of the shard that earlier parts already hold."""
-    return set(part_records(spec, shard)[0])
+    return set(part_records(spec, shard, part_names(spec, shard))[0])

@@ -14,7 +14,7 @@ from splatclip.pipelines import layout
 from splatclip.platform import storage
 from splatclip.platform.secrets import redact
 from splatclip.platform.shards import read_samples
-from splatclip.platform.specs import FitSpec, ShardLimits
+from splatclip.platform.specs import DEFAULT_LIMITS, FitSpec, ShardLimits
 from splatclip.platform.tracking import Tracker
 
 SHARD_LEVEL = -1  # index of a row that stands for a whole shard (empty or unreadable)
@@ -134,12 +134,11 @@ def contact_sheet(spec: FitSpec, shards: list[str], count: int = 8):
     return pictures.contact_sheet(originals, renders) if originals else None
 
 
-def fitted_pairs(source: str, fitted: str, size: int, count: int, spec=None, limits: ShardLimits | None = None):
+def fitted_pairs(source: str, fitted: str, size: int, count: int, spec=None, limits: ShardLimits = DEFAULT_LIMITS):
     """Up to `count` (original cropped as fitted [3, S, S], render of its splats [3, S, S]) pairs
     from a source shard and its splat shard."""
     from splatclip.cuda import render
 
-    limits = limits or ShardLimits()
     splat_bytes = {s["__key__"]: s["splats.npy"] for s in read_samples(fitted, spec, limits) if "splats.npy" in s}
     originals, renders = [], []
     for sample in read_samples(source, spec, limits, layout.IMAGE_EXTS):
@@ -148,7 +147,7 @@ def fitted_pairs(source: str, fitted: str, size: int, count: int, spec=None, lim
             break
         if sample["__key__"] not in splat_bytes or ext is None:
             continue
-        originals.append(clip_crop(decode(sample[ext], limits.max_image_pixels, limits.image_formats), size))
+        originals.append(clip_crop(decode(sample[ext], limits), size))
         batch = splats.Splats.from_arrays([splats.from_bytes(splat_bytes[sample["__key__"]])], size, size)
         with torch.no_grad():
             renders.append(render(batch.params, size, size, batch.mask)[0])

@@ -111,14 +111,15 @@ def read_shard(item: dict, spec: FitSpec) -> list[dict]:
     if not rows:
         commit_whole(spec, url, "empty_shard", "")
         return []
+    total = len(rows)
     for r in rows:
-        r["total"] = len(rows)
+        r["total"] = total
     done = fit_parts.covered(spec, url)
     if done:
         log.info("%s: %d of %d samples are in parts already", layout.shard_name(url), len(done), len(rows))
         rows = [r for r in rows if r["index"] not in done]
         if not rows:
-            fit_parts.commit_if_complete(spec, url)
+            fit_parts.commit_if_complete(spec, url, total)
     return rows
 
 
@@ -155,7 +156,7 @@ def decode_batch(batch: dict, size: int, limits: ShardLimits) -> dict:
         if errors[i]:
             continue
         try:
-            rgb = decode(batch["image"][i], limits.max_image_pixels, limits.image_formats, limits.max_aspect_ratio)
+            rgb = decode(batch["image"][i], limits)
             pixels[i] = (clip_crop(rgb, size).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
         except ImageError as err:
             errors[i], details[i] = err.reason, str(err)
@@ -230,7 +231,8 @@ class FitActor:
             out["shard"].append(shard)
             out["images"].append(len(mine))
             out["fitted"].append(sum(samples[i] is not None for i in mine))
-            out["committed"].append(fit_parts.commit_if_complete(self.spec, shard) is not None)
+            total = records[mine[0]]["total"]
+            out["committed"].append(fit_parts.commit_if_complete(self.spec, shard, total) is not None)
         return {"shard": np.array(out["shard"], dtype=object), "images": np.array(out["images"], np.int64),
                 "fitted": np.array(out["fitted"], np.int64), "committed": np.array(out["committed"], bool)}
 

@@ -27,8 +27,8 @@ from splatclip import splats
 from splatclip.fitting.images import ImageError, clip_crop, decode
 from splatclip.pipelines.layout import IMAGE_EXTS, stats_beside
 from splatclip.platform import storage
-from splatclip.platform.shards import DEFAULT_LIMITS, ShardError, problems, read_samples
-from splatclip.platform.specs import ShardLimits, StorageSpec
+from splatclip.platform.shards import ShardError, problems, read_samples
+from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits, StorageSpec
 
 log = logging.getLogger(__name__)
 MAX_CAPTION_CHARS = 4096  # far beyond any text tower's context; longer captions are cut before tokenizing
@@ -70,8 +70,7 @@ def decode_image(sample: dict, size: int, limits: ShardLimits = DEFAULT_LIMITS) 
     """The sample's image, CLIP-cropped to [3, size, size] in [0, 1]; None when missing or bad."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     try:
-        rgb = decode(sample[ext], limits.max_image_pixels, limits.image_formats, limits.max_aspect_ratio) if ext else None
-        return clip_crop(rgb, size) if rgb is not None else None
+        return clip_crop(decode(sample[ext], limits), size) if ext else None
     except ImageError:
         return None
 
@@ -107,7 +106,7 @@ def with_sources(raws, source_url: str, spec: StorageSpec | None, limits: ShardL
     shard `source_url`, matched by key. The fit job keeps the source order, so both shards are
     read once side by side; source samples passed over on the way are held until asked for (a key
     with no source holds the rest of the image shard in memory)."""
-    sources = _guarded(read_samples(source_url, spec, limits, IMAGE_EXTS), source_url)
+    sources = readable(read_samples(source_url, spec, limits, IMAGE_EXTS), source_url)
     ahead: dict[str, dict] = {}
     for raw in raws:
         key = raw["__key__"]
@@ -167,7 +166,7 @@ def worker_shards(shards: list[str], rank: int, world: int, seed: int, epoch: in
     return order[rank::world] if len(order) >= world else order
 
 
-def _guarded(samples, url: str):
+def readable(samples, url: str):
     """A shard's samples, ending (with a warning) instead of raising when the shard cannot be read."""
     try:
         yield from samples
@@ -187,7 +186,7 @@ def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, ne
     by_sample = len(shards) < world
     i = 0
     for url in mine:
-        raws = _guarded(read_samples(url, spec, limits), url)
+        raws = readable(read_samples(url, spec, limits), url)
         pairs = with_sources(raws, sources[url], spec, limits) if sources else ((raw, None) for raw in raws)
         for raw, source in pairs:
             i += 1

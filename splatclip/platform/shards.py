@@ -34,10 +34,9 @@ from typing import IO, Iterable, Iterator
 import webdataset as wds
 
 from splatclip.platform.secrets import redact
-from splatclip.platform.specs import ShardLimits, StorageSpec
+from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits, StorageSpec
 from splatclip.platform.storage import atomic_write, open_read
 
-DEFAULT_LIMITS = ShardLimits()
 RESERVED = "__"  # extensions starting with this are the reader's own fields, never members
 _KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")  # webdataset's key/extension split
 _MAGIC = {b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), b"BZh": lambda f: bz2.BZ2File(f, "rb"),

@@ -104,6 +104,9 @@ class ShardLimits(Model):
                                "with more Gaussians.")
 
 
+DEFAULT_LIMITS = ShardLimits()
+
+
 class FitParams(Model):
     """The batched fitter's settings (PAPER.md: 'GS fitting')."""
 

@@ -58,6 +58,7 @@ class Tracker:
         self.job = job
         self.active = spec.enabled and rank == 0
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self._client = None
 
     @property
@@ -65,6 +66,9 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            # MLflow prints "View run at URL" with the tracking URI whole (credentials included) when a
+            # run ends; `end` logs that link redacted instead
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
             self._client = MlflowClient(tracking_uri=self.spec.uri)
         return self._client
 
@@ -104,7 +108,7 @@ class Tracker:
         client = self.client
         run = self._resumable(resume_run_id) if resume_run_id else None
         if run is not None:
-            self.run_id = run.info.run_id
+            self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
             client.update_run(self.run_id, status="RUNNING")
             log.info("resuming MLflow run %s", self.run_id)
         else:
@@ -117,7 +121,7 @@ class Tracker:
             if commit:
                 tags["mlflow.source.git.commit"] = commit
             run = client.create_run(experiment_id, run_name=self.spec.run_name, tags=tags)
-            self.run_id = run.info.run_id
+            self.run_id, self.experiment_id = run.info.run_id, experiment_id
             log.info("MLflow run %s in experiment %r at %s", self.run_id, self.spec.experiment, redact(self.spec.uri))
         self.log_params(flatten(public_dict(job_spec)))
         return self.run_id
@@ -173,23 +177,13 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), "pictures")
 
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run. MLflow's own "View run at URL" line would print the tracking URI whole
-        (credentials included), so it is suppressed and logged here redacted."""
+        """Close the run and, for a tracking server, log its link (credentials redacted)."""
         if not (self.active and self.run_id):
             return
-        saved = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        finally:
-            if saved is None:
-                del os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"]
-            else:
-                os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = saved
+        self.client.set_terminated(self.run_id, status=status)
         if self.spec.uri.startswith(("http://", "https://")):
-            experiment = self.client.get_run(self.run_id).info.experiment_id
             log.info("MLflow run %s (%s): %s/#/experiments/%s/runs/%s", self.run_id, status,
-                     redact(self.spec.uri).rstrip("/"), experiment, self.run_id)
+                     redact(self.spec.uri).rstrip("/"), self.experiment_id, self.run_id)
 
     @contextlib.contextmanager
     def failed_on_error(self):

@@ -22,10 +22,10 @@ def test_disjoint_parts_commit_by_concatenation_once_they_cover_the_shard(tmp_pa
     spec = FitSpec(input="src/a.tar", output=str(tmp_path / "out"))
     for indices in ([0, 1, 2], [5, 6]):
         fit_parts.write_part(spec, "src/a.tar", *rows_and_samples(indices, 7, failed={1}))
-        assert fit_parts.commit_if_complete(spec, "src/a.tar") is None  # 3 and 4 are missing
+        assert fit_parts.commit_if_complete(spec, "src/a.tar", 7) is None  # 3 and 4 are missing
     assert fit_parts.covered(spec, "src/a.tar") == {0, 1, 2, 5, 6}
     fit_parts.write_part(spec, "src/a.tar", *rows_and_samples([3, 4], 7))
-    stats = fit_parts.commit_if_complete(spec, "src/a.tar")
+    stats = fit_parts.commit_if_complete(spec, "src/a.tar", 7)
     assert stats["images"] == 7 and stats["fitted"] == 6 and stats["errors"][0]["key"] == "k1"
     shard = str(tmp_path / "out" / "a.tar")
     assert [s["__key__"] for s in read_samples(shard)] == ["k0", "k2", "k3", "k4", "k5", "k6"]
@@ -38,6 +38,6 @@ def test_overlapping_parts_are_merged_each_sample_once(tmp_path):
     spec = FitSpec(input="src/b.tar", output=str(tmp_path / "out"))
     fit_parts.write_part(spec, "src/b.tar", *rows_and_samples([0, 1, 2], 4))
     fit_parts.write_part(spec, "src/b.tar", *rows_and_samples([2, 3], 4))  # 2 again, batched otherwise
-    assert fit_parts.commit_if_complete(spec, "src/b.tar")["fitted"] == 4
+    assert fit_parts.commit_if_complete(spec, "src/b.tar", 4)["fitted"] == 4
     got = list(read_samples(str(tmp_path / "out" / "b.tar")))
     assert [s["__key__"] for s in got] == ["k0", "k1", "k2", "k3"] and got[2]["txt"] == b"caption 2"

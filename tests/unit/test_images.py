@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from splatclip.fitting.images import ImageError, clip_crop, decode
+from splatclip.platform.specs import ShardLimits
 
 
 def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -44,7 +45,7 @@ def test_failures_name_their_reason(data, reason):
 def test_bomb_is_refused_before_decoding():
     big = encoded(Image.new("L", (5000, 5000)), "PNG")
     with pytest.raises(ImageError) as info:
-        decode(big, max_pixels=1_000_000)
+        decode(big, ShardLimits(max_image_pixels=1_000_000))
     assert info.value.reason == "too_large"
 
 
@@ -60,11 +61,12 @@ def test_a_long_thin_image_costs_what_its_crop_does():
 
     line = encoded(Image.new("RGB", (40000, 1), (200, 30, 30)), "PNG")  # the 198-byte PNG of the issue
     start = time.perf_counter()
-    out = clip_crop(decode(line), 224)  # center square 1x1, then resized: no 224 x 8.96M intermediate
+    rgb = np.asarray(Image.open(io.BytesIO(line)).convert("RGB"))  # past any aspect limit decode allows
+    out = clip_crop(rgb, 224)  # center square 1x1, then resized: no 224 x 8.96M intermediate
     assert out.shape == (3, 224, 224) and time.perf_counter() - start < 2
     assert abs(out[0].mean().item() - 200 / 255) < 0.01
     with pytest.raises(ImageError) as info:
-        decode(line, max_aspect=20)
+        decode(line, ShardLimits(max_aspect_ratio=20))
     assert info.value.reason == "aspect_ratio"
 
 
@@ -80,7 +82,7 @@ def test_only_the_accepted_formats_are_decoded():
     with pytest.raises(ImageError) as info:
         decode(gif)
     assert info.value.reason == "undecodable" and "JPEG, PNG, WEBP" in str(info.value)
-    assert decode(gif, formats=("GIF",)).shape == (16, 16, 3)
+    assert decode(gif, ShardLimits(image_formats=["GIF"])).shape == (16, 16, 3)
 
 
 def test_damaged_exif_keeps_the_stored_orientation():
