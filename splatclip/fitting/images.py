@@ -13,8 +13,6 @@ import io
 import warnings
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits
@@ -82,24 +80,31 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def clip_crop(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, size, size] in [0, 1]: the center square of the short side,
-    resized to `size` (what CLIP's short-side resize and center crop take, at any aspect ratio)."""
+def crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the center square of the short side, resized to
+    `size` with PIL's bicubic filter (antialiased when shrinking; what CLIP's own preprocessing
+    uses), at any aspect ratio. Needs no torch, so decode workers stay small."""
     h, w = rgb.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    square = rgb[top : top + side, left : left + side]
+    square = Image.fromarray(np.ascontiguousarray(rgb[top : top + side, left : left + side]))
     factor = side // (2 * size)
     if factor >= 2:  # a box filter by a whole factor first: the bicubic below then works on <= 4x size
-        square = np.asarray(Image.fromarray(np.ascontiguousarray(square)).reduce(factor))
-    img = torch.from_numpy(np.array(square, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()[None] / 255.0
-    if img.shape[-1] != size:
-        img = F.interpolate(img, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return img[0].clamp(0, 1).contiguous()
+        square = square.reduce(factor)
+    if square.size != (size, size):
+        square = square.resize((size, size), Image.Resampling.BICUBIC)
+    return np.array(square, dtype=np.uint8)
 
 
-def load_file(path: str, size: int, limits: ShardLimits = DEFAULT_LIMITS) -> tuple[torch.Tensor, int]:
-    """An image file -> ([3, size, size], source bytes)."""
+def clip_crop(rgb: np.ndarray, size: int):
+    """uint8 [H, W, 3] -> float32 tensor [3, size, size] in [0, 1] (`crop`, for the fitter)."""
+    import torch  # here, not at the top: the decode stage imports this module and never needs torch
+
+    return torch.from_numpy(crop(rgb, size)).permute(2, 0, 1).float().div_(255.0).contiguous()
+
+
+def load_file(path: str, size: int, limits: ShardLimits = DEFAULT_LIMITS):
+    """An image file -> (float32 tensor [3, size, size], source bytes)."""
     with open(path, "rb") as f:
         data = f.read()
     return clip_crop(decode(data, limits), size), len(data)

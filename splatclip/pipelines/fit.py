@@ -5,10 +5,11 @@
                -> fit (actor pool: one batch of images per optimizer step, optional teacher; each
                   actor writes its batches as parts and commits the shards they complete)
 
-The stages are in `fit_stages`, the distributed commit in `fit_parts`, the records and summary in
-`fit_report`, the output layout in `layout`. Each input shard becomes one output shard of the same
-name; its record goes to `_stats/NAME.json` before the tar is committed, so a committed tar always
-has its record. A rerun skips committed shards and the samples earlier parts hold, and refuses (exit 2) an output made with other fit settings unless the
+The CPU stages are in `fit_stages`, the fitting actor in `fit_actor`, the distributed commit in
+`fit_parts`, the records and summary in `fit_report`, the output layout in `layout`. Each input
+shard becomes one output shard of the same name; its record goes to `_stats/NAME.json` before the
+tar is committed, so a committed tar always has its record. A rerun skips committed shards and the
+samples earlier parts hold, and refuses (exit 2) an output made with other fit settings unless the
 spec says `overwrite`. Inputs are checked before anything is written: a URL listed twice is read
 once, and two inputs with one output name stop the job (exit 2). Bad samples are recorded with key
 and reason and the job goes on; the exit status is 1 only past the failure budget (or when shards
@@ -22,7 +23,8 @@ import time
 
 from splatclip.pipelines import layout
 from splatclip.pipelines.fit_report import over_budget, report, summarize
-from splatclip.pipelines.fit_stages import FitActor, decode_batch, read_shard
+from splatclip.pipelines.fit_actor import FitActor
+from splatclip.pipelines.fit_stages import decode_batch, read_shard
 from splatclip.platform import storage
 from splatclip.platform.runtime import actor_options, init_ray, pool_size
 from splatclip.platform.secrets import redact

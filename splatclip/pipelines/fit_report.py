@@ -17,36 +17,6 @@ from splatclip.platform.shards import read_samples
 from splatclip.platform.specs import DEFAULT_LIMITS, FitSpec, ShardLimits
 from splatclip.platform.tracking import Tracker
 
-SHARD_LEVEL = -1  # index of a row that stands for a whole shard (empty or unreadable)
-
-
-def shard_stats(shard: str, rows: list[dict]) -> dict:
-    """The record of one shard from the records of its samples ({index, key, error, detail, notes
-    [list], meta [the fitted sample's metrics, or None]}): counts, failed samples (errors) and
-    repaired ones (notes) with key and reason, and the per-image figures."""
-    if len(rows) == 1 and rows[0]["index"] == SHARD_LEVEL:
-        r = rows[0]
-        status = "unreadable" if r["error"] == "unreadable_shard" else "empty"
-        errors = [{"key": "", "reason": r["error"], "detail": r["detail"]}] if status == "unreadable" else []
-        return {"shard": redact(shard), "status": status, "images": 0, "fitted": 0, "errors": errors, "notes": [],
-                "psnr": [], "bytes": 0, "source_bytes": 0, "raw_bytes": 0, "seconds": 0.0}
-    fitted = [r["meta"] for r in rows if not r["error"]]
-    return {
-        "shard": redact(shard),
-        "status": "done",
-        "images": len(rows),
-        "fitted": len(fitted),
-        "errors": [{"key": r["key"], "reason": r["error"], "detail": r["detail"]} for r in rows if r["error"]],
-        "notes": [n for r in rows for n in r["notes"]],
-        "psnr": [m["psnr"] for m in fitted],
-        "bytes": sum(m["bytes"] for m in fitted),
-        "source_bytes": sum(m["source_bytes"] for m in fitted),
-        "raw_bytes": sum(m["raw_bytes"] for m in fitted),
-        "seconds": sum(m["seconds"] for m in fitted),
-    }
-
-
-
 def summarize(records: list[dict], missing: list[str], unfinished: list[str], wall: float, actors: int) -> dict:
     """The job's summary over every input shard's record (this run's and earlier runs')."""
     psnr = np.array([p for r in records for p in r["psnr"]], dtype=np.float64)

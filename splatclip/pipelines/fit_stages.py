@@ -1,10 +1,11 @@
-"""The fit job's Ray Data stages, one row per sample:
+"""The fit job's CPU stages, one row per sample (the fitting actor is in `fit_actor`):
 
     read_shard    (task per shard)    samples not yet in a part, images still encoded; metadata
                                       checked and cleaned
     decode_batch  (CPU tasks)         decode and crop each image, within the spec's limits
-    FitActor      (actor pool)        fit a whole batch at once (a failing batch is split and
-                                      retried), write it as parts, commit the shards it completes
+
+Nothing here imports torch: the processes that run these tasks (on CPU-only nodes too) start in
+a fraction of a second and hold ~150 MB, not the ~700 MB of a process with torch loaded.
 
 A row that goes wrong carries `error` (a short reason) and `detail` and travels on, so that its
 shard's record names it; `notes` holds problems of a sample that was still fitted (a bad caption,
@@ -13,17 +14,13 @@ an oversized member). No single sample can stop a stage.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 
 import numpy as np
-import torch
 
-from splatclip import splats
-from splatclip.fitting.images import ImageError, clip_crop, decode
+from splatclip.fitting.images import ImageError, crop, decode
 from splatclip.pipelines import fit_parts, layout
-from splatclip.pipelines.fit_report import SHARD_LEVEL, shard_stats
 from splatclip.platform import storage
 from splatclip.platform.secrets import redact
 from splatclip.platform.shards import ShardError, problems, read_samples, write_shard
@@ -125,7 +122,7 @@ def read_shard(item: dict, spec: FitSpec) -> list[dict]:
 
 def commit_whole(spec: FitSpec, url: str, reason: str, detail: str) -> None:
     """Record a shard with no sample to fit: unreadable (a record only) or empty (and an empty tar)."""
-    stats = shard_stats(url, [{"index": SHARD_LEVEL, "key": "", "error": reason, "detail": detail}])
+    stats = layout.shard_stats(url, [{"index": layout.SHARD_LEVEL, "key": "", "error": reason, "detail": detail}])
     storage.write_json(layout.stats_url(spec.output, url), stats, spec.storage)
     if stats["status"] == "empty":
         with write_shard(layout.output_url(spec.output, url), spec.storage):
@@ -157,7 +154,7 @@ def decode_batch(batch: dict, size: int, limits: ShardLimits) -> dict:
             continue
         try:
             rgb = decode(batch["image"][i], limits)
-            pixels[i] = (clip_crop(rgb, size).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+            pixels[i] = crop(rgb, size)
         except ImageError as err:
             errors[i], details[i] = err.reason, str(err)
             continue
@@ -170,88 +167,3 @@ def decode_batch(batch: dict, size: int, limits: ShardLimits) -> dict:
                detail=np.array(details, dtype=object),
                src_bytes=np.array([len(b) for b in batch["image"]], np.int64))
     return out
-
-
-class FitActor:
-    """Holds the (optional) teacher model and fits whole batches on its device."""
-
-    def __init__(self, spec: FitSpec):
-        self.spec = spec
-        want_gpu = spec.ray.gpus_per_actor > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda" if want_gpu else "cpu")
-        self.teacher = None
-        if spec.teacher is not None:
-            from splatclip.models.backbone import create
-
-            self.teacher, _ = create(spec.teacher.model, spec.teacher.pretrained, spec.storage, self.device)
-
-    def __call__(self, batch: dict) -> dict:
-        """Fit a batch, write it as one part per shard it touches, commit the shards it completes.
-        Returns one row per part: shard, images, fitted, committed."""
-        from splatclip.fitting.resilient import Failure, fit_images
-
-        n = len(batch["key"])
-        records = [{"index": int(batch["index"][i]), "total": int(batch["total"][i]), "key": batch["key"][i],
-                    "error": batch["error"][i], "detail": batch["detail"][i], "notes": json.loads(batch["notes"][i]),
-                    "meta": None} for i in range(n)]
-        samples: list[dict | None] = [None] * n
-        ok = [i for i in range(n) if not records[i]["error"]]
-        if ok:
-            images = torch.from_numpy(np.stack([batch["pixels"][i] for i in ok])).to(self.device)
-            images = images.permute(0, 3, 1, 2).float() / 255.0  # [B, 3, S, S]
-            fitted = fit_images(images, self.spec.fit, [int(batch["src_bytes"][i]) for i in ok])
-            embeddings = self._teacher(images, fitted)
-            for j, i in enumerate(ok):
-                result, rec = fitted[j], records[i]
-                if isinstance(result, Failure):
-                    rec["error"], rec["detail"] = result.reason, result.detail
-                    continue
-                if embeddings[j] is None and self.teacher is not None:
-                    rec["error"], rec["detail"] = "teacher_failed", "the teacher gave no finite embedding"
-                    continue
-                arr, metrics = result
-                rec["meta"] = {**metrics, "source_width": int(batch["src_w"][i]),
-                               "source_height": int(batch["src_h"][i]),
-                               "source": json.loads(batch["source"][i]) if batch["source"][i] else None}
-                sample = {"__key__": rec["key"], "splats.npy": splats.to_bytes(arr),
-                          "json": json.dumps(rec["meta"], sort_keys=True).encode()}
-                for ext in ("txt", "cls"):
-                    if batch[ext][i]:
-                        sample[ext] = batch[ext][i]
-                if embeddings[j] is not None:
-                    buf = io.BytesIO()
-                    np.save(buf, embeddings[j], allow_pickle=False)
-                    sample["teacher.npy"] = buf.getvalue()
-                samples[i] = sample
-        out = {"shard": [], "images": [], "fitted": [], "committed": []}
-        for shard in dict.fromkeys(batch["shard"]):
-            mine = [i for i in range(n) if batch["shard"][i] == shard]
-            fit_parts.write_part(self.spec, shard, [records[i] for i in mine],
-                                 [samples[i] for i in mine if samples[i] is not None])
-            out["shard"].append(shard)
-            out["images"].append(len(mine))
-            out["fitted"].append(sum(samples[i] is not None for i in mine))
-            total = records[mine[0]]["total"]
-            out["committed"].append(fit_parts.commit_if_complete(self.spec, shard, total) is not None)
-        return {"shard": np.array(out["shard"], dtype=object), "images": np.array(out["images"], np.int64),
-                "fitted": np.array(out["fitted"], np.int64), "committed": np.array(out["committed"], bool)}
-
-    def _teacher(self, images: torch.Tensor, fitted: list) -> list[np.ndarray | None]:
-        """The teacher's float16 embedding of each fitted image (None where there is none or it is not
-        finite); a failing batch is split like a fitting batch."""
-        from splatclip.fitting.resilient import Failure, split_on_failure
-
-        out: list[np.ndarray | None] = [None] * len(images)
-        if self.teacher is None:
-            return out
-        from splatclip.models.backbone import embed_images
-
-        def run(idx: list[int]) -> None:
-            emb = embed_images(self.teacher, images[idx]).cpu().numpy().astype(np.float16)  # [b, D]
-            for j, i in enumerate(idx):
-                out[i] = emb[j] if np.isfinite(emb[j]).all() else None
-
-        todo = [i for i, f in enumerate(fitted) if not isinstance(f, Failure)]
-        if todo:
-            split_on_failure(run, todo, lambda i, err: log.warning("teacher failed on one image: %s", err))
-        return out

@@ -31,8 +31,6 @@ import re
 import tarfile
 from typing import IO, Iterable, Iterator
 
-import webdataset as wds
-
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits, StorageSpec
 from splatclip.platform.storage import atomic_write, open_read
@@ -238,9 +236,11 @@ def problems(sample: dict) -> list[tuple[str, str, str]]:
 
 
 @contextlib.contextmanager
-def write_shard(url: str, spec: StorageSpec | None = None) -> Iterator[wds.TarWriter]:
+def write_shard(url: str, spec: StorageSpec | None = None) -> Iterator["webdataset.TarWriter"]:  # noqa: F821
     """A webdataset TarWriter whose shard appears at `url` only if the block completes.
     Write samples as {"__key__": k, "ext": bytes, ...}."""
+    import webdataset as wds  # here, not at the top: importing it loads torch, which readers never need
+
     with atomic_write(url, spec) as f:
         writer = wds.TarWriter(f, encoder=False)
         yield writer

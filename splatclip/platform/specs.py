@@ -69,8 +69,8 @@ class TrackingSpec(Model):
 class RaySpec(Model):
     address: str | None = Field(None, description="Cluster to join; RAY_ADDRESS wins when set.")
     num_cpus: int | None = Field(
-        None, ge=1, le=65_536, description="Logical CPUs of a local Ray; default max(4, cores) so actors cannot "
-        "starve reads."
+        None, ge=1, le=65_536, description="Logical CPUs of a local Ray; default the cores, and at least the "
+        "actor pool's CPUs plus one so actors cannot starve reads."
     )
     actors: int = Field(1, ge=1, le=10_000, description="Size of the actor pool (fitting actors or training workers).")
     max_actors: int | None = Field(None, ge=1, le=10_000, description="Autoscale the pool up to this size.")

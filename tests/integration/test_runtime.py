@@ -1,5 +1,6 @@
 """Ray runtime helpers on a real local Ray."""
 
+import os
 import subprocess
 import sys
 
@@ -32,7 +33,9 @@ def test_actor_pool_with_fractional_cpus_does_not_starve_reads(ray_local):
 
 
 def test_resource_helpers():
-    assert local_cpus(RaySpec()) >= 4
+    assert local_cpus(RaySpec()) == max(2, os.cpu_count())  # one 0.5-CPU actor and a read task
+    assert local_cpus(RaySpec(actors=2, max_actors=6, cpus_per_actor=1)) >= 7  # the pool and a read task
+    assert local_cpus(RaySpec(num_cpus=3)) == 3
     assert actor_options(RaySpec(cpus_per_actor=0.25, gpus_per_actor=1)) == {"num_cpus": 0.25, "num_gpus": 1}
     assert pool_size(RaySpec(actors=2, max_actors=8)) == (2, 8)
     assert np.isclose(actor_options(RaySpec())["num_cpus"], 0.5)
