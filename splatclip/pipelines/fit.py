@@ -126,6 +126,7 @@ class Progress:
 # whose resources are equal), so decoding stays on CPU tasks that run on any node, CPU-only ones
 # included, beside the actors rather than inside them.
 DECODE_TASK = {"num_cpus": 0.5, "memory": 1 << 30}
+IN_FLIGHT = 3  # batches per fitting actor: the one it fits and two waiting
 
 
 def build_dataset(spec: FitSpec, todo: list[str]):
@@ -136,8 +137,13 @@ def build_dataset(spec: FitSpec, todo: list[str]):
     ds = ds.flat_map(read_shard, fn_kwargs={"spec": spec})
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.fit.size, "limits": spec.limits},
                         batch_size=spec.batch_size, **DECODE_TASK)
+    # The pool starts at `ray.actors` (never at one actor that the autoscaler grows slowly) and each
+    # actor has IN_FLIGHT batches sent to it (one fitting, the rest waiting), so it never waits on
+    # a decode task between batches, while no actor holds more than that.
+    pool = ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=lo,
+                                      max_tasks_in_flight_per_actor=IN_FLIGHT)
     return ds.map_batches(FitActor, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
-                          compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **actor_options(spec.ray))
+                          compute=pool, **actor_options(spec.ray))
 
 
 def run(spec: FitSpec) -> int:
