@@ -42,7 +42,7 @@ def main():
     args = ap.parse_args()
     print(f"batch {args.batch}, {args.gaussians} Gaussians per image, {torch.get_num_threads()} threads")
     print(f"{'backbone':<10} {'encoder':<7} {'latents':>7} {'trainable':>9} {'s/step':>8} {'samples/s':>10}")
-    for name, size, latent_counts, repeats in (("demo-vit", 32, (16,), 5), ("ViT-B-16", 224, (49, 196), 2)):
+    for name, size, latent_counts, repeats in (("demo-vit", 28, (16,), 5), ("ViT-B-16", 224, (49, 196), 2)):
         times = {}
         for kind, latents in [("rgb", 0)] + [("splat", n) for n in latent_counts]:
             torch.manual_seed(0)

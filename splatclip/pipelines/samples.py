@@ -147,16 +147,22 @@ def decode_sample(sample: dict, kind: str, image_size: int, classes: int | None,
         if out["teacher"] is None:
             skipped.add("bad_teacher", key)
             return None
+    out["class_id"] = class_id(sample.get("cls", b""))
     if classes is not None:
-        try:
-            label = int(sample.get("cls", b"").decode().strip())
-        except ValueError:
-            label = -1
-        if not 0 <= label < classes:
+        if out["class_id"] is None or out["class_id"] >= classes:
             skipped.add("bad_class", key)
             return None
-        out["label"] = label
+        out["label"] = out["class_id"]
     return out
+
+
+def class_id(data: bytes) -> int | None:
+    """A .cls member as a class id (a non-negative int below 2**31), or None."""
+    try:
+        label = int(data[:32].decode("ascii").strip())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return label if 0 <= label < 2**31 else None
 
 
 def worker_shards(shards: list[str], rank: int, world: int, seed: int, epoch: int) -> list[str]:
@@ -215,9 +221,17 @@ def caption_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def collate(samples: list[dict], tokenizer=None, image_size: int = 224) -> dict:
+def positive_id(sample: dict, positives: str) -> int:
+    """Equal for samples the contrastive loss treats as positives of each other: the class (as a
+    negative number) with positives="class" when the sample has one, else the caption."""
+    if positives == "class" and sample.get("class_id") is not None:
+        return -1 - sample["class_id"]
+    return caption_id(sample["text"])
+
+
+def collate(samples: list[dict], tokenizer=None, image_size: int = 224, positives: str = "caption") -> dict:
     """Pad splats to the largest n with a mask; stack images, teachers, labels; tokenize text (with
-    caption ids, so the CLIP loss can tell copies of a caption)."""
+    positive ids, so the CLIP loss can tell which pairs match: see `positive_id`)."""
     out = {}
     if "splats" in samples[0]:
         batch = splats.Splats.from_arrays([s["splats"] for s in samples], image_size, image_size)
@@ -226,7 +240,7 @@ def collate(samples: list[dict], tokenizer=None, image_size: int = 224) -> dict:
         out["images"] = torch.stack([s["image"] for s in samples])
     if tokenizer is not None:
         out["tokens"] = tokenizer([s["text"] for s in samples])
-        out["caption_ids"] = torch.tensor([caption_id(s["text"]) for s in samples])
+        out["positive_ids"] = torch.tensor([positive_id(s, positives) for s in samples])  # [b] int64
     if all("teacher" in s for s in samples):
         out["teacher"] = torch.from_numpy(np.stack([s["teacher"] for s in samples]).astype(np.float32))
     if all("label" in s for s in samples):

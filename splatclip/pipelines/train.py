@@ -87,7 +87,7 @@ def batches(spec: TrainSpec, shards, counts, rank, world, image_size, tokenizer,
                 if index >= skip and (epoch, index) in poisoned:
                     skipped.add("poisoned_batch", f"epoch {epoch} batch {index}")
                 elif index >= skip:
-                    yield epoch, index, collate(pending, tokenizer, image_size)
+                    yield epoch, index, collate(pending, tokenizer, image_size, spec.positives)
                 pending, index = [], index + 1
                 cursor.update(epoch=epoch, index=index)
                 if index >= per_epoch:
@@ -150,7 +150,7 @@ def stage_loss(model: GSCLIP, kind: str, batch: dict, device, world: int, teache
     else:
         image = model.encode_image(batch["images"].to(device))
     text = model.encode_text(batch["tokens"].to(device))
-    return clip_loss(image, text, model.logit_scale, batch["caption_ids"]) * world
+    return clip_loss(image, text, model.logit_scale, batch["positive_ids"]) * world
 
 
 def save_model(model: GSCLIP, spec: TrainSpec, step: int) -> str:

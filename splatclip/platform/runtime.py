@@ -31,9 +31,10 @@ def keep_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def init_ray(spec: RaySpec):
+def init_ray(spec: RaySpec, log_to_driver: bool = True):
     """Connect to RAY_ADDRESS (set by `ray job submit`) or spec.address ("auto" joins the cluster
-    `ray start` runs on this machine); else start a local Ray on 127.0.0.1."""
+    `ray start` runs on this machine); else start a local Ray on 127.0.0.1. Without
+    `log_to_driver` the workers' output stays in Ray's log files (the session's logs folder)."""
     import ray
 
     if ray.is_initialized():
@@ -41,13 +42,13 @@ def init_ray(spec: RaySpec):
     address = os.environ.get("RAY_ADDRESS") or spec.address
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        start_local(local_cpus(spec))
+        start_local(local_cpus(spec), log_to_driver)
     return ray.get_runtime_context()
 
 
-def start_local(cpus: int) -> None:
+def start_local(cpus: int, log_to_driver: bool = True) -> None:
     """A fresh local Ray on 127.0.0.1 with its dashboard (the state API). Its processes are told
     their own cluster's address (RAY_ADDRESS, with the GCS on a port chosen here): Ray Train's
     placement-group cleaner looks its controller up through the state API, and without the address
@@ -61,7 +62,7 @@ def start_local(cpus: int) -> None:
     try:
         # address="local": always a fresh instance, never one of `ray start`
         ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=8265 if port_is_free(8265) else free_port())
+                 dashboard_port=8265 if port_is_free(8265) else free_port(), log_to_driver=log_to_driver)
     finally:  # the processes Ray started keep them; this one must not join that address again later
         del os.environ["RAY_GCS_SERVER_PORT"], os.environ["RAY_ADDRESS"]
 

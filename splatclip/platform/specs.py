@@ -179,6 +179,10 @@ class TrainSpec(Model):
     grad_accum: int = Field(1, ge=1, le=4096)
     weight_decay: float = Field(0.05, ge=0, le=10)
     grad_clip: float = Field(1.0, gt=0, le=1e6)
+    positives: Literal["caption", "class"] = Field(
+        "caption", description="Contrastive positives: pairs with the same caption, or with the same class id "
+        "(.cls; every caption of a class then matches every image of it, as in UniCL); a sample with no class id "
+        "falls back to its caption.")
     checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
     max_failures: int = Field(2, ge=0, le=1000, description="Worker failures Ray Train recovers from.")
     images: str | None = Field(

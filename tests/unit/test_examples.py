@@ -55,6 +55,6 @@ def test_digits_set_has_both_splits_and_their_metadata(cache):
 def test_packaged_model_configs_are_known_by_name():
     assert model_name("demo-vit") == "demo-vit"
     model, _ = create("demo-vit")
-    assert model.visual.image_size in (32, (32, 32))
+    assert model.visual.image_size in (28, (28, 28))
     with pytest.raises(ValueError, match="unknown open_clip model 'no-such-vit'"):
         model_name("no-such-vit")

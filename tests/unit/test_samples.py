@@ -74,8 +74,22 @@ def test_caption_ids_are_stable_and_tell_copies_apart():
     assert caption_id("x") == 2858720872202629029  # the same number in every process and session
     batch = collate([{"splats": np.zeros((1, 8), np.float16), "text": t} for t in ("a", "b", "a")],
                     tokenizer=lambda texts: torch.zeros(len(texts), 4, dtype=torch.long))
-    ids = batch["caption_ids"]
+    ids = batch["positive_ids"]
     assert ids.dtype == torch.int64 and ids[0] == ids[2] != ids[1]
+
+
+def test_class_positives_join_the_captions_of_a_class():
+    from splatclip.pipelines.samples import class_id
+
+    assert [class_id(b) for b in (b"3", b" 7\n", b"-1", b"x", b"\xff", b"9" * 40, b"")] == [3, 7, None, None, None, None, None]
+    samples = [{"splats": np.zeros((1, 8), np.float16), "text": t, "class_id": c}
+               for t, c in (("a three", 3), ("the digit 3", 3), ("a four", 4), ("a three", None))]
+    tokenize = lambda texts: torch.zeros(len(texts), 4, dtype=torch.long)  # noqa: E731
+    by_class = collate(samples, tokenize, positives="class")["positive_ids"]
+    assert by_class[0] == by_class[1] != by_class[2]  # other captions, one class
+    assert by_class[3] not in (by_class[0], by_class[2])  # no class: its caption, which no class id equals
+    by_caption = collate(samples, tokenize)["positive_ids"]
+    assert by_caption[0] == by_caption[3] != by_caption[1]
 
 
 def teacher_bytes(arr):
