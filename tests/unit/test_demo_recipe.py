@@ -11,7 +11,7 @@ from splatclip.pipelines.train import stage_loss, warmup_cosine
 from splatclip.platform.specs import ModelSpec, TrainSpec
 
 STEPS, TRAIN, TEST = 300, 500, 200
-STATED_TOP1 = 0.6  # chance is 0.1; measured 0.79 here (the full demo's 1,400 steps on 4,000 digits: >= 0.90)
+STATED_TOP1 = 0.6  # chance is 0.1; measured 0.73 here (the full demo's 1,400 steps on 4,000 digits: >= 0.90)
 
 
 def digits(split: str, n: int, size: int) -> list[dict]:
