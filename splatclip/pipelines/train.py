@@ -279,6 +279,7 @@ def train_loop(config: dict) -> None:
                 tracker.log_metrics(evaluate_during_training(model, spec, device), step=state["step"])
             last = state["stage_step"] == total
             if state["step"] % spec.checkpoint_every == 0 or last:
+                tracker.flush()  # every step up to a checkpoint is in MLflow before the checkpoint exists
                 report(model, opt, sched, state, si, total, metrics, rank)
         state["stage"], state["stage_step"] = si + 1, 0
     if rank == 0:
