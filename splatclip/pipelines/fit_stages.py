@@ -58,12 +58,9 @@ def clean_metadata(sample: dict, limits: ShardLimits) -> tuple[dict, list[dict]]
                 note(ext, "bad_text", "not valid UTF-8; invalid bytes replaced")
             out["txt"] = text.encode("utf-8")
         elif ext == "cls":
-            try:
-                label = int(data.decode("ascii").strip())
-                if not 0 <= label < 2**31:
-                    raise ValueError(f"{label} is out of range")
-            except (ValueError, UnicodeDecodeError) as err:
-                note(ext, "bad_class", f"not a class id ({str(err)[:100]})")
+            label = layout.class_id(data)
+            if label is None:
+                note(ext, "bad_class", f"not a class id below 2**31: {data[:32]!r}")
                 continue
             out["cls"] = str(label).encode()
         else:

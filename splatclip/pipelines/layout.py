@@ -76,3 +76,12 @@ def shard_stats(shard: str, rows: list[dict]) -> dict:
         "raw_bytes": sum(m["raw_bytes"] for m in fitted),
         "seconds": sum(m["seconds"] for m in fitted),
     }
+
+
+def class_id(data: bytes) -> int | None:
+    """A `.cls` member as a class id (a non-negative int below 2**31), or None."""
+    try:
+        label = int(data.decode("ascii").strip())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return label if 0 <= label < 2**31 else None

@@ -25,7 +25,7 @@ import torch
 
 from splatclip import splats
 from splatclip.fitting.images import ImageError, clip_crop, decode
-from splatclip.pipelines.layout import IMAGE_EXTS, stats_beside
+from splatclip.pipelines.layout import IMAGE_EXTS, class_id, stats_beside
 from splatclip.platform import storage
 from splatclip.platform.shards import ShardError, problems, read_samples
 from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits, StorageSpec
@@ -154,15 +154,6 @@ def decode_sample(sample: dict, kind: str, image_size: int, classes: int | None,
             return None
         out["label"] = out["class_id"]
     return out
-
-
-def class_id(data: bytes) -> int | None:
-    """A .cls member as a class id (a non-negative int below 2**31), or None."""
-    try:
-        label = int(data[:32].decode("ascii").strip())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return label if 0 <= label < 2**31 else None
 
 
 def worker_shards(shards: list[str], rank: int, world: int, seed: int, epoch: int) -> list[str]:

@@ -79,7 +79,7 @@ def test_caption_ids_are_stable_and_tell_copies_apart():
 
 
 def test_class_positives_join_the_captions_of_a_class():
-    from splatclip.pipelines.samples import class_id
+    from splatclip.pipelines.layout import class_id
 
     assert [class_id(b) for b in (b"3", b" 7\n", b"-1", b"x", b"\xff", b"9" * 40, b"")] == [3, 7, None, None, None, None, None]
     samples = [{"splats": np.zeros((1, 8), np.float16), "text": t, "class_id": c}
