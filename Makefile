@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.splatclip-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit bench constraints clean
+.PHONY: setup demo test test-unit bench gpu-check constraints clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/render_speed.py
 	$(BIN)/python benchmarks/fit_quality.py
 	$(BIN)/python benchmarks/fit_scale.py --quick
+
+# On a machine with a CUDA GPU: the gpu-marked tests, then the kernels' resources, work and timings.
+gpu-check: $(STAMP)
+	@$(BIN)/python -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else 'gpu-check needs a CUDA device: torch sees none')"
+	$(BIN)/python -m pytest -m gpu -v -rs $(PYTEST_ARGS)
+	$(BIN)/python benchmarks/kernels.py
 
 # Re-pin constraints.txt to what is installed in .venv now.
 constraints: $(STAMP)

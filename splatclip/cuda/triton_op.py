@@ -33,13 +33,13 @@ def _image_to_tiles(grad, tiles_y, tiles_x):
 def render_tiles(params: torch.Tensor, gaussian: torch.Tensor, offsets: torch.Tensor, batch: int,
                  tiles_y: int, tiles_x: int, height: int, width: int) -> torch.Tensor:
     """params [B * N, 8] float32, sorted bins -> image [B, 3, H, W]."""
-    from splatclip.cuda.triton_kernels import CHUNK, render_fwd_kernel
+    from splatclip.cuda.triton_kernels import KERNELS
 
     tiles = tiles_x * tiles_y
     out = params.new_empty(batch * tiles, TILE * TILE, 3)
     if batch * tiles:
-        render_fwd_kernel[(batch * tiles,)](params.contiguous(), gaussian, offsets, out, tiles, tiles_x,
-                                            height, width, CHUNK=CHUNK)
+        KERNELS["render_fwd"].launch(batch * tiles, params.contiguous(), gaussian, offsets, out, tiles, tiles_x,
+                                     height, width)
     return _tiles_to_image(out, batch, tiles_y, tiles_x, height, width).contiguous()
 
 
@@ -51,13 +51,13 @@ def _(params, gaussian, offsets, batch, tiles_y, tiles_x, height, width):
 @torch.library.custom_op("splatclip::render_tiles_backward", mutates_args=())
 def render_tiles_backward(grad: torch.Tensor, params: torch.Tensor, gaussian: torch.Tensor, offsets: torch.Tensor,
                           tiles_y: int, tiles_x: int, height: int, width: int) -> torch.Tensor:
-    from splatclip.cuda.triton_kernels import CHUNK, render_bwd_kernel
+    from splatclip.cuda.triton_kernels import KERNELS
 
     grad_tiles = _image_to_tiles(grad.contiguous(), tiles_y, tiles_x).contiguous()
     grad_params = torch.zeros_like(params)
     if grad_tiles.shape[0]:
-        render_bwd_kernel[(grad_tiles.shape[0],)](params.contiguous(), gaussian, offsets, grad_tiles, grad_params,
-                                                  tiles_x * tiles_y, tiles_x, height, width, CHUNK=CHUNK)
+        KERNELS["render_bwd"].launch(grad_tiles.shape[0], params.contiguous(), gaussian, offsets, grad_tiles,
+                                     grad_params, tiles_x * tiles_y, tiles_x, height, width)
     return grad_params
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from splatclip.cuda import render
-from splatclip.cuda.triton_kernels import CHUNK
+from splatclip.cuda.triton_kernels import KERNELS
 from splatclip.cuda.triton_op import render_tiles
 from tests_helpers import random_splats
 
@@ -35,8 +35,8 @@ def test_triton_matches_dense(B, N, size):
 
 
 def test_tile_with_more_gaussians_than_a_chunk():
-    # 5 chunks' worth of Gaussians piled on one tile; every one of them must count.
-    n = 5 * CHUNK + 3
+    # 5 chunks' worth (of the larger chunk) of Gaussians piled on one tile; every one of them must count.
+    n = 5 * max(k.chunk for k in KERNELS.values()) + 3
     p = torch.zeros(1, n, 8)
     p[0, :, 0:2] = 0.25 + 0.2 * torch.rand(n, 2, generator=torch.Generator().manual_seed(0))
     p[0, :, 2] = p[0, :, 4] = 0.02
