@@ -1,4 +1,4 @@
-"""Bin the Gaussians of a batch to the 16x16 tiles their 3-sigma boxes touch.
+"""Bin the Gaussians of a batch to the square tiles (16x16 by default) their 3-sigma boxes touch.
 
 Sort-based and made of tensor ops only, so the same code bins on GPU and CPU. Each (Gaussian, tile)
 pair gets the key image * tiles + tile; sorted by key, the pairs of one tile are contiguous and
@@ -23,12 +23,12 @@ class Bins(NamedTuple):
     tiles_y: int
 
 
-def tile_grid(height: int, width: int) -> tuple[int, int]:
+def tile_grid(height: int, width: int, tile: int = TILE) -> tuple[int, int]:
     """(tiles_y, tiles_x) covering the image."""
-    return -(-height // TILE), -(-width // TILE)
+    return -(-height // tile), -(-width // tile)
 
 
-def tile_boxes(params, height: int, width: int, mask=None):
+def tile_boxes(params, height: int, width: int, mask=None, tile: int = TILE):
     """Inclusive tile ranges (tx0, tx1, ty0, ty1) [B, N] and pair counts [B, N] (0: no tile)."""
     p = params.detach()
     x, y, l11, l21, l22 = p[..., 0], p[..., 1], p[..., 2], p[..., 3], p[..., 4]
@@ -43,21 +43,21 @@ def tile_boxes(params, height: int, width: int, mask=None):
     valid = (j1 >= 0) & (j0 <= width - 1) & (i1 >= 0) & (i0 <= height - 1) & torch.isfinite(p).all(-1)
     if mask is not None:
         valid &= mask.bool()
-    tx0 = (j0.clamp(0, width - 1) // TILE).long()
-    tx1 = (j1.clamp(0, width - 1) // TILE).long()
-    ty0 = (i0.clamp(0, height - 1) // TILE).long()
-    ty1 = (i1.clamp(0, height - 1) // TILE).long()
+    tx0 = (j0.clamp(0, width - 1) // tile).long()
+    tx1 = (j1.clamp(0, width - 1) // tile).long()
+    ty0 = (i0.clamp(0, height - 1) // tile).long()
+    ty1 = (i1.clamp(0, height - 1) // tile).long()
     count = (tx1 - tx0 + 1) * (ty1 - ty0 + 1) * valid.long()
     return tx0, tx1, ty0, ty1, count
 
 
-def bin_gaussians(params, height: int, width: int, mask=None, sort: bool = True) -> Bins:
-    """params [B, N, 8] -> every (Gaussian, tile) pair whose 3-sigma box overlaps."""
+def bin_gaussians(params, height: int, width: int, mask=None, sort: bool = True, tile: int = TILE) -> Bins:
+    """params [B, N, 8] -> every (Gaussian, tile) pair whose 3-sigma box overlaps a tile x tile tile."""
     B, N, _ = params.shape
-    tiles_y, tiles_x = tile_grid(height, width)
+    tiles_y, tiles_x = tile_grid(height, width, tile)
     tiles = tiles_x * tiles_y
     with torch.no_grad():
-        tx0, tx1, ty0, ty1, count = (t.reshape(-1) for t in tile_boxes(params, height, width, mask))
+        tx0, tx1, ty0, ty1, count = (t.reshape(-1) for t in tile_boxes(params, height, width, mask, tile))
         flat = torch.arange(B * N, device=params.device)
         gaussian = torch.repeat_interleave(flat, count)  # [P]
         start = torch.cumsum(count, 0) - count
