@@ -1,32 +1,58 @@
-"""Fit quality at the paper's Gaussian counts: structured vs random init, one batched fit each.
+"""Fit quality at the paper's Gaussian counts, and PSNR against wall time on this machine.
 
-    python benchmarks/fit_quality.py                      # defaults: 4 photos, 1000 iterations
+    python benchmarks/fit_quality.py                      # quality: 4 photos, 1000 iterations
     python benchmarks/fit_quality.py --iterations 3000    # the paper's setting
+    python benchmarks/fit_quality.py --wall-time --against 59c382a
 
-Prints mean PSNR, SSIM, bytes per image, compression against raw pixels and seconds per image.
+The quality table: mean PSNR, SSIM, bytes per image, compression against raw pixels and seconds per
+image, structured vs random init, one batched fit per row.
+
+--wall-time: PSNR and seconds per image after 100, 300 and 1,000 iterations (N=400, structured init,
+the photos in one batch, the CPU's fused renderer), each row fitted in a fresh process after a
+warm-up fit (torch.compile's one-off cost is not counted). --against REV measures the same rows with
+the code of git revision REV (exported to a temporary directory), interleaved with this checkout's,
+and prints both side by side.
 """
 
 import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+WALL_ITERATIONS = (100, 300, 1000)
+# One wall-time row, run by `python -c` in the tree under test: it uses only fit_batch, clip_crop and
+# FitParams, which every revision of the project has.
+ROW = """
+import json, sys, time, torch
 from skimage import data
-
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop
 from splatclip.platform.specs import FitParams
+names, size, n, its = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+images = torch.stack([clip_crop(getattr(data, x)(), size) for x in names])
+fit_batch(images, FitParams(gaussians=n, iterations=5, size=size))  # warm-up: compilation
+start = time.perf_counter()
+result = fit_batch(images, FitParams(gaussians=n, iterations=its, size=size))
+seconds = (time.perf_counter() - start) / len(names)
+print(json.dumps({"psnr": sum(m["psnr"] for m in result.metrics) / len(names), "seconds": seconds}))
+"""
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", default="astronaut,coffee,chelsea,rocket")
-    ap.add_argument("--gaussians", default="400,900,1600,3136")
-    ap.add_argument("--inits", default="structured,random")
-    ap.add_argument("--iterations", type=int, default=1000)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--prune-tau", type=float, default=0.0)
-    args = ap.parse_args()
-    names = args.photos.split(",")
+def quality(args, names):
+    import torch
+    from skimage import data
+
+    from splatclip.fitting.fitter import fit_batch
+    from splatclip.fitting.images import clip_crop
+    from splatclip.platform.specs import FitParams
+
     images = torch.stack([clip_crop(getattr(data, n)(), args.size) for n in names])
     print(f"{len(names)} photos ({', '.join(names)}) at {args.size}x{args.size}, {args.iterations} iterations, "
           f"one batch per row, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -44,6 +70,59 @@ def main():
             mean = lambda k: sum(x[k] for x in m) / len(m)  # noqa: E731
             print(f"{n:>5} {init:<10} {mean('psnr'):>8.2f} {mean('ssim'):>6.3f} {mean('gaussians'):>6.0f} "
                   f"{mean('bytes'):>7.0f} {mean('ratio_raw'):>6.1f} {seconds:>7.2f}", flush=True)
+
+
+def export(rev: str, into: str) -> Path:
+    """The tree of git revision `rev` of this repository, written under `into`."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return Path(into)
+
+
+def wall_row(tree: Path, names, size: int, n: int, iterations: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run([sys.executable, "-c", ROW, ",".join(names), str(size), str(n), str(iterations)],
+                          cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the row at {iterations} iterations failed in {tree}:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def wall_time(args, names):
+    n = int(args.gaussians.split(",")[0])
+    print(f"PSNR against wall time: {len(names)} photos ({', '.join(names)}) at {args.size}x{args.size} in one "
+          f"batch, N={n}, structured init, one fresh process per row, {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        before = export(args.against, tmp) if args.against else None
+        if before:
+            print(f"{'iterations':>10} {'before dB':>9} {'before s/img':>12} {'after dB':>8} {'after s/img':>11} "
+                  f"{'speed-up':>8}   (before: {args.against}, after: this checkout)")
+        else:
+            print(f"{'iterations':>10} {'dB':>8} {'s/img':>8}")
+        for its in WALL_ITERATIONS:
+            old = wall_row(before, names, args.size, n, its) if before else None
+            new = wall_row(ROOT, names, args.size, n, its)
+            if old:
+                print(f"{its:>10} {old['psnr']:>9.2f} {old['seconds']:>12.2f} {new['psnr']:>8.2f} "
+                      f"{new['seconds']:>11.2f} {old['seconds'] / new['seconds']:>7.2f}x", flush=True)
+            else:
+                print(f"{its:>10} {new['psnr']:>8.2f} {new['seconds']:>8.2f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", default="astronaut,coffee,chelsea,rocket")
+    ap.add_argument("--gaussians", default="400,900,1600,3136", help="the wall-time table uses the first")
+    ap.add_argument("--inits", default="structured,random")
+    ap.add_argument("--iterations", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--prune-tau", type=float, default=0.0)
+    ap.add_argument("--wall-time", action="store_true", help="the PSNR-against-wall-time table instead")
+    ap.add_argument("--against", metavar="REV", help="with --wall-time: also measure git revision REV")
+    args = ap.parse_args()
+    names = args.photos.split(",")
+    (wall_time if args.wall_time else quality)(args, names)
 
 
 if __name__ == "__main__":
