@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/render_speed.py
 	$(BIN)/python benchmarks/fit_quality.py
 	$(BIN)/python benchmarks/fit_scale.py --quick
+	$(BIN)/python benchmarks/kernels.py
 
 # On a machine with a CUDA GPU: the gpu-marked tests, then the kernels' resources, work and timings.
 gpu-check: $(STAMP)

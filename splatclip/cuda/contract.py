@@ -10,7 +10,7 @@ import torch
 
 CUTOFF = 4.5  # q at 3 sigma: 0.5 * 3**2
 SIGMAS = 3.0
-TILE = 16
+TILE = 16  # pixels a side of the Triton kernels' tiles (and binning's default; the torch renderer uses 8)
 
 
 def gaussian_weight(dx, dy, l11, l21, l22):
