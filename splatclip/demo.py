@@ -6,7 +6,8 @@
    (no pretrained weights exist offline), every caption of a class a positive of its images;
 3. fit digits and photos into splat shards, with the teacher's embeddings, at two compression
    points (`POINTS`: 3x and 9x fewer bytes than raw pixels);
-4. for each point, a splat encoder on the frozen teacher: distillation, then contrastive;
+4. for each point, a splat encoder on the frozen teacher: distillation, then contrastive, on training
+   digits at full resolution and others at low resolution (`datasets.coarsen`);
 5. both encoders zero-shot on the held-out digits and on scikit-learn's digits;
 6. pictures (contact sheet, accuracy against compression, rate-distortion against JPEG, training
    curves), all logged to MLflow.
@@ -48,12 +49,12 @@ POINTS = (49, 16)  # Gaussians per 28x28 digit: 784 and 256 bytes, 3.0x and 9.2x
 # The teacher's recipe (the unit test test_demo_teacher_recipe_learns runs it at a reduced size).
 TEACHER = {"lr": 2e-3, "warmup_steps": 20, "batch_size": 64, "positives": "class"}
 SIZES = {
-    # teacher: training digits and optimizer steps; students: digits fitted for them and the steps of
-    # each stage; test / sklearn: evaluation images (None: all 1,797); fits: iterations per image
+    # teacher: training digits and optimizer steps; students: digits fitted for them (that many at full
+    # resolution and as many other ones at low resolution) and the steps of each stage; test / sklearn: evaluation images (None: all 1,797); fits: iterations per image
     "full": dict(teacher_digits=4000, teacher_steps=800, student_digits=2000, distill_steps=550, clip_steps=50,
                  test=500, sklearn=None, shard=250, digit_its=40, photo_its=60, rd_gaussians=(36, 100, 256, 576),
                  rd_its=60, compile=True),
-    "small": dict(teacher_digits=192, teacher_steps=6, student_digits=96, distill_steps=2, clip_steps=2, test=64,
+    "small": dict(teacher_digits=192, teacher_steps=6, student_digits=48, distill_steps=2, clip_steps=2, test=64,
                   sklearn=64, shard=48, digit_its=20, photo_its=20, rd_gaussians=(36, 100), rd_its=20, compile=False),
 }
 # The students' recipe: the first two backbone blocks train in both stages; the contrastive stage is
@@ -75,7 +76,11 @@ def make_data(root: Path, size: dict) -> dict[str, str]:
     data = root / "data"
     sets = {"train": datasets.digits("train", limit=size["teacher_digits"]),
             "test": datasets.digits("test", limit=size["test"]), "sklearn": datasets.sklearn_digits(size["sklearn"])}
-    sets["student"] = sets["train"][: size["student_digits"]]
+    # the students also see other training digits at low resolution (`datasets.coarsen`), so that a
+    # coarse scan's smooth strokes are not new to them; the two kinds alternate in the shards
+    n = size["student_digits"]
+    coarse = datasets.digits("train", limit=n, skip=n, coarse=True)
+    sets["student"] = [s for pair in zip(sets["train"][:n], coarse) for s in pair]
     out = {"classes": str(data / "classes.json"), "templates": str(data / "templates.json"),
            "photos": pattern(data, "photos", 1), "shards": {}}
     for name, samples in sets.items():

@@ -58,3 +58,23 @@ def test_packaged_model_configs_are_known_by_name():
     assert model.visual.image_size in (28, (28, 28))
     with pytest.raises(ValueError, match="unknown open_clip model 'no-such-vit'"):
         model_name("no-such-vit")
+
+
+def test_coarse_digits_are_other_digits_at_low_resolution_framed_like_sklearns():
+    import numpy as np
+
+    full = datasets.digits("train", limit=4, skip=10)
+    coarse = datasets.digits("train", limit=4, skip=10, coarse=True)
+    assert [s["__key__"].replace("mnist", "") for s in full] == [s["__key__"].replace("mnist8x8", "") for s in coarse]
+    assert [s["cls"] for s in full] == [s["cls"] for s in coarse]
+    assert full[0]["__key__"] == datasets.digits("train", limit=11)[10]["__key__"]  # skip leaves out the first 10
+    assert json.loads(coarse[0]["json"])["view"] == "8x8" and "view" not in json.loads(full[0]["json"])
+    # a solid 20x20 digit box stays solid and framed; a one-pixel stroke becomes a wider, fainter one
+    solid = np.zeros((28, 28), np.uint8)
+    solid[4:24, 4:24] = 255
+    assert (datasets.coarsen(solid) == solid).all()
+    stroke = np.zeros((28, 28), np.uint8)
+    stroke[4:24, 14] = 255
+    low = datasets.coarsen(stroke)
+    assert low[:4].max() == 0 and low[24:].max() == 0 and low[:, :4].max() == 0
+    assert (low > 0).sum() > 2 * (stroke > 0).sum() and low.max() < 255
