@@ -171,14 +171,11 @@ def readable(samples, url: str):
         log.warning("shard %s is unreadable: %s", url, err)
 
 
-def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, need_text=True, classes=None,
-           sources: dict[str, str] | None = None, source_size: int = 224, limits: ShardLimits = DEFAULT_LIMITS,
-           embed_dim: int | None = None):
-    """Valid samples of this worker for one epoch, in a deterministic order. With fewer shards
-    than workers every worker reads them all and keeps every world-th sample. With `sources`
-    (splat shard URL -> its image shard URL) each sample also carries its source "image"
-    [3, source_size, source_size]; a sample whose source is missing or undecodable is skipped. A
-    sample the shard reader found a problem with, or that fails its checks, is skipped and counted."""
+def raw_pairs(shards, rank, world, seed, epoch, spec, sources: dict[str, str] | None = None,
+              limits: ShardLimits = DEFAULT_LIMITS):
+    """This worker's raw samples for one epoch, in the deterministic order, each with its source
+    sample from `sources` (splat shard URL -> its image shard URL) or None. With fewer shards than
+    workers every worker reads them all and keeps every world-th sample."""
     mine = worker_shards(shards, rank, world, seed, epoch)
     by_sample = len(shards) < world
     i = 0
@@ -187,23 +184,43 @@ def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, ne
         pairs = with_sources(raws, sources[url], spec, limits) if sources else ((raw, None) for raw in raws)
         for raw, source in pairs:
             i += 1
-            if by_sample and (i - 1) % world != rank:
-                continue
-            lost = [reason for member, reason, _ in problems(raw) if not member]
-            if lost:
-                skipped.add(lost[0], raw["__key__"])
-                continue
-            s = decode_sample(raw, kind, image_size, classes, skipped, limits, embed_dim)
-            if s is None:
-                continue
-            if need_text and not s["text"]:
-                skipped.add("empty_caption", raw["__key__"])
-                continue
-            if sources:
-                s["image"] = decode_image(source, source_size, limits) if source is not None else None
-                if s["image"] is None:
-                    skipped.add("bad_source_image" if source is not None else "no_source_image", raw["__key__"])
-                    continue
+            if not by_sample or (i - 1) % world == rank:
+                yield raw, source
+
+
+def check_sample(raw: dict, source: dict | None, kind, image_size, skipped, need_text=True, classes=None,
+                 with_source: bool = False, source_size: int = 224, limits: ShardLimits = DEFAULT_LIMITS,
+                 embed_dim: int | None = None) -> dict | None:
+    """A raw sample decoded, or None (skipped and counted) when the shard reader found a problem with
+    it or it fails its checks. `with_source`: it also carries its source "image" [3, source_size,
+    source_size]; a sample whose source is missing or undecodable is skipped."""
+    lost = [reason for member, reason, _ in problems(raw) if not member]
+    if lost:
+        skipped.add(lost[0], raw["__key__"])
+        return None
+    s = decode_sample(raw, kind, image_size, classes, skipped, limits, embed_dim)
+    if s is None:
+        return None
+    if need_text and not s["text"]:
+        skipped.add("empty_caption", raw["__key__"])
+        return None
+    if with_source:
+        s["image"] = decode_image(source, source_size, limits) if source is not None else None
+        if s["image"] is None:
+            skipped.add("bad_source_image" if source is not None else "no_source_image", raw["__key__"])
+            return None
+    return s
+
+
+def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, need_text=True, classes=None,
+           sources: dict[str, str] | None = None, source_size: int = 224, limits: ShardLimits = DEFAULT_LIMITS,
+           embed_dim: int | None = None):
+    """Valid samples of this worker for one epoch, in a deterministic order (`raw_pairs`, then
+    `check_sample`), decoded in this process."""
+    for raw, source in raw_pairs(shards, rank, world, seed, epoch, spec, sources, limits):
+        s = check_sample(raw, source, kind, image_size, skipped, need_text, classes, bool(sources), source_size,
+                         limits, embed_dim)
+        if s is not None:
             yield s
 
 
@@ -221,16 +238,19 @@ def positive_id(sample: dict, positives: str) -> int:
 
 
 def collate(samples: list[dict], tokenizer=None, image_size: int = 224, positives: str = "caption") -> dict:
-    """Pad splats to the largest n with a mask; stack images, teachers, labels; tokenize text (with
-    positive ids, so the CLIP loss can tell which pairs match: see `positive_id`)."""
+    """Pad splats to the largest n with a mask; stack images, teachers, labels; tokenize text (or stack
+    the samples' own tokens) with positive ids, so the CLIP loss can tell which pairs match: see `positive_id`)."""
     out = {}
     if "splats" in samples[0]:
         batch = splats.Splats.from_arrays([s["splats"] for s in samples], image_size, image_size)
         out["params"], out["mask"] = batch.params, batch.mask
     if all("image" in s for s in samples):
         out["images"] = torch.stack([s["image"] for s in samples])
-    if tokenizer is not None:
+    if "tokens" in samples[0]:  # tokenized one by one by the training ingest's loader processes
+        out["tokens"] = torch.stack([s["tokens"] for s in samples])
+    elif tokenizer is not None:
         out["tokens"] = tokenizer([s["text"] for s in samples])
+    if "tokens" in out:
         out["positive_ids"] = torch.tensor([positive_id(s, positives) for s in samples])  # [b] int64
     if all("teacher" in s for s in samples):
         out["teacher"] = torch.from_numpy(np.stack([s["teacher"] for s in samples]).astype(np.float32))

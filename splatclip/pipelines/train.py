@@ -29,7 +29,8 @@ from splatclip.models.backbone import create, embed_images, input_size, missing_
 from splatclip.models.gsclip import GSCLIP, from_open_clip
 from splatclip.models.losses import clip_loss, distill_loss
 from splatclip.pipelines.layout import shard_name
-from splatclip.pipelines.samples import Skipped, collate, count_samples, stream, worker_shards
+from splatclip.pipelines.ingest import batches, on_device, steps_per_epoch
+from splatclip.pipelines.samples import Skipped, count_samples
 from splatclip.platform import storage
 from splatclip.platform.runtime import init_ray
 from splatclip.platform.secrets import redact
@@ -52,49 +53,6 @@ def warmup_cosine(warmup: int, total: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def steps_per_epoch(counts: dict[str, int], shards: list[str], world: int, seed: int, epoch: int, batch: int) -> int:
-    """Micro-batches every worker can draw in an epoch (the smallest worker's share decides, so all
-    workers take the same number of collective steps)."""
-    if len(shards) < world:
-        return max(1, sum(counts.values()) // world // batch)
-    shares = [sum(counts[s] for s in worker_shards(shards, r, world, seed, epoch)) for r in range(world)]
-    return max(1, min(shares) // batch)
-
-
-def batches(spec: TrainSpec, shards, counts, rank, world, image_size, tokenizer, epoch: int, skip: int, skipped,
-            sources: dict[str, str] | None = None, source_size: int = 224, embed_dim: int | None = None,
-            poisoned: frozenset = frozenset(), cursor: dict | None = None):
-    """Endless (epoch, index, batch) from a data position; an exhausted stream restarts its epoch's
-    order (bad samples may leave fewer than counted). With `sources`, batches carry source images.
-    Positions in `poisoned` (batches that raised before) are drawn but never yielded, on every rank
-    alike; `cursor` always holds the position being drawn, for the record of a failure."""
-    kind = spec.model.encoder
-    cursor = {} if cursor is None else cursor
-    while True:
-        per_epoch = steps_per_epoch(counts, shards, world, spec.seed, epoch, spec.batch_size)
-        index, pending = 0, []
-        cursor.update(epoch=epoch, index=index)
-        while index < per_epoch:
-            drawn = 0
-            for sample in stream(shards, rank, world, spec.seed, epoch, kind, image_size, spec.storage, skipped,
-                                 sources=sources, source_size=source_size, limits=spec.limits, embed_dim=embed_dim):
-                drawn += 1
-                pending.append(sample)
-                if len(pending) < spec.batch_size:
-                    continue
-                if index >= skip and (epoch, index) in poisoned:
-                    skipped.add("poisoned_batch", f"epoch {epoch} batch {index}")
-                elif index >= skip:
-                    yield epoch, index, collate(pending, tokenizer, image_size, spec.positives)
-                pending, index = [], index + 1
-                cursor.update(epoch=epoch, index=index)
-                if index >= per_epoch:
-                    break
-            if not drawn:
-                raise RuntimeError(f"worker {rank} found no usable samples in its shards ({dict(skipped.reasons)})")
-        epoch, skip = epoch + 1, 0
 
 
 def poisoned_batches(spec: TrainSpec) -> frozenset:
@@ -231,8 +189,9 @@ def train_loop(config: dict) -> None:
         stage_teacher = teacher if stage.kind == "distill" else None  # images are read for it only
         sources = (config["sources"], input_size(teacher)) if stage_teacher is not None else (None, 0)
         cursor: dict = {}
-        data = batches(spec, shards, counts, rank, world, image_size, model.tokenizer, state["epoch"], state["batch"],
-                       skipped, *sources, embed_dim=model.clip.visual.output_dim, poisoned=poisoned, cursor=cursor)
+        data = on_device(batches(spec, shards, counts, rank, world, image_size, model.tokenizer, state["epoch"],
+                                 state["batch"], skipped, *sources, embed_dim=model.clip.visual.output_dim,
+                                 poisoned=poisoned, cursor=cursor), device)
         share = model.set_trainable(stage.unfreeze_blocks)
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=spec.weight_decay)
@@ -247,15 +206,19 @@ def train_loop(config: dict) -> None:
         tracker.log_metrics({"trainable_share": share}, step=state["step"])
         tick = time.perf_counter()
         while state["stage_step"] < total:
-            loss_sum = 0.0
+            loss_sum, waited = 0.0, 0.0
             for _ in range(spec.grad_accum):
+                at = None  # the position of the batch in hand; while drawing one, the cursor's
                 try:  # this rank's own work on one batch (not the collectives, which fail with any rank)
+                    began = time.perf_counter()
                     epoch, index, batch = next(data)
+                    waited += time.perf_counter() - began
+                    at = {"epoch": epoch, "index": index}
                     with autocast:
                         loss = stage_loss(model, stage.kind, batch, device, world, stage_teacher)
                     (loss / spec.grad_accum).backward()
                 except Exception as err:
-                    record_poisoned(spec, cursor, rank, err)
+                    record_poisoned(spec, at or cursor, rank, err)
                     raise
                 loss_sum += loss.item() / spec.grad_accum
                 state["epoch"], state["batch"] = epoch, index + 1
@@ -273,7 +236,8 @@ def train_loop(config: dict) -> None:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             metrics = {"loss": loss_sum / (world if stage.kind == "contrastive" else 1), "lr": sched.get_last_lr()[0],
                        "stage": si, "samples_per_second": spec.batch_size * spec.grad_accum * world / elapsed,
-                       "skipped_samples": sum(skipped.reasons.values()), "nonfinite_steps": nonfinite_steps}
+                       "skipped_samples": sum(skipped.reasons.values()), "nonfinite_steps": nonfinite_steps,
+                       "data_wait": waited, "data_wait_fraction": waited / elapsed}
             tracker.log_metrics(metrics, step=state["step"])
             if spec.eval_data and state["step"] % spec.eval_every == 0 and rank == 0:
                 tracker.log_metrics(evaluate_during_training(model, spec, device), step=state["step"])

@@ -183,6 +183,9 @@ class TrainSpec(Model):
         "caption", description="Contrastive positives: pairs with the same caption, or with the same class id "
         "(.cls; every caption of a class then matches every image of it, as in UniCL); a sample with no class id "
         "falls back to its caption.")
+    loader_workers: int = Field(2, ge=0, le=64, description="Loader processes per training worker that decode, check "
+                                "and tokenize samples ahead of the step (0: in the training process); the sample "
+                                "order is the same for any number.")
     checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
     max_failures: int = Field(2, ge=0, le=1000, description="Worker failures Ray Train recovers from.")
     images: str | None = Field(

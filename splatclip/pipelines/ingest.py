@@ -1,0 +1,142 @@
+"""Training ingest: loader processes decode, check and tokenize samples ahead of the step.
+
+The order of samples is the one `samples.raw_pairs` defines for a (seed, epoch, rank), whatever the
+number of loader processes k: the raw samples are cut into chunks of CHUNK consecutive ones, chunk c
+is decoded by loader process c % k, and torch's DataLoader hands the chunks back in order (it takes
+item i from process i % k, and every process yields its chunks in order). The training process forms
+the batches from the valid samples exactly as a single process would, so a checkpoint's (epoch,
+batch) position means the same samples for any k. Each loader process reads every raw sample of the
+rank's shards (tar members' bytes: cheap) but decodes and tokenizes only its own chunks.
+
+Why torch's DataLoader and not Ray Data's streaming split: the order above, and with it the exact
+resume from (epoch, batch), needs each rank's stream to be a pure function of (seed, epoch, rank);
+a streaming split hands blocks to whichever rank asks first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from splatclip.pipelines.samples import check_sample, collate, raw_pairs, worker_shards
+from splatclip.platform.specs import TrainSpec
+
+CHUNK = 16  # raw samples a loader process decodes as one piece
+PREFETCH = 4  # chunks each loader process keeps ready
+
+
+def steps_per_epoch(counts: dict[str, int], shards: list[str], world: int, seed: int, epoch: int, batch: int) -> int:
+    """Micro-batches every worker can draw in an epoch (the smallest worker's share decides, so all
+    workers take the same number of collective steps)."""
+    if len(shards) < world:
+        return max(1, sum(counts.values()) // world // batch)
+    shares = [sum(counts[s] for s in worker_shards(shards, r, world, seed, epoch)) for r in range(world)]
+    return max(1, min(shares) // batch)
+
+
+@dataclass
+class Chunk:
+    samples: list = field(default_factory=list)  # the valid ones, decoded, in order
+    skipped: list = field(default_factory=list)  # (reason, key) of each one skipped
+
+    def add(self, reason: str, key: str) -> None:  # the `Skipped` interface, recorded for the trainer
+        self.skipped.append((reason, key))
+
+
+class DecodedChunks(IterableDataset):
+    """One rank's samples for one epoch as decoded chunks; in a DataLoader process, only its chunks."""
+
+    def __init__(self, spec: TrainSpec, shards, rank: int, world: int, epoch: int, image_size: int, tokenizer,
+                 sources: dict[str, str] | None, source_size: int, embed_dim: int | None):
+        self.spec, self.shards, self.rank, self.world, self.epoch = spec, shards, rank, world, epoch
+        self.image_size, self.tokenizer, self.embed_dim = image_size, tokenizer, embed_dim
+        self.sources, self.source_size = sources, source_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        me, k = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)  # k processes beside the training step: one core each
+        spec, chunk, current = self.spec, Chunk(), 0
+        pairs = raw_pairs(self.shards, self.rank, self.world, spec.seed, self.epoch, spec.storage, self.sources,
+                          spec.limits)
+        for position, (raw, source) in enumerate(pairs):
+            if position // CHUNK != current:
+                if current % k == me:
+                    yield chunk
+                chunk, current = Chunk(), position // CHUNK
+            if current % k != me:
+                continue
+            s = check_sample(raw, source, spec.model.encoder, self.image_size, chunk, True, None, bool(self.sources),
+                             self.source_size, spec.limits, self.embed_dim)
+            if s is not None:
+                if self.tokenizer is not None:
+                    s["tokens"] = self.tokenizer([s["text"]])[0]  # [context]
+                chunk.samples.append(s)
+        if current % k == me and (chunk.samples or chunk.skipped):
+            yield chunk
+
+
+def decoded(dataset: DecodedChunks, loader_workers: int, skipped):
+    """The dataset's valid samples in order, decoded by `loader_workers` processes (0: this one);
+    the skipped ones counted in `skipped`."""
+    loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers,
+                        prefetch_factor=PREFETCH if loader_workers else None,
+                        multiprocessing_context="fork" if loader_workers else None)
+    for chunk in loader:
+        for reason, key in chunk.skipped:
+            skipped.add(reason, key)
+        yield from chunk.samples
+
+
+def batches(spec: TrainSpec, shards, counts, rank, world, image_size, tokenizer, epoch: int, skip: int, skipped,
+            sources: dict[str, str] | None = None, source_size: int = 224, embed_dim: int | None = None,
+            poisoned: frozenset = frozenset(), cursor: dict | None = None):
+    """Endless (epoch, index, batch) from a data position; an exhausted stream restarts its epoch's
+    order (bad samples may leave fewer than counted). With `sources`, batches carry source images.
+    Positions in `poisoned` (batches that raised before) are drawn but never yielded, on every rank
+    alike; `cursor` always holds the position being drawn, for the record of a failure."""
+    cursor = {} if cursor is None else cursor
+    while True:
+        per_epoch = steps_per_epoch(counts, shards, world, spec.seed, epoch, spec.batch_size)
+        index, pending = 0, []
+        cursor.update(epoch=epoch, index=index)
+        while index < per_epoch:
+            drawn = 0
+            chunks = DecodedChunks(spec, shards, rank, world, epoch, image_size, tokenizer, sources, source_size,
+                                   embed_dim)
+            for sample in decoded(chunks, spec.loader_workers, skipped):
+                drawn += 1
+                pending.append(sample)
+                if len(pending) < spec.batch_size:
+                    continue
+                if index >= skip and (epoch, index) in poisoned:
+                    skipped.add("poisoned_batch", f"epoch {epoch} batch {index}")
+                elif index >= skip:
+                    yield epoch, index, collate(pending, None, image_size, spec.positives)
+                pending, index = [], index + 1
+                cursor.update(epoch=epoch, index=index)
+                if index >= per_epoch:
+                    break
+            if not drawn:
+                raise RuntimeError(f"worker {rank} found no usable samples in its shards ({dict(skipped.reasons)})")
+        epoch, skip = epoch + 1, 0
+
+
+def on_device(items, device: torch.device):
+    """(epoch, index, batch) with the batch's tensors on `device`. On a GPU they are copied from pinned
+    memory without blocking, one batch ahead, so the next batch's copy overlaps this step."""
+    if device.type != "cuda":
+        yield from items
+        return
+    ahead = None
+    for epoch, index, batch in items:
+        moved = {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        if ahead is not None:
+            yield ahead
+        ahead = (epoch, index, moved)
+    if ahead is not None:
+        yield ahead

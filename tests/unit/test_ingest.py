@@ -1,0 +1,63 @@
+"""Training ingest with loader processes: the same batches, in the same order, for any number of
+them, and a resumed stream continues at the same sample."""
+
+import pytest
+import torch
+
+from splatclip.pipelines.ingest import CHUNK, batches
+from splatclip.pipelines.samples import Skipped
+from splatclip.platform.shards import write_shard
+from splatclip.platform.specs import TrainSpec, load_spec
+from test_samples import good_splats
+
+
+def number_tokens(texts):
+    """A stand-in tokenizer: the caption's number as its one token."""
+    return torch.tensor([[int(t.split()[-1])] for t in texts])  # [b, 1]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    urls, counts = [], {}
+    for s in range(3):
+        url = str(tmp_path / f"s{s}.tar")
+        with write_shard(url) as w:
+            for i in range(2 * CHUNK + 5):  # chunks end inside shards and batches across them
+                n = 1000 * s + i
+                sample = {"__key__": f"k{n}", "splats.npy": good_splats(), "txt": f"caption {n}".encode()}
+                if i % 11 == 3:
+                    sample["splats.npy"] = b"not an array"  # skipped: corrupt_splats
+                if i % 13 == 5:
+                    sample["txt"] = b""  # skipped: empty_caption
+                w.write(sample)
+        urls.append(url)
+        counts[url] = sum(1 for i in range(2 * CHUNK + 5) if i % 11 != 3 and i % 13 != 5)  # the valid ones
+    return urls, counts
+
+
+def drawn(spec, urls, counts, rank, world, epoch, skip, steps):
+    skipped = Skipped()
+    data = batches(spec, urls, counts, rank, world, 32, number_tokens, epoch, skip, skipped)
+    got = []
+    for _ in range(steps):
+        e, i, batch = next(data)
+        assert batch["params"].shape[0] == spec.batch_size
+        got.append((e, i, batch["tokens"][:, 0].tolist()))
+    return got, dict(skipped.reasons)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_any_number_of_loader_processes_gives_the_same_batches_and_resume_continues_exactly(shards, tmp_path, world):
+    urls, counts = shards
+    spec = lambda k: load_spec(TrainSpec, None, [f"data={urls[0]}", f"storage_path={tmp_path}",  # noqa: E731
+                                                 "batch_size=5", f"loader_workers={k}"])
+    steps = 30  # past the first epoch's end (18 steps, or 6 or 12 a rank)
+    reference, reasons = drawn(spec(0), urls, counts, 0, world, 0, 0, steps)
+    assert len({e for e, _, _ in reference}) >= 2 and reasons["corrupt_splats"] and reasons["empty_caption"]
+    flat = [t for e, _, batch in reference if e == 0 for t in batch]
+    assert len(set(flat)) == len(flat) >= 30  # no sample twice within an epoch
+    for k in (1, 3):
+        assert drawn(spec(k), urls, counts, 0, world, 0, 0, steps) == (reference, reasons)
+    # a run restored at (epoch 0, batch 4) with another number of loader processes sees the same tail
+    resumed, _ = drawn(spec(2), urls, counts, 0, world, 0, 4, steps - 4)
+    assert resumed == reference[4:]
