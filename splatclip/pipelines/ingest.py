@@ -15,6 +15,7 @@ a streaming split hands blocks to whichever rank asks first.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from splatclip.pipelines.samples import check_sample, collate, raw_pairs, worker_shards
 from splatclip.platform.specs import TrainSpec
 
-CHUNK = 16  # raw samples a loader process decodes as one piece
+CHUNK = 64  # raw samples a loader process decodes as one piece (fewer, larger transfers to the trainer)
 PREFETCH = 4  # chunks each loader process keeps ready
 
 
@@ -38,6 +39,7 @@ def steps_per_epoch(counts: dict[str, int], shards: list[str], world: int, seed:
 
 @dataclass
 class Chunk:
+    epoch: int
     samples: list = field(default_factory=list)  # the valid ones, decoded, in order
     skipped: list = field(default_factory=list)  # (reason, key) of each one skipped
 
@@ -46,68 +48,108 @@ class Chunk:
 
 
 class DecodedChunks(IterableDataset):
-    """One rank's samples for one epoch as decoded chunks; in a DataLoader process, only its chunks."""
+    """One rank's samples as decoded chunks, epoch after epoch from `epoch` (one pass each; `passes=1`:
+    that epoch only). Chunks are numbered across epochs (an epoch's last one may be short); in a
+    DataLoader process, only its own are decoded and yielded. Ends after an epoch without samples."""
 
     def __init__(self, spec: TrainSpec, shards, rank: int, world: int, epoch: int, image_size: int, tokenizer,
-                 sources: dict[str, str] | None, source_size: int, embed_dim: int | None):
+                 sources: dict[str, str] | None, source_size: int, embed_dim: int | None, passes: int | None = None):
         self.spec, self.shards, self.rank, self.world, self.epoch = spec, shards, rank, world, epoch
         self.image_size, self.tokenizer, self.embed_dim = image_size, tokenizer, embed_dim
-        self.sources, self.source_size = sources, source_size
+        self.sources, self.source_size, self.passes = sources, source_size, passes
 
     def __iter__(self):
         info = get_worker_info()
         me, k = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)  # k processes beside the training step: one core each
-        spec, chunk, current = self.spec, Chunk(), 0
-        pairs = raw_pairs(self.shards, self.rank, self.world, spec.seed, self.epoch, spec.storage, self.sources,
-                          spec.limits)
-        for position, (raw, source) in enumerate(pairs):
-            if position // CHUNK != current:
-                if current % k == me:
-                    yield chunk
-                chunk, current = Chunk(), position // CHUNK
-            if current % k != me:
-                continue
-            s = check_sample(raw, source, spec.model.encoder, self.image_size, chunk, True, None, bool(self.sources),
-                             self.source_size, spec.limits, self.embed_dim)
-            if s is not None:
-                if self.tokenizer is not None:
-                    s["tokens"] = self.tokenizer([s["text"]])[0]  # [context]
-                chunk.samples.append(s)
-        if current % k == me and (chunk.samples or chunk.skipped):
-            yield chunk
+        number = 0  # of the next chunk, across epochs
+        epochs = itertools.count(self.epoch) if self.passes is None else range(self.epoch, self.epoch + self.passes)
+        for epoch in epochs:
+            chunk, begun = None, number
+            pairs = raw_pairs(self.shards, self.rank, self.world, self.spec.seed, epoch, self.spec.storage,
+                              self.sources, self.spec.limits)
+            for position, (raw, source) in enumerate(pairs):
+                if position % CHUNK == 0:
+                    if chunk is not None:
+                        yield chunk
+                    mine, number = (number % k == me), number + 1
+                    chunk = Chunk(epoch) if mine else None
+                if chunk is not None:
+                    self._decode(raw, source, chunk)
+            if chunk is not None:
+                yield chunk
+            if number == begun:
+                return
+
+    def _decode(self, raw: dict, source: dict | None, chunk: Chunk) -> None:
+        spec = self.spec
+        s = check_sample(raw, source, spec.model.encoder, self.image_size, chunk, True, None, bool(self.sources),
+                         self.source_size, spec.limits, self.embed_dim)
+        if s is None:
+            return
+        if self.tokenizer is not None:
+            s["tokens"] = self.tokenizer([s["text"]])[0]  # [context]
+        # numpy crosses to the trainer inside the chunk's pickle; a tensor would take a shared memory
+        # segment of its own per sample
+        chunk.samples.append({k: v.numpy() if torch.is_tensor(v) else v for k, v in s.items()})
 
 
 def decoded(dataset: DecodedChunks, loader_workers: int, skipped):
-    """The dataset's valid samples in order, decoded by `loader_workers` processes (0: this one);
-    the skipped ones counted in `skipped`."""
+    """(epoch, sample) of the dataset's valid samples in order, decoded by `loader_workers`
+    processes (0: this one); the skipped ones counted in `skipped`."""
     loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers,
                         prefetch_factor=PREFETCH if loader_workers else None,
                         multiprocessing_context="fork" if loader_workers else None)
     for chunk in loader:
         for reason, key in chunk.skipped:
             skipped.add(reason, key)
-        yield from chunk.samples
+        for sample in chunk.samples:
+            yield chunk.epoch, sample
+
+
+def of_epoch(stream, epoch: int, held: list):
+    """The samples of `epoch` from a stream of (epoch, sample) that runs epoch after epoch; samples of
+    earlier epochs are passed over, and the first of a later one is kept in `held` for the next call."""
+    if held:
+        (e, sample), = held
+        if e > epoch:
+            return
+        held.clear()
+        if e == epoch:
+            yield sample
+    for e, sample in stream:
+        if e > epoch:
+            held.append((e, sample))
+            return
+        if e == epoch:
+            yield sample
 
 
 def batches(spec: TrainSpec, shards, counts, rank, world, image_size, tokenizer, epoch: int, skip: int, skipped,
             sources: dict[str, str] | None = None, source_size: int = 224, embed_dim: int | None = None,
             poisoned: frozenset = frozenset(), cursor: dict | None = None):
-    """Endless (epoch, index, batch) from a data position; an exhausted stream restarts its epoch's
-    order (bad samples may leave fewer than counted). With `sources`, batches carry source images.
-    Positions in `poisoned` (batches that raised before) are drawn but never yielded, on every rank
-    alike; `cursor` always holds the position being drawn, for the record of a failure."""
+    """Endless (epoch, index, batch) from a data position. The loader processes run from epoch to
+    epoch without a restart; an epoch whose samples run out before its batches do (bad samples may
+    leave fewer than counted) takes a further pass over its own order. With `sources`, batches carry
+    source images. Positions in `poisoned` (batches that raised before) are drawn but never yielded,
+    on every rank alike; `cursor` always holds the position being drawn, for the record of a failure."""
     cursor = {} if cursor is None else cursor
+
+    def chunks(first: int, passes: int | None = None):
+        return DecodedChunks(spec, shards, rank, world, first, image_size, tokenizer, sources, source_size, embed_dim,
+                             passes)
+
+    stream, held = decoded(chunks(epoch), spec.loader_workers, skipped), []
     while True:
         per_epoch = steps_per_epoch(counts, shards, world, spec.seed, epoch, spec.batch_size)
-        index, pending = 0, []
+        index, pending, again = 0, [], False
         cursor.update(epoch=epoch, index=index)
         while index < per_epoch:
             drawn = 0
-            chunks = DecodedChunks(spec, shards, rank, world, epoch, image_size, tokenizer, sources, source_size,
-                                   embed_dim)
-            for sample in decoded(chunks, spec.loader_workers, skipped):
+            samples = decoded(chunks(epoch, 1), spec.loader_workers, skipped) if again else of_epoch(stream, epoch, held)
+            for item in samples:
+                sample = item[1] if again else item
                 drawn += 1
                 pending.append(sample)
                 if len(pending) < spec.batch_size:
@@ -122,6 +164,7 @@ def batches(spec: TrainSpec, shards, counts, rank, world, image_size, tokenizer,
                     break
             if not drawn:
                 raise RuntimeError(f"worker {rank} found no usable samples in its shards ({dict(skipped.reasons)})")
+            again = True
         epoch, skip = epoch + 1, 0
 
 

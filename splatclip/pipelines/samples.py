@@ -245,9 +245,9 @@ def collate(samples: list[dict], tokenizer=None, image_size: int = 224, positive
         batch = splats.Splats.from_arrays([s["splats"] for s in samples], image_size, image_size)
         out["params"], out["mask"] = batch.params, batch.mask
     if all("image" in s for s in samples):
-        out["images"] = torch.stack([s["image"] for s in samples])
+        out["images"] = torch.stack([torch.as_tensor(s["image"]) for s in samples])
     if "tokens" in samples[0]:  # tokenized one by one by the training ingest's loader processes
-        out["tokens"] = torch.stack([s["tokens"] for s in samples])
+        out["tokens"] = torch.stack([torch.as_tensor(s["tokens"]) for s in samples])
     elif tokenizer is not None:
         out["tokens"] = tokenizer([s["text"] for s in samples])
     if "tokens" in out:

@@ -4,7 +4,8 @@ them, and a resumed stream continues at the same sample."""
 import pytest
 import torch
 
-from splatclip.pipelines.ingest import CHUNK, batches
+from splatclip.pipelines import ingest
+from splatclip.pipelines.ingest import batches
 from splatclip.pipelines.samples import Skipped
 from splatclip.platform.shards import write_shard
 from splatclip.platform.specs import TrainSpec, load_spec
@@ -17,12 +18,13 @@ def number_tokens(texts):
 
 
 @pytest.fixture
-def shards(tmp_path):
+def shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest, "CHUNK", 16)  # chunks end inside shards, and batches span chunks
     urls, counts = [], {}
     for s in range(3):
         url = str(tmp_path / f"s{s}.tar")
         with write_shard(url) as w:
-            for i in range(2 * CHUNK + 5):  # chunks end inside shards and batches across them
+            for i in range(37):
                 n = 1000 * s + i
                 sample = {"__key__": f"k{n}", "splats.npy": good_splats(), "txt": f"caption {n}".encode()}
                 if i % 11 == 3:
@@ -31,7 +33,7 @@ def shards(tmp_path):
                     sample["txt"] = b""  # skipped: empty_caption
                 w.write(sample)
         urls.append(url)
-        counts[url] = sum(1 for i in range(2 * CHUNK + 5) if i % 11 != 3 and i % 13 != 5)  # the valid ones
+        counts[url] = sum(1 for i in range(37) if i % 11 != 3 and i % 13 != 5)  # the 30 valid ones
     return urls, counts
 
 
@@ -61,3 +63,18 @@ def test_any_number_of_loader_processes_gives_the_same_batches_and_resume_contin
     # a run restored at (epoch 0, batch 4) with another number of loader processes sees the same tail
     resumed, _ = drawn(spec(2), urls, counts, 0, world, 0, 4, steps - 4)
     assert resumed == reference[4:]
+    # the loaders run on into the next epoch: that epoch is the one a run starting there sees
+    later = [b for b in reference if b[0] == 1]
+    assert drawn(spec(0), urls, counts, 0, world, 1, 0, len(later))[0] == later
+
+
+def test_an_epoch_with_fewer_samples_than_counted_takes_another_pass_over_its_own_order(shards, tmp_path):
+    urls, counts = shards
+    overstated = {u: c + 10 for u, c in counts.items()}  # 30 samples that never come
+    spec = load_spec(TrainSpec, None, [f"data={urls[0]}", f"storage_path={tmp_path}", "batch_size=5",
+                                       "loader_workers=2"])
+    got, _ = drawn(spec, urls, overstated, 0, 1, 0, 0, 27)
+    first = [t for e, _, batch in got if e == 0 for t in batch]
+    assert len(first) == 120 and first[90:] == first[:30]  # 90 valid, then the same order again
+    assert [b[1] for b in got if b[0] == 1] == [0, 1, 2]
+    assert got[24:] == drawn(spec, urls, overstated, 0, 1, 1, 0, 3)[0]
