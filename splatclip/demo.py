@@ -349,12 +349,10 @@ def curves(root: Path, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5))
     for ax, name in zip(axes, names):
         run_id = json.loads((root / "runs" / name / "_mlflow_run.json").read_text())["run_id"]
-        history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
-        stages = {m.step: m.value for m in client.get_metric_history(run_id, "stage")}
-        for stage in sorted(set(stages.values())):
-            pts = [(m.step, m.value) for m in history if stages.get(m.step) == stage]
-            if pts:
-                ax.plot(*zip(*pts), label=f"stage {int(stage)}")
+        for kind in ("distill", "contrastive"):  # each stage's loss has a metric of its own
+            history = sorted(client.get_metric_history(run_id, f"loss/{kind}"), key=lambda m: m.step)
+            if history:
+                ax.plot([m.step for m in history], [m.value for m in history], label=kind)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

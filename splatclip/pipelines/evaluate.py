@@ -96,7 +96,7 @@ def run(spec: EvalSpec) -> int:
             log.error("%s %s: no such model file (a train run writes model.pt in its directory)", field, url)
             return 2
     tracker = Tracker(spec.tracking, "evaluate")
-    tracker.start(spec)
+    tracker.start(spec, system_metrics=True)
     with tracker.failed_on_error():
         results = {"splat": zero_shot(load_model(spec.checkpoint, spec.storage, device), spec.data, spec.classes,
                                       spec.templates, spec.batch_size, spec.storage, device, spec.limits)}

@@ -168,7 +168,7 @@ def run(spec: FitSpec) -> int:
     tracker = Tracker(spec.tracking, "fit")
     run_file = storage.join(spec.output, "_mlflow_run.json")
     previous = storage.read_json(run_file, spec.storage) if storage.exists(run_file, spec.storage) else {}
-    run_id = tracker.start(spec, resume_run_id=tracker.recorded_run(previous))
+    run_id = tracker.start(spec, resume_run_id=tracker.recorded_run(previous), system_metrics=True)
     if run_id:
         storage.write_json(run_file, tracker.run_record(), spec.storage)
 

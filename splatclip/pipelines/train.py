@@ -177,7 +177,7 @@ def train_loop(config: dict) -> None:
 
     tracker = Tracker(spec.tracking, "train", rank)
     if tracker.active:
-        state["run_id"] = tracker.start(spec, resume_run_id=config["run_id"] or state["run_id"])
+        state["run_id"] = tracker.start(spec, resume_run_id=config["run_id"] or state["run_id"], system_metrics=True)
         tracker.log_params({"model.trainable_share": f"{model.trainable_share():.4f}"})
 
     skipped = Skipped()
@@ -234,7 +234,8 @@ def train_loop(config: dict) -> None:
             state["stage_step"] += 1
             state["step"] += 1
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            metrics = {"loss": loss_sum / (world if stage.kind == "contrastive" else 1), "lr": sched.get_last_lr()[0],
+            metrics = {f"loss/{stage.kind}": loss_sum / (world if stage.kind == "contrastive" else 1),
+                       "lr": sched.get_last_lr()[0],
                        "stage": si, "samples_per_second": spec.batch_size * spec.grad_accum * world / elapsed,
                        "skipped_samples": sum(skipped.reasons.values()), "nonfinite_steps": nonfinite_steps,
                        "data_wait": waited, "data_wait_fraction": waited / elapsed}

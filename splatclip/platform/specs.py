@@ -64,6 +64,8 @@ class TrackingSpec(Model):
     experiment: str = "splatclip"
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    system_metrics: float = Field(10.0, ge=0, le=86_400, description="Seconds between samples of CPU, memory and "
+                                  "GPU use (MLflow system metrics) where the job computes; 0 turns them off.")
 
 
 class RaySpec(Model):

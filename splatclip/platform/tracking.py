@@ -54,6 +54,7 @@ def absolute_uri(uri: str) -> str:
 
 FLUSH_SECONDS = 2.0
 FLUSH_COUNT = 1000  # MLflow's limit of metrics per log_batch request
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class Tracker:
@@ -66,6 +67,7 @@ class Tracker:
         self._client = None
         self._pending: list = []  # metrics not yet sent (see log_metrics)
         self._sent = time.monotonic()
+        self._monitor = None  # MLflow's system metrics sampler, while the run is open
 
     @property
     def client(self):
@@ -107,8 +109,22 @@ class Tracker:
             return None
         return run
 
-    def start(self, job_spec: BaseModel, resume_run_id: str | None = None) -> str | None:
-        """Open (or reopen) the run, tag it and log the spec as params. Returns the run id."""
+    def experiment(self) -> str:
+        """The id of the spec's experiment, created as a model-training one (MLflow 3's UI opens an
+        experiment without `mlflow.experimentKind` in its GenAI view); an existing one without the
+        tag gets it."""
+        client = self.client
+        experiment = client.get_experiment_by_name(self.spec.experiment)
+        if experiment is None:
+            return client.create_experiment(self.spec.experiment, tags={EXPERIMENT_KIND: TRAINING_KIND})
+        if EXPERIMENT_KIND not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+        return experiment.experiment_id
+
+    def start(self, job_spec: BaseModel, resume_run_id: str | None = None, system_metrics: bool = False) -> str | None:
+        """Open (or reopen) the run, tag it and log the spec as params. Returns the run id.
+        `system_metrics`: this process samples its machine's CPU, memory (and GPUs, where
+        nvidia-ml-py is installed) into the run every `spec.system_metrics` seconds (0: never)."""
         if not self.active:
             return None
         client = self.client
@@ -118,10 +134,7 @@ class Tracker:
             client.update_run(self.run_id, status="RUNNING")
             log.info("resuming MLflow run %s", self.run_id)
         else:
-            experiment = client.get_experiment_by_name(self.spec.experiment)
-            experiment_id = (
-                experiment.experiment_id if experiment else client.create_experiment(self.spec.experiment)
-            )
+            experiment_id = self.experiment()
             tags = {"splatclip.job": self.job, "splatclip.spec_hash": spec_hash(job_spec), **self.spec.tags}
             commit = git_commit()
             if commit:
@@ -130,6 +143,12 @@ class Tracker:
             self.run_id, self.experiment_id = run.info.run_id, experiment_id
             log.info("MLflow run %s in experiment %r at %s", self.run_id, self.spec.experiment, redact(self.spec.uri))
         self.log_params(flatten(public_dict(job_spec)))
+        if system_metrics and self.spec.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.spec.system_metrics,
+                                                 resume_logging=True, tracking_uri=self.spec.uri)
+            self._monitor.start()
         return self.run_id
 
     def log_params(self, params: dict) -> None:
@@ -199,6 +218,9 @@ class Tracker:
         if not (self.active and self.run_id):
             return
         self.flush()
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         self.client.set_terminated(self.run_id, status=status)
         if self.spec.uri.startswith(("http://", "https://")):
             log.info("MLflow run %s (%s): %s/#/experiments/%s/runs/%s", self.run_id, status,

@@ -67,7 +67,7 @@ def test_two_workers_learn_and_checkpoint(digits, tmp_path):
     assert train.run(spec) == 0
     run_dir = digits / "runs" / "learn"
     run_id = json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"]
-    losses = [m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+    losses = [m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss/distill")]
     assert len(losses) == 30  # 48 samples per worker / 8 = 6 steps per epoch, 5 epochs
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
@@ -119,7 +119,7 @@ def test_distill_from_source_images_with_an_rgb_teacher(digits, tmp_path):
     spec = load_spec(TrainSpec, SPEC, train_args(digits, "from-images", uri, *teacher_args, "checkpoint_every=100"))
     assert train.run(spec) == 0
     run_id = json.loads((digits / "runs" / "from-images" / "_mlflow_run.json").read_text())["run_id"]
-    losses = [m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+    losses = [m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss/distill")]
     assert len(losses) == 24 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
 
@@ -160,7 +160,7 @@ def test_train_on_s3_checkpoints_there_and_a_rerun_resumes(digits, s3_bucket, tm
     run_id = storage.read_json(f"{run_dir}/_mlflow_run.json", storage_spec)["run_id"]
     assert train.run(load_spec(TrainSpec, SPEC, args)) == 0  # resumes at the end: nothing trains again
     assert storage.read_json(f"{run_dir}/_mlflow_run.json", storage_spec)["run_id"] == run_id
-    assert len(MlflowClient(uri).get_metric_history(run_id, "loss")) == 6
+    assert len(MlflowClient(uri).get_metric_history(run_id, "loss/distill")) == 6
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -227,9 +227,9 @@ def test_killed_job_reruns_and_a_killed_worker_resumes(digits, tmp_path, kill_jo
     assert final_step(run_dir) == 36  # 6 steps per epoch, 4 + 2 epochs: the same as without a failure
     assert json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"] == run_id
     client = MlflowClient(uri)
-    history = client.get_metric_history(run_id, "loss")
+    history = client.get_metric_history(run_id, "loss/distill") + client.get_metric_history(run_id, "loss/contrastive")
     steps = sorted({m.step for m in history})
-    assert steps == list(range(1, 37)), steps
+    assert steps == list(range(1, 37)), steps  # per stage: 1-24 distill, 25-36 contrastive
     assert [m.step for m in history].count(1) == 1  # resumed from a checkpoint each time, never from step 0
     assert len(client.search_runs([client.get_experiment_by_name("train-tests").experiment_id])) == 1
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -238,7 +238,8 @@ def test_killed_job_reruns_and_a_killed_worker_resumes(digits, tmp_path, kill_jo
 def test_ray_job_submit_train_logs_to_mlflow_server(digits, ray_head, mlflow_server, tmp_path):
     address, env = ray_head
     args = train_args(digits, "submitted", mlflow_server, "stages=[{kind: contrastive, epochs: 1}]", "checkpoint_every=100",
-                      "tracking.experiment=submitted", "tracking.run_name=submitted-run")
+                      "tracking.experiment=submitted", "tracking.run_name=submitted-run",
+                      "tracking.system_metrics=0.5")
     result = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
          "--", "python", "jobs/train.py", "jobs/specs/train.local.yaml", *[f"--set={a}" for a in args]],
@@ -250,7 +251,11 @@ def test_ray_job_submit_train_logs_to_mlflow_server(digits, ray_head, mlflow_ser
     assert [r.info.run_name for r in runs] == ["submitted-run"]
     run = runs[0]
     assert run.data.params["model.latents"] == "8" and float(run.data.params["model.trainable_share"]) > 0
-    assert len(client.get_metric_history(run.info.run_id, "loss")) == 6
+    assert len(client.get_metric_history(run.info.run_id, "loss/contrastive")) == 6  # per stage: its own axis
+    assert "loss" not in run.data.metrics and 0 <= run.data.metrics["data_wait_fraction"] <= 1
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    assert client.get_experiment_by_name("submitted").tags["mlflow.experimentKind"] == "custom_model_development"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"model"}
 
 
