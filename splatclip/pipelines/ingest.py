@@ -8,6 +8,10 @@ the batches from the valid samples exactly as a single process would, so a check
 batch) position means the same samples for any k. Each loader process reads every raw sample of the
 rank's shards (tar members' bytes: cheap) but decodes and tokenizes only its own chunks.
 
+The loader processes come from a fork server, not from forking the trainer: a forked child keeps the
+trainer's open sockets, Ray's connection to its raylet among them, so a killed trainer would not look
+dead to Ray while its loaders lived, and its training group would hang instead of restarting.
+
 Why torch's DataLoader and not Ray Data's streaming split: the order above, and with it the exact
 resume from (epoch, batch), needs each rank's stream to be a pure function of (seed, epoch, rank);
 a streaming split hands blocks to whichever rank asks first.
@@ -57,6 +61,7 @@ class DecodedChunks(IterableDataset):
         self.spec, self.shards, self.rank, self.world, self.epoch = spec, shards, rank, world, epoch
         self.image_size, self.tokenizer, self.embed_dim = image_size, tokenizer, embed_dim
         self.sources, self.source_size, self.passes = sources, source_size, passes
+        self.chunk = CHUNK  # read here: the loader processes are started afresh and import their own
 
     def __iter__(self):
         info = get_worker_info()
@@ -70,7 +75,7 @@ class DecodedChunks(IterableDataset):
             pairs = raw_pairs(self.shards, self.rank, self.world, self.spec.seed, epoch, self.spec.storage,
                               self.sources, self.spec.limits)
             for position, (raw, source) in enumerate(pairs):
-                if position % CHUNK == 0:
+                if position % self.chunk == 0:
                     if chunk is not None:
                         yield chunk
                     mine, number = (number % k == me), number + 1
@@ -97,10 +102,10 @@ class DecodedChunks(IterableDataset):
 
 def decoded(dataset: DecodedChunks, loader_workers: int, skipped):
     """(epoch, sample) of the dataset's valid samples in order, decoded by `loader_workers`
-    processes (0: this one); the skipped ones counted in `skipped`."""
+    processes (0: this one); the skipped ones counted in `skipped` as their chunks arrive."""
     loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers,
                         prefetch_factor=PREFETCH if loader_workers else None,
-                        multiprocessing_context="fork" if loader_workers else None)
+                        multiprocessing_context="forkserver" if loader_workers else None)  # not fork: see below
     for chunk in loader:
         for reason, key in chunk.skipped:
             skipped.add(reason, key)

@@ -176,6 +176,10 @@ def run_train_subprocess(args, cwd):
                             stderr=subprocess.STDOUT, text=True)
 
 
+def parent(pid: str) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+
+
 def final_step(run_dir: Path) -> int:
     return torch.load(run_dir / "model.pt", weights_only=True)["step"]
 
@@ -216,8 +220,10 @@ def test_killed_job_reruns_and_a_killed_worker_resumes(digits, tmp_path, kill_jo
 
     rerun = run_train_subprocess(args, tmp_path)
     wait_for_checkpoint(run_dir, rerun, besides=first)
-    workers = subprocess.run(["pgrep", "-s", str(rerun.pid), "-f", "RayTrainWorker"],  # this job's session
-                             capture_output=True, text=True).stdout.split()
+    found = subprocess.run(["pgrep", "-s", str(rerun.pid), "-f", "RayTrainWorker"],  # this job's session
+                           capture_output=True, text=True).stdout.split()
+    # a worker's loader processes are forks of it, with its command line: kill a worker, not a loader
+    workers = [pid for pid in found if parent(pid) not in found]
     assert workers, "no Ray Train worker process found in the job's session"
     os.kill(int(workers[-1]), signal.SIGKILL)
     out, _ = rerun.communicate(timeout=600)

@@ -58,8 +58,8 @@ def test_any_number_of_loader_processes_gives_the_same_batches_and_resume_contin
     assert len({e for e, _, _ in reference}) >= 2 and reasons["corrupt_splats"] and reasons["empty_caption"]
     flat = [t for e, _, batch in reference if e == 0 for t in batch]
     assert len(set(flat)) == len(flat) >= 30  # no sample twice within an epoch
-    for k in (1, 3):
-        assert drawn(spec(k), urls, counts, 0, world, 0, 0, steps) == (reference, reasons)
+    for k in (1, 3):  # (the skip counts differ: loaders read ahead, and count what they decode)
+        assert drawn(spec(k), urls, counts, 0, world, 0, 0, steps)[0] == reference
     # a run restored at (epoch 0, batch 4) with another number of loader processes sees the same tail
     resumed, _ = drawn(spec(2), urls, counts, 0, world, 0, 4, steps - 4)
     assert resumed == reference[4:]
