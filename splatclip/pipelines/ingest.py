@@ -8,9 +8,11 @@ the batches from the valid samples exactly as a single process would, so a check
 batch) position means the same samples for any k. Each loader process reads every raw sample of the
 rank's shards (tar members' bytes: cheap) but decodes and tokenizes only its own chunks.
 
-The loader processes come from a fork server, not from forking the trainer: a forked child keeps the
-trainer's open sockets, Ray's connection to its raylet among them, so a killed trainer would not look
-dead to Ray while its loaders lived, and its training group would hang instead of restarting.
+The loader processes are forks of the trainer (a fork server or spawn would start each one as a new
+interpreter: seconds per loader, and twice the step time here). A fork inherits the trainer's open
+sockets, Ray's connection to its raylet among them, so each loader first closes every inherited
+socket and asks the kernel to kill it when the trainer dies (`_loader_init`): otherwise a killed
+trainer would not look dead to Ray while its loaders lived, and its training group would hang.
 
 Why torch's DataLoader and not Ray Data's streaming split: the order above, and with it the exact
 resume from (epoch, batch), needs each rank's stream to be a pure function of (seed, epoch, rank);
@@ -19,7 +21,11 @@ a streaming split hands blocks to whichever rank asks first.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import os
+import signal
+import stat
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +36,7 @@ from splatclip.platform.specs import TrainSpec
 
 CHUNK = 64  # raw samples a loader process decodes as one piece (fewer, larger transfers to the trainer)
 PREFETCH = 4  # chunks each loader process keeps ready
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def steps_per_epoch(counts: dict[str, int], shards: list[str], world: int, seed: int, epoch: int, batch: int) -> int:
@@ -61,7 +68,7 @@ class DecodedChunks(IterableDataset):
         self.spec, self.shards, self.rank, self.world, self.epoch = spec, shards, rank, world, epoch
         self.image_size, self.tokenizer, self.embed_dim = image_size, tokenizer, embed_dim
         self.sources, self.source_size, self.passes = sources, source_size, passes
-        self.chunk = CHUNK  # read here: the loader processes are started afresh and import their own
+        self.chunk = CHUNK
 
     def __iter__(self):
         info = get_worker_info()
@@ -100,12 +107,24 @@ class DecodedChunks(IterableDataset):
         chunk.samples.append({k: v.numpy() if torch.is_tensor(v) else v for k, v in s.items()})
 
 
+def _loader_init(_worker_id: int) -> None:
+    """In a forked loader process: die with the trainer, and hold none of its sockets (Linux)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:  # the directory's own descriptor, gone by now
+            pass
+
+
 def decoded(dataset: DecodedChunks, loader_workers: int, skipped):
     """(epoch, sample) of the dataset's valid samples in order, decoded by `loader_workers`
     processes (0: this one); the skipped ones counted in `skipped` as their chunks arrive."""
     loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers,
                         prefetch_factor=PREFETCH if loader_workers else None,
-                        multiprocessing_context="forkserver" if loader_workers else None)  # not fork: see below
+                        multiprocessing_context="fork" if loader_workers else None,
+                        worker_init_fn=_loader_init if loader_workers else None)
     for chunk in loader:
         for reason, key in chunk.skipped:
             skipped.add(reason, key)
