@@ -12,7 +12,6 @@ the same name (and storage path) resumes it. Rank 0 logs to MLflow and writes th
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -27,18 +26,19 @@ import torch.distributed as dist
 
 from splatclip.models.backbone import create, embed_images, input_size, missing_weights
 from splatclip.models.gsclip import GSCLIP, from_open_clip
+from splatclip.models.model_file import save_model
 from splatclip.models.losses import clip_loss, distill_loss
 from splatclip.pipelines.layout import shard_name
 from splatclip.pipelines.ingest import batches, on_device, steps_per_epoch
 from splatclip.pipelines.samples import Skipped, count_samples
+from splatclip.pipelines.scoring import zero_shot
 from splatclip.platform import storage
 from splatclip.platform.runtime import init_ray
 from splatclip.platform.secrets import redact
-from splatclip.platform.specs import ModelSpec, StorageSpec, TeacherSpec, TrainSpec
+from splatclip.platform.specs import TeacherSpec, TrainSpec
 from splatclip.platform.tracking import Tracker, absolute_uri
 
 log = logging.getLogger(__name__)
-MODEL_FORMAT = "splatclip-model/1"
 
 
 def run_dir(spec: TrainSpec) -> str:
@@ -109,38 +109,6 @@ def stage_loss(model: GSCLIP, kind: str, batch: dict, device, world: int, teache
         image = model.encode_image(batch["images"].to(device))
     text = model.encode_text(batch["tokens"].to(device))
     return clip_loss(image, text, model.logit_scale, batch["positive_ids"]) * world
-
-
-def save_model(model: GSCLIP, spec: TrainSpec, step: int) -> str:
-    """Write model.pt (trainable weights + backbone reference) to the run directory; an RGB model
-    also gets open_clip.pt, a plain open_clip state dict usable as another model's `pretrained`."""
-    url = storage.join(run_dir(spec), "model.pt")
-    payload = {"format": MODEL_FORMAT, "model": spec.model.model_dump(), "weights": model.trainable_state(),
-               "step": step, "seed": spec.seed}
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    storage.write_bytes(url, buf.getvalue(), spec.storage)
-    if model.kind == "rgb":
-        buf = io.BytesIO()
-        torch.save(model.clip.state_dict(), buf)
-        storage.write_bytes(storage.join(run_dir(spec), "open_clip.pt"), buf.getvalue(), spec.storage)
-    return url
-
-
-def load_model(url: str, spec: StorageSpec | None = None, device="cpu") -> GSCLIP:
-    """A model written by `save_model`: the backbone rebuilt from its reference (name, pretrained
-    weights, and the seed, which reproduces a backbone that had no pretrained weights), then the
-    trained weights on top."""
-    payload = torch.load(io.BytesIO(storage.read_bytes(url, spec)), map_location=device, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{url}: not a splatclip model file")
-    model_spec = ModelSpec.model_validate(payload["model"])
-    torch.manual_seed(payload["seed"])
-    model = from_open_clip(model_spec.name, model_spec.pretrained, model_spec, spec, device)
-    missing, unexpected = model.load_state_dict(payload["weights"], strict=False)
-    if unexpected:
-        raise ValueError(f"{url}: weights for parameters the model does not have: {unexpected[:5]}")
-    return model.eval()
 
 
 def train_loop(config: dict) -> None:
@@ -248,7 +216,8 @@ def train_loop(config: dict) -> None:
                 report(model, opt, sched, state, si, total, metrics, rank)
         state["stage"], state["stage_step"] = si + 1, 0
     if rank == 0:
-        url = save_model(model, spec, state["step"])
+        url = save_model(model, storage.join(run_dir(spec), "model.pt"), spec.model, state["step"], spec.seed,
+                         spec.storage)
         if tracker.active:
             with tempfile.TemporaryDirectory() as tmp:
                 Path(tmp, "model.pt").write_bytes(storage.read_bytes(url, spec.storage))
@@ -318,8 +287,6 @@ def report(model, opt, sched, state, stage, total, metrics, rank) -> None:
 
 
 def evaluate_during_training(model: GSCLIP, spec: TrainSpec, device) -> dict[str, float]:
-    from splatclip.pipelines.evaluate import zero_shot
-
     was_training = model.training
     model.eval()
     result = zero_shot(model, spec.eval_data, spec.classes, spec.templates, spec.batch_size, spec.storage, device,

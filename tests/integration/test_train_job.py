@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from splatclip import datasets, splats
 from splatclip.models.backbone import create, embed_images, input_size
 from splatclip.models.gsclip import from_open_clip
+from splatclip.models.model_file import load_model
 from splatclip.pipelines import fit, train
 from splatclip.pipelines.samples import Skipped, stream
 from splatclip.pipelines.evaluate import run as evaluate
@@ -74,7 +75,7 @@ def test_two_workers_learn_and_checkpoint(digits, tmp_path):
     # only trainable parameters changed: the frozen backbone equals a fresh build with the same seed
     torch.manual_seed(0)
     fresh = from_open_clip(TINY, spec=spec.model)
-    trained = train.load_model(str(run_dir / "model.pt"))
+    trained = load_model(str(run_dir / "model.pt"))
     trainable = fresh.trainable_names(0)
     fresh_state, trained_state = fresh.state_dict(), trained.state_dict()
     for name, weight in fresh_state.items():
@@ -278,7 +279,7 @@ def test_evaluate_matches_accuracy_by_hand(digits, tmp_path):
     assert evaluate(espec) == 0
     result = json.loads(out.read_text())
 
-    model = train.load_model(model_url)
+    model = load_model(model_url)
     with torch.no_grad():
         text = []
         for name in datasets.DIGIT_CLASSES:
