@@ -218,8 +218,11 @@ class Tracker:
         if not (self.active and self.run_id):
             return
         self.flush()
-        if self._monitor is not None:
+        if self._monitor is not None:  # stopped, then one last sample: a run shorter than the interval has one too
             self._monitor.finish()
+            self._monitor.collect_metrics()
+            self._monitor.publish_metrics(self._monitor.aggregate_metrics())
+            self._monitor.mlflow_logger.flush()
             self._monitor = None
         self.client.set_terminated(self.run_id, status=status)
         if self.spec.uri.startswith(("http://", "https://")):

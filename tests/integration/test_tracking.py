@@ -101,3 +101,25 @@ def test_credentials_in_the_tracking_uri_stay_out_of_the_run(mlflow_server, capl
     shown = str(run.data.params) + str(run.data.tags) + str(record) + caplog.text
     assert "PASSWORD-IN-URI" not in shown and SECRET not in shown
     assert run.data.params["tracking.uri"] == mlflow_server.replace("http://", "http://***@")
+
+
+def test_training_experiments_and_system_metrics(mlflow_server):
+    client = MlflowClient(mlflow_server)
+    untagged = client.create_experiment("made-elsewhere")  # MLflow's UI would open it in its GenAI view
+    for name in ("made-elsewhere", "made-here"):
+        spec = load_spec(FitSpec, None, ["input=a.tar", "output=out", f"tracking.uri={mlflow_server}",
+                                         f"tracking.experiment={name}", "tracking.system_metrics=60"])
+        tracker = Tracker(spec.tracking, "fit")
+        run_id = tracker.start(spec, system_metrics=True)
+        tracker.end()  # sooner than the interval: the last sample is still there
+        experiment = client.get_experiment_by_name(name)
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        metrics = client.get_run(run_id).data.metrics
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    assert client.get_experiment_by_name("made-elsewhere").experiment_id == untagged
+    off = load_spec(FitSpec, None, ["input=a.tar", "output=out", f"tracking.uri={mlflow_server}",
+                                    "tracking.experiment=made-here", "tracking.system_metrics=0"])
+    tracker = Tracker(off.tracking, "fit")
+    run_id = tracker.start(off, system_metrics=True)
+    tracker.end()
+    assert not [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
