@@ -68,7 +68,6 @@ class DecodedChunks(IterableDataset):
         self.spec, self.shards, self.rank, self.world, self.epoch = spec, shards, rank, world, epoch
         self.image_size, self.tokenizer, self.embed_dim = image_size, tokenizer, embed_dim
         self.sources, self.source_size, self.passes = sources, source_size, passes
-        self.chunk = CHUNK
 
     def __iter__(self):
         info = get_worker_info()
@@ -82,15 +81,15 @@ class DecodedChunks(IterableDataset):
             pairs = raw_pairs(self.shards, self.rank, self.world, self.spec.seed, epoch, self.spec.storage,
                               self.sources, self.spec.limits)
             for position, (raw, source) in enumerate(pairs):
-                if position % self.chunk == 0:
+                if position % CHUNK == 0:
                     if chunk is not None:
-                        yield chunk
+                        yield self._tokenized(chunk)
                     mine, number = (number % k == me), number + 1
                     chunk = Chunk(epoch) if mine else None
                 if chunk is not None:
                     self._decode(raw, source, chunk)
             if chunk is not None:
-                yield chunk
+                yield self._tokenized(chunk)
             if number == begun:
                 return
 
@@ -98,13 +97,18 @@ class DecodedChunks(IterableDataset):
         spec = self.spec
         s = check_sample(raw, source, spec.model.encoder, self.image_size, chunk, True, None, bool(self.sources),
                          self.source_size, spec.limits, self.embed_dim)
-        if s is None:
-            return
-        if self.tokenizer is not None:
-            s["tokens"] = self.tokenizer([s["text"]])[0]  # [context]
-        # numpy crosses to the trainer inside the chunk's pickle; a tensor would take a shared memory
-        # segment of its own per sample
-        chunk.samples.append({k: v.numpy() if torch.is_tensor(v) else v for k, v in s.items()})
+        if s is not None:
+            # numpy crosses to the trainer inside the chunk's pickle; a tensor would take a shared
+            # memory segment of its own per sample
+            chunk.samples.append({k: v.numpy() if torch.is_tensor(v) else v for k, v in s.items()})
+
+    def _tokenized(self, chunk: Chunk) -> Chunk:
+        """The chunk with each sample's tokens [context], from one tokenizer call for the chunk."""
+        if self.tokenizer is not None and chunk.samples:
+            tokens = self.tokenizer([s["text"] for s in chunk.samples]).numpy()  # [n, context]
+            for s, row in zip(chunk.samples, tokens):
+                s["tokens"] = row
+        return chunk
 
 
 def _loader_init(_worker_id: int) -> None:
