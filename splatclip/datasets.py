@@ -151,7 +151,7 @@ EXAMPLE_SETS = {"digits": write_digits, "photos": write_photos}
 
 
 def examples_root() -> Path:
-    return Path(os.environ.get("SPLATCLIP_EXAMPLES") or Path.home() / ".cache" / "splatclip" / "examples")
+    return Path(os.environ.get("SPLATCLIP_EXAMPLES") or Path.home() / ".cache" / "splatclip" / "examples").absolute()
 
 
 def resolve_example(url: str) -> str:

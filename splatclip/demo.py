@@ -99,8 +99,9 @@ def make_data(root: Path, size: dict) -> dict[str, str]:
     return out
 
 
-def tracking(root: Path, run_name: str) -> dict:
-    return {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "splatclip-demo", "run_name": run_name}
+def tracking(root: Path, run_name: str | None, group: str) -> dict:
+    """Every job's run in the demo's experiment, under the parent run `group` of this demo."""
+    return {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "splatclip-demo", "run_name": run_name, "parent": group}
 
 
 class Stages:
@@ -147,6 +148,7 @@ def run_demo(root: Path, size: dict) -> dict:
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     stages = Stages(root, 6)
+    group = time.strftime("demo %Y-%m-%d %H:%M:%S")  # the parent run of this demo's runs
     quiet_ray()
     model_common = {"name": CONFIG, "latents": 16, "resampler_layers": 2, "resampler_width": 64, "fourier_bands": 6}
     with stages.stage("data", "writing digit and photo shards, starting Ray"):
@@ -161,7 +163,7 @@ def run_demo(root: Path, size: dict) -> dict:
             "positives": TEACHER["positives"], "loader_workers": LOADERS,
             "stages": [{"kind": "contrastive", "epochs": epochs(size["teacher_steps"], d["n_train"], TEACHER["batch_size"]),
                         "lr": TEACHER["lr"], "warmup_steps": TEACHER["warmup_steps"]}],
-            "checkpoint_every": 200, "tracking": tracking(root, "rgb-teacher"), "eval_data": d["test"],
+            "checkpoint_every": 200, "tracking": tracking(root, "rgb-teacher", group), "eval_data": d["test"],
             "classes": d["classes"], "templates": d["templates"], "eval_every": 200,
             "ray": {"actors": 1, "cpus_per_actor": 2.0},
         })
@@ -177,13 +179,13 @@ def run_demo(root: Path, size: dict) -> dict:
                 "fit": {"gaussians": n, "iterations": size["digit_its"], "size": 28, "compile": size["compile"],
                         "lr_color": 0.02},
                 "teacher": {"model": CONFIG, "pretrained": teacher}, "ray": {"actors": 2, "cpus_per_actor": 1.0},
-                "tracking": tracking(root, f"fit-digits-g{n}"),
+                "tracking": tracking(root, f"fit-digits-g{n}", group),
             })
             assert fit.run(spec) == 0, f"fitting the digits at {n} Gaussians failed"
         photos = FitSpec.model_validate({
             "input": d["photos"], "output": str(root / "splats" / "photos"), "batch_size": 8,
             "fit": {"gaussians": 200, "iterations": size["photo_its"], "size": 128, "compile": size["compile"]},
-            "ray": {"actors": 2, "cpus_per_actor": 1.0}, "tracking": tracking(root, "fit-photos"),
+            "ray": {"actors": 2, "cpus_per_actor": 1.0}, "tracking": tracking(root, "fit-photos", group),
         })
         assert fit.run(photos) == 0, "fitting the photos failed"
 
@@ -199,7 +201,7 @@ def run_demo(root: Path, size: dict) -> dict:
                            {"kind": "contrastive", "epochs": epochs(size["clip_steps"], d["n_student"], global_batch),
                             "lr": STUDENT["clip_lr"], "warmup_steps": 10, "unfreeze_blocks": STUDENT["unfreeze_blocks"]}],
                 "batch_size": STUDENT["batch_size"], "checkpoint_every": 100, "loader_workers": LOADERS,
-                "tracking": tracking(root, f"splat-encoder-g{n}"),
+                "tracking": tracking(root, f"splat-encoder-g{n}", group),
                 "ray": {"actors": STUDENT["workers"], "cpus_per_actor": 1.0},
             })
             assert train.run(gs) == 0, f"splat encoder training at {n} Gaussians failed"
@@ -214,7 +216,7 @@ def run_demo(root: Path, size: dict) -> dict:
                     "checkpoint": f"{root}/runs/splat-encoder-g{n}/model.pt",
                     "rgb_checkpoint": f"{root}/runs/rgb-teacher/model.pt", "rgb_data": d[split],
                     "classes": d["classes"], "templates": d["templates"], "output": str(out),
-                    "tracking": tracking(root, f"evaluate-{split}-g{n}"),
+                    "tracking": tracking(root, f"evaluate-{split}-g{n}", group),
                 })
                 assert evaluate.run(ev) == 0, f"evaluating {split} at {n} Gaussians failed"
                 results[(split, n)] = json.loads(out.read_text())
@@ -229,8 +231,8 @@ def run_demo(root: Path, size: dict) -> dict:
     png_bytes = float(np.mean([len(s["png"]) for s in read_samples(storage.list_shards(d["test"])[0][0])]))
     table = final_table(results, png_bytes, time.perf_counter() - start, stages.say)
     (root / "results.json").write_text(json.dumps({**table, "rate_distortion": rd}, indent=2))
-    tracker = Tracker(TrackingSpec.model_validate(tracking(root, "demo-summary")), "demo")
-    tracker.start(ev)
+    tracker = Tracker(TrackingSpec.model_validate(tracking(root, None, group)), "demo")
+    tracker.start(None, resume_run_id=tracker.group_run())  # the table and pictures on the demo's parent run
     tracker.log_metrics({k: v for k, v in table.items() if isinstance(v, (int, float))})
     for picture in sorted(pics.glob("*.png")):
         tracker.log_artifact(picture, "pictures")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from splatclip.models.model_file import load_model
+from splatclip.pipelines.job import Job
 from splatclip.pipelines.samples import readable
 from splatclip.pipelines.scoring import zero_shot
 from splatclip.platform import storage
@@ -43,17 +44,21 @@ def compression(data: str, spec: StorageSpec | None) -> dict:
             "psnr": mean("psnr"), "gaussians": mean("gaussians")}
 
 
-def run(spec: EvalSpec) -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not storage.input_shards(spec.data, spec.storage, "evaluation")[0]:
-        return 2
-    for field, url in (("checkpoint", spec.checkpoint), ("rgb_checkpoint", spec.rgb_checkpoint)):
-        if url and not storage.exists(url, spec.storage):
-            log.error("%s %s: no such model file (a train run writes model.pt in its directory)", field, url)
-            return 2
-    tracker = Tracker(spec.tracking, "evaluate")
-    tracker.start(spec, system_metrics=True)
-    with tracker.failed_on_error():
+class EvalJob(Job):
+    kind = "evaluate"
+    inputs = ("data", "rgb_data")
+
+    def check(self) -> list[str]:
+        spec, problems = self.spec, []
+        self.shards(spec.data, "evaluation", problems)
+        for field, url in (("checkpoint", spec.checkpoint), ("rgb_checkpoint", spec.rgb_checkpoint)):
+            if url and not storage.exists(url, spec.storage):
+                problems.append(f"{field} {url}: no such model file (a train run writes model.pt in its directory)")
+        return problems
+
+    def body(self, tracker: Tracker) -> int:
+        spec = self.spec
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         results = {"splat": zero_shot(load_model(spec.checkpoint, spec.storage, device), spec.data, spec.classes,
                                       spec.templates, spec.batch_size, spec.storage, device, spec.limits)}
         if spec.rgb_checkpoint and spec.rgb_data:
@@ -63,20 +68,23 @@ def run(spec: EvalSpec) -> int:
             results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
         results["compression"] = compression(spec.data, spec.storage)
         storage.write_json(spec.output, results, spec.storage)
-    print_table(results)
-    flat = {f"splat_{k}": v for k, v in results["splat"].items() if isinstance(v, (int, float))}
-    if "rgb" in results:
-        flat.update({f"rgb_{k}": v for k, v in results["rgb"].items() if isinstance(v, (int, float))})
-        flat["ratio_top1"] = results["ratio_top1"]
-    flat.update({f"compression_{k}": v for k, v in results["compression"].items()})
-    tracker.log_metrics(flat)
-    if tracker.active:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / posixpath.basename(spec.output)
-            path.write_text(json.dumps(results, indent=2, sort_keys=True))
-            tracker.log_artifact(path)
-    tracker.end()
-    return 0
+        print_table(results)
+        flat = {f"splat_{k}": v for k, v in results["splat"].items() if isinstance(v, (int, float))}
+        if "rgb" in results:
+            flat.update({f"rgb_{k}": v for k, v in results["rgb"].items() if isinstance(v, (int, float))})
+            flat["ratio_top1"] = results["ratio_top1"]
+        flat.update({f"compression_{k}": v for k, v in results["compression"].items()})
+        tracker.log_metrics(flat)
+        if tracker.active:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / posixpath.basename(spec.output)
+                path.write_text(json.dumps(results, indent=2, sort_keys=True))
+                tracker.log_artifact(path)
+        return 0
+
+
+def run(spec: EvalSpec) -> int:
+    return EvalJob(spec).run()
 
 
 def print_table(results: dict) -> None:

@@ -25,8 +25,9 @@ from splatclip.pipelines import layout
 from splatclip.pipelines.fit_report import over_budget, report, summarize
 from splatclip.pipelines.fit_actor import FitActor
 from splatclip.pipelines.fit_stages import decode_batch, read_shard
+from splatclip.pipelines.job import Job
 from splatclip.platform import storage
-from splatclip.platform.runtime import actor_options, init_ray, pool_size
+from splatclip.platform.runtime import actor_options, pool_size
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import FitSpec
 from splatclip.platform.tracking import Tracker
@@ -146,61 +147,68 @@ def build_dataset(spec: FitSpec, todo: list[str]):
                           compute=pool, **actor_options(spec.ray))
 
 
-def run(spec: FitSpec) -> int:
-    start = time.perf_counter()
-    shards, missing = storage.input_shards(spec.input, spec.storage, "input")
-    if not shards:
-        return 2
-    shards, problems = unique_inputs(shards)
-    if spec.teacher is not None:
-        from splatclip.models.backbone import missing_weights  # imports open_clip: only when a teacher is named
+class FitJob(Job):
+    kind = "fit"
+    inputs = ("input",)
 
-        if missing_weights(spec.teacher.pretrained):
-            problems.append(f"teacher.pretrained {spec.teacher.pretrained}: no such file")
-    problems = problems or prepare_output(spec, shards)
-    if problems:
-        for p in problems:
-            log.error("%s", p)
-        return 2
-    todo = [s for s in shards if not storage.exists(layout.output_url(spec.output, s), spec.storage)]
-    log.info("%d input shards: %d already done, %d to fit", len(shards), len(shards) - len(todo), len(todo))
+    def check(self) -> list[str]:
+        spec, problems = self.spec, []
+        self.start = time.perf_counter()
+        shards, self.missing = self.shards(spec.input, "input", problems)
+        if problems:
+            return problems
+        self.shard_list, problems = unique_inputs(shards)
+        if spec.teacher is not None:
+            from splatclip.models.backbone import missing_weights  # imports open_clip: only when a teacher is named
 
-    tracker = Tracker(spec.tracking, "fit")
-    run_file = storage.join(spec.output, "_mlflow_run.json")
-    previous = storage.read_json(run_file, spec.storage) if storage.exists(run_file, spec.storage) else {}
-    run_id = tracker.start(spec, resume_run_id=tracker.recorded_run(previous), system_metrics=True)
-    if run_id:
-        storage.write_json(run_file, tracker.run_record(), spec.storage)
+            if missing_weights(spec.teacher.pretrained):
+                problems.append(f"teacher.pretrained {spec.teacher.pretrained}: no such file")
+        problems = problems or prepare_output(spec, self.shard_list)
+        if not problems:
+            self.todo = [s for s in self.shard_list if not storage.exists(layout.output_url(spec.output, s), spec.storage)]
+            log.info("%d input shards: %d already done, %d to fit", len(self.shard_list),
+                     len(self.shard_list) - len(self.todo), len(self.todo))
+        return problems
 
-    progress = Progress(len(todo), tracker)
-    if todo:
-        with tracker.failed_on_error():
-            init_ray(spec.ray)
-            dataset = build_dataset(spec, todo)
+    def run_file(self) -> str:
+        return storage.join(self.spec.output, "_mlflow_run.json")
+
+    def needs_ray(self) -> bool:
+        return bool(self.todo)  # a rerun with every shard committed only writes the summary
+
+    def body(self, tracker: Tracker) -> int:
+        spec, shards = self.spec, self.shard_list
+        progress = Progress(len(self.todo), tracker)
+        if self.todo:
+            dataset = build_dataset(spec, self.todo)
             for row in dataset.iter_rows():
                 progress.add(row)
             progress.report(final=True)
             tracker.log_text(dataset.stats(), "ray_data_stats.txt")
-    records, unfinished = [], []
-    for s in shards:
-        url = layout.stats_url(spec.output, s)
-        record = storage.read_json(url, spec.storage) if storage.exists(url, spec.storage) else None
-        if record and (record["status"] == "unreadable" or storage.exists(layout.output_url(spec.output, s),
-                                                                           spec.storage)):
-            records.append(record)
-        else:
-            unfinished.append(s)
-    summary = summarize(records, missing, unfinished, time.perf_counter() - start, pool_size(spec.ray)[1])
-    summary["images_this_run"] = progress.images
-    problems = over_budget(summary, spec)
-    summary["ok"] = not problems
-    summary["problems"] = problems
-    storage.write_json(storage.join(spec.output, layout.SUMMARY), summary, spec.storage)
-    if not problems:
-        storage.mark_success(spec.output, {"shards": [layout.shard_name(s) for s in shards],
-                                           "summary": layout.SUMMARY}, spec.storage)
-    report(summary, spec, tracker, shards)
-    tracker.end("FINISHED" if not problems else "FAILED")
-    for p in problems:
-        log.error("fit job failed: %s", p)
-    return 0 if not problems else 1
+        records, unfinished = [], []
+        for s in shards:
+            url = layout.stats_url(spec.output, s)
+            record = storage.read_json(url, spec.storage) if storage.exists(url, spec.storage) else None
+            if record and (record["status"] == "unreadable" or storage.exists(layout.output_url(spec.output, s),
+                                                                               spec.storage)):
+                records.append(record)
+            else:
+                unfinished.append(s)
+        summary = summarize(records, self.missing, unfinished, time.perf_counter() - self.start,
+                            pool_size(spec.ray)[1])
+        summary["images_this_run"] = progress.images
+        problems = over_budget(summary, spec)
+        summary["ok"] = not problems
+        summary["problems"] = problems
+        storage.write_json(storage.join(spec.output, layout.SUMMARY), summary, spec.storage)
+        if not problems:
+            storage.mark_success(spec.output, {"shards": [layout.shard_name(s) for s in shards],
+                                               "summary": layout.SUMMARY}, spec.storage)
+        report(summary, spec, tracker, shards)
+        for p in problems:
+            log.error("fit job failed: %s", p)
+        return 0 if not problems else 1
+
+
+def run(spec: FitSpec) -> int:
+    return FitJob(spec).run()

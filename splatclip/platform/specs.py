@@ -64,6 +64,9 @@ class TrackingSpec(Model):
     experiment: str = "splatclip"
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    parent: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,127}$", description="Group the run "
+                               "under a parent run of this name in the experiment (the newest one, made when there is "
+                               "none), as `make demo` and the local specs group their jobs' runs.")
     system_metrics: float = Field(10.0, ge=0, le=86_400, description="Seconds between samples of CPU, memory and "
                                   "GPU use (MLflow system metrics) where the job computes; 0 turns them off.")
 
@@ -162,7 +165,8 @@ class ModelSpec(Model):
 
 
 class StageSpec(Model):
-    kind: Literal["distill", "contrastive"]
+    kind: str = Field(..., pattern=r"^[a-z][a-z0-9_]{0,63}$", description="The stage's objective, by its registered "
+                      "name (`splatclip.models.objectives`): distill or contrastive.")
     epochs: float = Field(1.0, gt=0, le=100_000)
     lr: float = Field(1e-4, gt=0, le=10)
     warmup_steps: int = Field(0, ge=0, le=10_000_000)
@@ -206,15 +210,11 @@ class TrainSpec(Model):
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @model_validator(mode="after")
-    def _stages_fit_the_encoder(self) -> "TrainSpec":
+    def _stages_and_teacher(self) -> "TrainSpec":
         if not self.stages:
             raise ValueError("at least one stage is required")
-        if self.model.encoder == "rgb" and any(s.kind == "distill" for s in self.stages):
-            raise ValueError("the rgb encoder trains with contrastive stages only")
         if self.teacher is not None and not self.images:
             raise ValueError("teacher embeds the source images: set images as well")
-        if self.images and not any(s.kind == "distill" for s in self.stages):
-            raise ValueError("images are read by distill stages only, and no stage distills")
         return self
 
 

@@ -20,7 +20,6 @@ from typing import IO, Iterator
 import braceexpand
 import fsspec
 
-from splatclip.platform.secrets import redact
 from splatclip.platform.specs import StorageSpec
 
 log = logging.getLogger(__name__)
@@ -78,12 +77,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str], list[str]]:
-    """Expand a brace/glob pattern into (existing URLs, missing URLs), each in pattern order.
-    `examples://SET/...` names the bundled example data (`splatclip.datasets`), written locally on
-    first use."""
-    from splatclip.datasets import resolve_example
-
-    pattern = resolve_example(pattern)
+    """Expand a brace/glob pattern into (existing URLs, missing URLs), each in pattern order."""
     found: list[str] = []
     missing: list[str] = []
     for url in expand_braces(pattern):
@@ -95,20 +89,6 @@ def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str
             found.append(url)
         else:
             missing.append(url)
-    return found, missing
-
-
-def input_shards(pattern: str, spec: StorageSpec | None, what: str) -> tuple[list[str], list[str]]:
-    """list_shards for a job's input, logging each missing name; a job with no shard at all stops."""
-    try:
-        found, missing = list_shards(pattern, spec)
-    except ValueError as err:
-        log.error("%s shards %s: %s", what, redact(pattern), err)
-        return [], []
-    for url in missing:
-        log.warning("%s shard missing: %s", what, redact(url))
-    if not found:
-        log.error("no %s shards match %s (%d expected names missing)", what, redact(pattern), len(missing))
     return found, missing
 
 

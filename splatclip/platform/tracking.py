@@ -7,7 +7,6 @@ than 0, accepts every call and does nothing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
@@ -55,6 +54,7 @@ def absolute_uri(uri: str) -> str:
 FLUSH_SECONDS = 2.0
 FLUSH_COUNT = 1000  # MLflow's limit of metrics per log_batch request
 EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+PARENT_TAG, GROUP_TAG = "mlflow.parentRunId", "splatclip.group"  # MLflow nests a run under its parentRunId
 
 
 class Tracker:
@@ -68,6 +68,7 @@ class Tracker:
         self._pending: list = []  # metrics not yet sent (see log_metrics)
         self._sent = time.monotonic()
         self._monitor = None  # MLflow's system metrics sampler, while the run is open
+        self.parent_id: str | None = None  # the run's parent (`spec.parent`), if it has one
 
     @property
     def client(self):
@@ -121,7 +122,20 @@ class Tracker:
             client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
         return experiment.experiment_id
 
-    def start(self, job_spec: BaseModel, resume_run_id: str | None = None, system_metrics: bool = False) -> str | None:
+    def group_run(self, experiment_id: str | None = None) -> str:
+        """The id of the parent run named `spec.parent`: the newest in the experiment, or a new one."""
+        client = self.client
+        experiment_id = experiment_id or self.experiment()
+        found = client.search_runs([experiment_id], f"tags.`{GROUP_TAG}` = 'true' and "
+                                   f"attributes.run_name = '{self.spec.parent}'", order_by=["start_time DESC"],
+                                   max_results=1)
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(experiment_id, run_name=self.spec.parent, tags={GROUP_TAG: "true", **self.spec.tags})
+        log.info("MLflow parent run %s (%r) in experiment %r", run.info.run_id, self.spec.parent, self.spec.experiment)
+        return run.info.run_id
+
+    def start(self, job_spec: BaseModel | None, resume_run_id: str | None = None, system_metrics: bool = False) -> str | None:
         """Open (or reopen) the run, tag it and log the spec as params. Returns the run id.
         `system_metrics`: this process samples its machine's CPU, memory (and GPUs, where
         nvidia-ml-py is installed) into the run every `spec.system_metrics` seconds (0: never)."""
@@ -135,14 +149,22 @@ class Tracker:
             log.info("resuming MLflow run %s", self.run_id)
         else:
             experiment_id = self.experiment()
-            tags = {"splatclip.job": self.job, "splatclip.spec_hash": spec_hash(job_spec), **self.spec.tags}
+            tags = {"splatclip.job": self.job, **self.spec.tags}
+            if job_spec is not None:
+                tags["splatclip.spec_hash"] = spec_hash(job_spec)
             commit = git_commit()
             if commit:
                 tags["mlflow.source.git.commit"] = commit
+            if self.spec.parent:
+                tags[PARENT_TAG] = self.group_run(experiment_id)
             run = client.create_run(experiment_id, run_name=self.spec.run_name, tags=tags)
             self.run_id, self.experiment_id = run.info.run_id, experiment_id
             log.info("MLflow run %s in experiment %r at %s", self.run_id, self.spec.experiment, redact(self.spec.uri))
-        self.log_params(flatten(public_dict(job_spec)))
+        self.parent_id = client.get_run(self.run_id).data.tags.get(PARENT_TAG)
+        if self.parent_id:  # a parent runs while any of its runs does
+            client.update_run(self.parent_id, status="RUNNING")
+        if job_spec is not None:
+            self.log_params(flatten(public_dict(job_spec)))
         if system_metrics and self.spec.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -225,15 +247,8 @@ class Tracker:
             self._monitor.mlflow_logger.flush()
             self._monitor = None
         self.client.set_terminated(self.run_id, status=status)
+        if self.parent_id:  # the parent ends as its last run did (and runs again with the next)
+            self.client.set_terminated(self.parent_id, status=status)
         if self.spec.uri.startswith(("http://", "https://")):
             log.info("MLflow run %s (%s): %s/#/experiments/%s/runs/%s", self.run_id, status,
                      redact(self.spec.uri).rstrip("/"), self.experiment_id, self.run_id)
-
-    @contextlib.contextmanager
-    def failed_on_error(self):
-        """End the run FAILED when the block raises (and raise on); a run the block finishes stays open."""
-        try:
-            yield
-        except BaseException:
-            self.end("FAILED")
-            raise

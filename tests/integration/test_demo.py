@@ -52,11 +52,15 @@ def test_demo_small(tmp_path):
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.get_experiment_by_name("splatclip-demo")
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert {"rgb-teacher", "splat-encoder-g49", "splat-encoder-g16", "fit-digits-g49", "fit-digits-g16", "fit-photos",
-            "evaluate-test-g49", "evaluate-sklearn-g49", "evaluate-test-g16", "demo-summary"} <= set(runs)
-    assert runs["demo-summary"].data.metrics["test_g49_ratio"] == pytest.approx(results["test_g49_ratio"])
+    everything = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in everything if r.data.tags.get("splatclip.group") == "true"]  # one parent for the demo
+    runs = {r.info.run_name: r for r in everything if r is not parent}
+    assert set(runs) == {"rgb-teacher", "splat-encoder-g49", "splat-encoder-g16", "fit-digits-g49", "fit-digits-g16",
+                         "fit-photos", "evaluate-test-g49", "evaluate-sklearn-g49", "evaluate-test-g16"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("demo ")
+    assert parent.data.metrics["test_g49_ratio"] == pytest.approx(results["test_g49_ratio"])
     assert {"loss/distill", "loss/contrastive"} <= set(runs["splat-encoder-g49"].data.metrics) and "psnr_mean" in runs["fit-photos"].data.metrics
     assert "zeroshot_top1" in runs["rgb-teacher"].data.metrics
-    assert {a.path for a in client.list_artifacts(runs["demo-summary"].info.run_id, "pictures")} == {
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "pictures")} == {
         f"pictures/{name}" for name in pictures}

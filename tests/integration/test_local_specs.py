@@ -53,9 +53,15 @@ def test_local_specs_chain_from_an_empty_directory(tmp_path):
     assert "splat / rgb top-1" in ev.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # the specs' default tracking URI, in the cwd
-    runs = {e.name: len(client.search_runs([e.experiment_id])) for e in client.search_experiments()}
-    assert runs == {"Default": 0, "splatclip-fit": 1, "splatclip-train": 2, "splatclip-eval": 1}
-    for experiment in ("splatclip-train", "splatclip-eval"):  # artifacts beside the job, not in a worker's directory
-        assert client.get_experiment_by_name(experiment).artifact_location.startswith(str(tmp_path))
-    evaluation = client.search_runs([client.get_experiment_by_name("splatclip-eval").experiment_id])[0]
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "splatclip-local"]
+    local = client.get_experiment_by_name("splatclip-local")
+    assert local.artifact_location.startswith(str(tmp_path))  # beside the jobs, not in a worker's directory
+    everything = client.search_runs([local.experiment_id])
+    (parent,) = [r for r in everything if r.data.tags.get("splatclip.group") == "true"]
+    jobs = [r for r in everything if r is not parent]  # the chain's four runs, under the one parent
+    assert sorted(r.data.tags["splatclip.job"] for r in jobs) == ["evaluate", "fit", "train", "train"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+    assert parent.info.run_name == "local-chain" and parent.info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in jobs)
+    (evaluation,) = [r for r in jobs if r.data.tags["splatclip.job"] == "evaluate"]
     assert [a.path for a in client.list_artifacts(evaluation.info.run_id)] == ["digits.json"]

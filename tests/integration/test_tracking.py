@@ -60,20 +60,6 @@ def test_disabled_and_non_zero_rank_do_nothing(tmp_path):
     assert not (tmp_path / "never.db").exists()
 
 
-def test_an_error_in_the_block_ends_the_run_failed(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    spec = make_spec(uri)
-    tracker = Tracker(spec.tracking, "fit")
-    run_id = tracker.start(spec)
-    with tracker.failed_on_error():
-        tracker.log_metrics({"loss": 1.0}, step=0)
-    assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"  # a finished block leaves it open
-    with pytest.raises(ValueError, match="bad shard"):
-        with tracker.failed_on_error():
-            raise ValueError("bad shard")
-    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
-
-
 def test_a_stale_recorded_run_starts_a_new_one(mlflow_server, caplog):
     spec = make_spec(mlflow_server)
     tracker = Tracker(spec.tracking, "fit")

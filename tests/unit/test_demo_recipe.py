@@ -7,7 +7,8 @@ from splatclip import datasets, demo
 from splatclip.models.gsclip import from_open_clip
 from splatclip.models.zeroshot import class_embeddings, load_templates, topk_correct
 from splatclip.pipelines.samples import Skipped, collate, decode_sample
-from splatclip.pipelines.train import stage_loss, warmup_cosine
+from splatclip.models.objectives import OBJECTIVES
+from splatclip.pipelines.train_loop import warmup_cosine
 from splatclip.platform.specs import ModelSpec, TrainSpec
 
 STEPS, TRAIN, TEST = 300, 500, 200
@@ -30,10 +31,11 @@ def test_demo_teacher_recipe_learns():
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=TrainSpec.model_fields["weight_decay"].default)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(recipe["warmup_steps"], STEPS))
     order = torch.Generator().manual_seed(0)
+    contrastive = OBJECTIVES["contrastive"]()
     for _ in range(STEPS):
         idx = torch.randint(0, TRAIN, (recipe["batch_size"],), generator=order)
         batch = collate([train[i] for i in idx], model.tokenizer, size, recipe["positives"])
-        loss = stage_loss(model, "contrastive", batch, "cpu", 1)
+        loss = contrastive(model, batch, torch.device("cpu"))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -11,6 +11,11 @@ from splatclip.platform import storage
 from splatclip.platform.shards import read_samples
 
 
+def listed(pattern: str) -> tuple[list[str], list[str]]:
+    """The shards an `examples://` pattern names, as a job lists its inputs."""
+    return storage.list_shards(datasets.resolve_example(pattern))
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLATCLIP_EXAMPLES", str(tmp_path / "examples"))
@@ -20,30 +25,30 @@ def cache(tmp_path, monkeypatch):
 def test_other_urls_pass_through_and_unknown_sets_are_named():
     assert datasets.resolve_example("s3://b/x-{0..1}.tar") == "s3://b/x-{0..1}.tar"
     with pytest.raises(ValueError, match="unknown example set 'cats' \\(known: digits, photos\\)"):
-        storage.list_shards("examples://cats/*.tar")
+        datasets.resolve_example("examples://cats/*.tar")
 
 
 def test_photos_are_written_once_and_listed_like_any_shards(cache):
-    found, missing = storage.list_shards("examples://photos/photos-{00000..00001}.tar")
+    found, missing = listed("examples://photos/photos-{00000..00001}.tar")
     assert found == [str(cache / "photos" / "photos-00000.tar")]
     assert missing == [str(cache / "photos" / "photos-00001.tar")]
     keys = [s["__key__"] for s in read_samples(found[0])]
     assert keys == datasets.PHOTOS
     stamp = (cache / "photos" / "photos-00000.tar").stat().st_mtime_ns
-    assert storage.list_shards("examples://photos/*.tar")[0] == found
+    assert listed("examples://photos/*.tar")[0] == found
     assert (cache / "photos" / "photos-00000.tar").stat().st_mtime_ns == stamp  # not written again
 
 
 def test_an_interrupted_set_is_written_again_whole(cache):
     (cache / "photos").mkdir(parents=True)
     (cache / "photos" / "photos-00000.tar").write_bytes(b"half a tar")  # no completion marker
-    found, _ = storage.list_shards("examples://photos/*.tar")
+    found, _ = listed("examples://photos/*.tar")
     assert len(list(read_samples(found[0]))) == len(datasets.PHOTOS)
 
 
 def test_digits_set_has_both_splits_and_their_metadata(cache):
-    train, _ = storage.list_shards("examples://digits/train-*.tar")
-    test, _ = storage.list_shards("examples://digits/test-*.tar")
+    train, _ = listed("examples://digits/train-*.tar")
+    test, _ = listed("examples://digits/test-*.tar")
     assert len(train) == 8 and len(test) == 2
     samples = list(read_samples(test[1]))
     assert len(samples) == 500 and {"png", "txt", "cls", "json"} <= set(samples[0])

@@ -110,20 +110,13 @@ def test_load_spec_raises_spec_error():
     assert {p.split(":")[0] for p in info.value.problems} == {"input", "output"}
 
 
-def test_train_spec_rejects_distilling_an_rgb_encoder():
-    from splatclip.platform.specs import TrainSpec
-
-    with pytest.raises(SpecError, match="rgb encoder trains with contrastive stages only"):
-        load_spec(TrainSpec, None, ["data=x.tar", "model.encoder=rgb", "stages=[{kind: distill}]"])
-
-
-def test_train_spec_teacher_needs_images_and_images_need_a_distill_stage():
+def test_train_spec_teacher_needs_images():
     from splatclip.platform.specs import TrainSpec
 
     with pytest.raises(SpecError, match="teacher embeds the source images: set images"):
         load_spec(TrainSpec, None, ["data=x.tar", "stages=[{kind: distill}]", "teacher.model=ViT-B-16"])
-    with pytest.raises(SpecError, match="images are read by distill stages only"):
-        load_spec(TrainSpec, None, ["data=x.tar", "images=src.tar", "stages=[{kind: contrastive}]"])
+    with pytest.raises(SpecError, match="stages.0.kind"):
+        load_spec(TrainSpec, None, ["data=x.tar", "stages=[{kind: 'Not a name'}]"])
     spec = load_spec(TrainSpec, None, ["data=x.tar", "images=src.tar", "stages=[{kind: distill}, {kind: contrastive}]"])
     assert spec.images == "src.tar" and spec.teacher is None
 

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from splatclip.pipelines.train import rng_state, set_rng_state
+from splatclip.pipelines.train_state import rng_state, set_rng_state
 
 
 def test_rng_state_round_trips_through_a_weights_only_load():
@@ -24,7 +24,7 @@ def test_rng_state_round_trips_through_a_weights_only_load():
 def test_a_batch_that_raised_is_passed_over_by_every_rank(tmp_path):
     """A failing step records its position; the restarted workers draw that batch and skip it."""
     from splatclip.pipelines.ingest import batches
-    from splatclip.pipelines.train import poisoned_batches, record_poisoned
+    from splatclip.pipelines.train_state import poisoned_batches, record_poisoned
     from splatclip.pipelines.samples import Skipped
     from splatclip.platform.shards import write_shard
     from splatclip.platform.specs import load_spec, TrainSpec

@@ -1,0 +1,109 @@
+"""The skeleton that fit, train and evaluate share: inputs, the MLflow run and its run file, Ray,
+and what a failure leaves behind.
+
+    Job(spec).run():
+        the spec's input patterns resolved (`examples://SET/...` to the local example shards)
+        check()          -> problems, one line each: exit 2 before anything is written or started
+        the MLflow run opened, or reopened from the run file a previous attempt wrote
+        Ray started or joined, when needs_ray()
+        body(tracker)    -> the exit status; an exception is logged (secrets redacted), exit 1
+        the run ended FINISHED (status 0) or FAILED (anything else, an exception included);
+        KILLED when the job is interrupted
+
+A job is a subclass that names its inputs and fills in `check` and `body`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import BaseModel
+
+from splatclip.datasets import resolve_example
+from splatclip.platform import storage
+from splatclip.platform.runtime import init_ray
+from splatclip.platform.secrets import redact
+from splatclip.platform.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    kind: str  # the MLflow tag `splatclip.job`
+    inputs: tuple[str, ...] = ()  # the spec's fields that name shard patterns
+    system_metrics = True  # this process samples its machine into the run (the train driver leaves it to rank 0)
+
+    def __init__(self, spec: BaseModel):
+        self.spec = spec
+
+    def check(self) -> list[str]:
+        """What stops the job before it starts, one line each."""
+        return []
+
+    def run_file(self) -> str | None:
+        """Where the run's id is recorded for a rerun to reopen it (None: every run is a new one)."""
+        return None
+
+    def needs_ray(self) -> bool:
+        return False
+
+    def body(self, tracker: Tracker) -> int:
+        raise NotImplementedError
+
+    def shards(self, pattern: str, what: str, problems: list[str]) -> tuple[list[str], list[str]]:
+        """(the shards a pattern names, the names it expects that are missing, each logged); a
+        problem when it names none."""
+        try:
+            found, missing = storage.list_shards(pattern, self.spec.storage)
+        except ValueError as err:
+            problems.append(f"{what} shards {redact(pattern)}: {err}")
+            return [], []
+        for url in missing:
+            log.warning("%s shard missing: %s", what, redact(url))
+        if not found:
+            problems.append(f"no {what} shards match {redact(pattern)} ({len(missing)} expected names missing)")
+        return found, missing
+
+    def resolve_inputs(self) -> list[str]:
+        """`examples://` patterns in the input fields made local paths (the set written on first use)."""
+        update, problems = {}, []
+        for field in self.inputs:
+            value = getattr(self.spec, field)
+            if value is not None:
+                try:
+                    update[field] = resolve_example(value)
+                except ValueError as err:
+                    problems.append(f"{field}: {err}")
+        self.spec = self.spec.model_copy(update=update)
+        return problems
+
+    def open_run(self, tracker: Tracker) -> None:
+        run_file = self.run_file() if tracker.active else None
+        previous = {}
+        if run_file and storage.exists(run_file, self.spec.storage):
+            previous = storage.read_json(run_file, self.spec.storage)
+        tracker.start(self.spec, resume_run_id=tracker.recorded_run(previous), system_metrics=self.system_metrics)
+        if run_file:
+            storage.write_json(run_file, tracker.run_record(), self.spec.storage)
+
+    def run(self) -> int:
+        problems = self.resolve_inputs() or self.check()
+        if problems:
+            for line in problems:
+                log.error("%s", line)
+            return 2
+        tracker = Tracker(self.spec.tracking, self.kind)
+        self.open_run(tracker)
+        try:
+            if self.needs_ray():
+                init_ray(self.spec.ray)
+            status = self.body(tracker)
+        except Exception:
+            log.exception("the %s job failed", self.kind)
+            tracker.end("FAILED")
+            return 1
+        except BaseException:  # interrupted (Ctrl-C, SystemExit): the run says so, and the job stops
+            tracker.end("KILLED")
+            raise
+        tracker.end("FINISHED" if status == 0 else "FAILED")
+        return status
