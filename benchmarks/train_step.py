@@ -19,7 +19,7 @@ from PIL import Image
 
 from splatclip import splats
 from splatclip.models.gsclip import from_open_clip
-from splatclip.models.losses import clip_loss
+from splatclip.models.objectives import OBJECTIVES
 from splatclip.pipelines.ingest import batches
 from splatclip.pipelines.samples import Skipped
 from splatclip.platform.shards import write_shard
@@ -49,14 +49,13 @@ def step_time(model, url: str, batch: int, size: int, repeats: int) -> tuple[flo
     spec = load_spec(TrainSpec, None, [f"data={url}", f"batch_size={batch}", f"model.encoder={model.kind}"])
     data = batches(spec, [url], {url: SAMPLES}, 0, 1, size, model.tokenizer, 0, 0, Skipped())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    contrastive = OBJECTIVES["contrastive"]()  # the train loop's own objective
 
     def step():
         began = time.perf_counter()
         _, _, b = next(data)
         waited = time.perf_counter() - began
-        feats = model.encode_splats(b["params"], b["mask"]) if model.kind == "splat" else model.encode_image(b["images"])
-        loss = clip_loss(feats, model.encode_text(b["tokens"]), model.logit_scale)
-        loss.backward()
+        contrastive(model, b, torch.device("cpu")).backward()
         opt.step()
         opt.zero_grad()
         return waited
