@@ -102,15 +102,8 @@ class Loop:
             torch.manual_seed(spec.seed)  # a backbone without pretrained weights: the same weights as the model's
             self.teacher, _ = create(ref.model, ref.pretrained, spec.storage, self.device)
             self.teacher.requires_grad_(False)
-        self.state, self.saved = TrainState(), None
-        restored = ray.train.get_checkpoint()
-        if restored:
-            with restored.as_directory() as d:
-                self.saved = read_checkpoint(Path(d), self.rank, self.device)
-            self.model.load_state_dict(self.saved["weights"], strict=False)
-            self.state = dataclasses.replace(self.saved["position"])  # the saved position stays as it was
-            log.info("rank %d resumes at step %d (stage %d, epoch %d, batch %d)", self.rank, self.state.step,
-                     self.state.stage, self.state.epoch, self.state.batch)
+        self.state = TrainState()
+        self.saved = self.restore()  # sets `state` when the run has a checkpoint
         self.tracker = Tracker(spec.tracking, "train", self.rank)
         if self.tracker.active:
             self.state.run_id = self.tracker.start(spec, resume_run_id=run_id or self.state.run_id,
@@ -121,6 +114,22 @@ class Loop:
         self.poisoned = poisoned_batches(spec)
         cuda = self.device.type == "cuda"
         self.autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
+
+    def restore(self) -> dict | None:
+        """The latest checkpoint of the run, if there is one: weights, position and generators set
+        from it; its optimizer and scheduler are set when their stage starts."""
+        import ray.train
+
+        restored = ray.train.get_checkpoint()
+        if not restored:
+            return None
+        with restored.as_directory() as d:
+            saved = read_checkpoint(Path(d), self.rank, self.device)
+        self.model.load_state_dict(saved["weights"], strict=False)
+        self.state = dataclasses.replace(saved["position"])  # the saved position stays as it was
+        log.info("rank %d resumes at step %d (stage %d, epoch %d, batch %d)", self.rank, self.state.step,
+                 self.state.stage, self.state.epoch, self.state.batch)
+        return saved
 
     def run(self) -> None:
         for index in range(self.state.stage, len(self.spec.stages)):
