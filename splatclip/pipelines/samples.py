@@ -246,7 +246,7 @@ def collate(samples: list[dict], tokenizer=None, image_size: int = 224, positive
         out["params"], out["mask"] = batch.params, batch.mask
     if all("image" in s for s in samples):
         out["images"] = torch.stack([torch.as_tensor(s["image"]) for s in samples])
-    if "tokens" in samples[0]:  # tokenized one by one by the training ingest's loader processes
+    if "tokens" in samples[0]:  # tokenized a chunk at a time by the training ingest
         out["tokens"] = torch.stack([torch.as_tensor(s["tokens"]) for s in samples])
     elif tokenizer is not None:
         out["tokens"] = tokenizer([s["text"] for s in samples])

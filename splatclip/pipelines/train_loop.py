@@ -203,9 +203,8 @@ class Loop:
         position = self.state.next_stage() if last else self.state  # a finished stage resumes at the next
         with tempfile.TemporaryDirectory() as tmp:
             if self.rank == 0:
-                within = not last
-                write_checkpoint(Path(tmp), 0, self.device, position, self.model.trainable_state(),
-                                 stage.opt.state_dict() if within else None, stage.sched.state_dict() if within else None)
+                optimizer, scheduler = (None, None) if last else (stage.opt.state_dict(), stage.sched.state_dict())
+                write_checkpoint(Path(tmp), 0, self.device, position, self.model.trainable_state(), optimizer, scheduler)
             else:
                 write_checkpoint(Path(tmp), self.rank, self.device)
             ray.train.report({**metrics, "step": self.state.step},

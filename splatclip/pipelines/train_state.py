@@ -34,9 +34,6 @@ class TrainState:
     batch: int = 0  # ... and its index in that epoch
     run_id: str | None = None  # the MLflow run rank 0 logs to
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def next_stage(self) -> "TrainState":
         """The position a finished stage resumes at: the start of the next one."""
         return dataclasses.replace(self, stage=self.stage + 1, stage_step=0)
@@ -70,7 +67,7 @@ def write_checkpoint(directory: Path, rank: int, device: torch.device, state: Tr
     """This rank's files of a checkpoint: its generators, and on rank 0 (`state` given) the rest."""
     torch.save(rng_state(device), directory / f"rng-{rank}.pt")
     if state is not None:
-        payload = {"weights": weights, "position": state.as_dict()}
+        payload = {"weights": weights, "position": dataclasses.asdict(state)}
         if optimizer is not None:
             payload.update(optimizer=optimizer, scheduler=scheduler)
         torch.save(payload, directory / "state.pt")

@@ -160,7 +160,7 @@ class Tracker:
             run = client.create_run(experiment_id, run_name=self.spec.run_name, tags=tags)
             self.run_id, self.experiment_id = run.info.run_id, experiment_id
             log.info("MLflow run %s in experiment %r at %s", self.run_id, self.spec.experiment, redact(self.spec.uri))
-        self.parent_id = client.get_run(self.run_id).data.tags.get(PARENT_TAG)
+        self.parent_id = run.data.tags.get(PARENT_TAG)
         if self.parent_id:  # a parent runs while any of its runs does
             client.update_run(self.parent_id, status="RUNNING")
         if job_spec is not None:
