@@ -89,7 +89,7 @@ def s3_endpoint(tmp_path_factory):
         )
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{endpoint}/moto-api/", proc, 60, log)
+        wait_http(f"{endpoint}/moto-api/", proc, 600, log)
         saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
         os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
         yield endpoint
@@ -130,7 +130,7 @@ def mlflow_server(tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, cwd=root)
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{uri}/health", proc, 180, log)
+        wait_http(f"{uri}/health", proc, 600, log)
         yield uri
     finally:
         stop(proc)
@@ -168,8 +168,8 @@ def ray_head(tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, cwd=root)
     url = f"http://127.0.0.1:{dash}"
     try:
-        wait_http(f"{url}/api/version", proc, 120, log, {"Authorization": f"Bearer {token}"})
-        deadline = time.time() + 120  # the job agent comes up after the dashboard: probe until it takes a job
+        wait_http(f"{url}/api/version", proc, 600, log, {"Authorization": f"Bearer {token}"})
+        deadline = time.time() + 600  # the job agent comes up after the dashboard: probe until it takes a job
         while True:
             probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--", "true"],
                                    env=env, capture_output=True, text=True, cwd=root)

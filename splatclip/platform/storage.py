@@ -9,7 +9,6 @@ block aborts the multipart upload.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -60,20 +59,77 @@ def join(base: str, *names: str) -> str:
 
 
 MAX_NAMES = 1_000_000  # names one pattern may expand to (a typo like {0..9999999999} must not hang a job)
-_INT_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+MAX_BRACE_DEPTH = 32  # braces nested deeper than this are refused before they are counted
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
+_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
+
+
+def pattern_size(pattern: str) -> int:
+    """How many names `braceexpand` makes of `pattern`, counted from the pattern's grammar (the
+    product of its braces, a list the sum of its items, a range its length, nested braces included)
+    without making a single name: a refusal costs a pass over the pattern, not the names."""
+    return _product_size(pattern, 0)
+
+
+def _product_size(pattern: str, depth: int) -> int:
+    """Names of a pattern: literals times each top-level brace expression (braceexpand's
+    parse_pattern, counted)."""
+    if depth > MAX_BRACE_DEPTH:
+        raise ValueError(f"braces nested more than {MAX_BRACE_DEPTH} deep")
+    size, start, level, pos = 1, 0, 0, 0
+    while pos < len(pattern):
+        ch = pattern[pos]
+        if ch == "\\":
+            pos += 2
+            continue
+        if ch == "{":
+            if level == 0:
+                start = pos
+            level += 1
+        elif ch == "}":
+            level -= 1
+            if level == 0:
+                size *= _expression_size(pattern[start + 1 : pos], depth + 1)
+        pos += 1
+    if level != 0:
+        raise ValueError("unbalanced braces")
+    return size
+
+
+def _expression_size(expr: str, depth: int) -> int:
+    """Names of the inside of one brace: a numeric or letter range, a comma list, or (neither) the
+    literal braces around the expanded inside."""
+    if m := _INT_RANGE.match(expr):
+        start, end, step = int(m[1]), int(m[2]), int(m[3] or 1) or 1
+        return len(range(start, end + 1, step) if start < end else range(start, end - 1, -step))
+    if m := _CHAR_RANGE.match(expr):
+        return len(braceexpand.make_char_range(m[1], m[2], m[3]))  # at most 52 letters
+    items, start, level, pos = [], 0, 0, 0
+    while pos < len(expr):
+        ch = expr[pos]
+        if ch == "\\":
+            pos += 2
+            continue
+        if ch == "{":
+            level += 1
+        elif ch == "}":
+            level -= 1
+        elif ch == "," and level == 0:
+            items.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if level != 0 or not items:
+        return _product_size(expr, depth)
+    return sum(_product_size(item, depth) for item in [*items, expr[start:]])
 
 
 def expand_braces(pattern: str) -> list[str]:
     """'a/{00000..00002}.tar' -> ['a/00000.tar', 'a/00001.tar', 'a/00002.tar'] (zero padding kept).
-    Raises ValueError past MAX_NAMES names (braceexpand builds each range whole, so ranges are
-    sized before anything is expanded)."""
-    for start, end, step in _INT_RANGE.findall(pattern):
-        if abs(int(end) - int(start)) // max(abs(int(step or 1)), 1) >= MAX_NAMES:
-            raise ValueError(f"the range {{{start}..{end}}} holds more than {MAX_NAMES} names")
-    names = list(itertools.islice(braceexpand.braceexpand(pattern), MAX_NAMES + 1))
-    if len(names) > MAX_NAMES:
-        raise ValueError(f"the pattern expands to more than {MAX_NAMES} names")
-    return names
+    Raises ValueError past MAX_NAMES names, sized before any name is made."""
+    size = pattern_size(pattern)
+    if size > MAX_NAMES:
+        raise ValueError(f"the pattern expands to {size:.3g} names, more than {MAX_NAMES}")
+    return list(braceexpand.braceexpand(pattern))
 
 
 def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str], list[str]]:

@@ -17,7 +17,7 @@ def test_demo_small(tmp_path):
     env.pop("RAY_ADDRESS", None)
     root = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "splatclip.demo", "--small", "--root", str(root)], env=env,
-                          capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=1700, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     pictures = ("contact_sheet.png", "accuracy_compression.png", "rate_distortion.png", "training_curves.png")
     for name in pictures:

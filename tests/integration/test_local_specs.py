@@ -21,7 +21,7 @@ def job(cwd: Path, script: str, *args: str, spec: str | None = None) -> subproce
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, str(JOBS / script), *([str(JOBS / "specs" / spec)] if spec else []),
            *[f"--set={a}" for a in args]]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
 
 
 def test_local_specs_chain_from_an_empty_directory(tmp_path):

@@ -60,7 +60,7 @@ print(ray.get_runtime_context().gcs_address, *ray.get(state_api_from_a_worker.re
 def test_a_local_ray_tells_its_processes_its_own_address():
     """Without this, a worker's state API finds another cluster on this machine (the `ray start` of a
     test or a user, or its stale address file) and Ray Train's cleaner thread fails."""
-    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_KNOWS_ITSELF], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_KNOWS_ITSELF], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gcs, worker_address, nodes, driver_address = proc.stdout.split(maxsplit=3)
     assert gcs.startswith("127.0.0.1:") and worker_address == gcs

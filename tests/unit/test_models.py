@@ -1,7 +1,6 @@
 """GS-CLIP on open_clip: masks, permutation invariance, freezing, checkpoints, losses, zero-shot."""
 
 import os
-import time
 from pathlib import Path
 
 import open_clip
@@ -83,14 +82,16 @@ def test_vit_b16_trainable_share_is_reported():
     assert 0.12 < model.set_trainable(2) < 0.2
 
 
-def test_tiny_forward_backward_is_fast():
+def test_tiny_forward_backward_reaches_only_the_trainable_parts():
     model = tiny()
     p = splat_batch(8, 400)
     tokens = model.tokenizer(["x"] * 8)
-    start = time.perf_counter()
     loss = clip_loss(model.encode_splats(p), model.encode_text(tokens), model.logit_scale)
     loss.backward()
-    assert time.perf_counter() - start < 1.0
+    assert torch.isfinite(loss)
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("splat"))
+    assert all(grads[n] is None for n, param in model.named_parameters() if not param.requires_grad)
 
 
 def test_rgb_encoder_trains_everything():
