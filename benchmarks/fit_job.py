@@ -17,9 +17,10 @@ import torch
 from splatclip import datasets
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop, decode
-from splatclip.pipelines.fit import run
+from splatclip.fit.job import run
 from splatclip.platform.runtime import init_ray
-from splatclip.platform.specs import FitSpec, load_spec
+from splatclip.platform.loader import load_spec
+from splatclip.platform.specs import FitSpec
 
 
 def main():

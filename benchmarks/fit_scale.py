@@ -33,10 +33,11 @@ import torch
 from splatclip import datasets, splats
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop, decode
-from splatclip.pipelines.fit import run
+from splatclip.fit.job import run
 from splatclip.platform.runtime import init_ray
 from splatclip.platform.shards import read_samples, write_shard
-from splatclip.platform.specs import FitSpec, load_spec
+from splatclip.platform.loader import load_spec
+from splatclip.platform.specs import FitSpec
 
 TRIVIAL = ["fit.iterations=1", "fit.gaussians=4", "fit.size=28", "fit.compile=false", "fit.backend=torch"]
 

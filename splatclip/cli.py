@@ -10,7 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from splatclip.platform.specs import KINDS, SpecError, load_spec, public_dict
+from splatclip.platform.loader import SpecError, load_spec
+from splatclip.platform.serialize import public_dict
+from splatclip.platform.specs import KINDS
 
 log = logging.getLogger("splatclip")
 

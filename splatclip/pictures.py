@@ -6,6 +6,12 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 
+from splatclip import splats
+from splatclip.cuda import render
+from splatclip.fitting.images import IMAGE_EXTS, clip_crop, decode, image_member
+from splatclip.platform.shards import read_samples
+from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits, StorageSpec
+
 ERROR_SCALE = 0.25  # an absolute error of 0.25 (of the [0, 1] range) is the hottest color
 
 
@@ -55,3 +61,22 @@ def contact_sheet(originals: list[torch.Tensor], renders: list[torch.Tensor], pe
         rows.append(hstack([to_uint8(x) for x in r]))
         rows.append(hstack([error_map(b, a) for a, b in zip(o, r)]))
     return vstack(rows, gap=8)
+
+
+def fitted_pairs(source: str, fitted: str, size: int, count: int, storage: StorageSpec | None = None,
+                 limits: ShardLimits = DEFAULT_LIMITS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Up to `count` (original cropped as fitted [3, S, S], render of its splats [3, S, S]) pairs
+    from a source shard and its splat shard."""
+    splat_bytes = {s["__key__"]: s["splats.npy"] for s in read_samples(fitted, storage, limits) if "splats.npy" in s}
+    originals, renders = [], []
+    for sample in read_samples(source, storage, limits, IMAGE_EXTS):
+        ext = image_member(sample)
+        if len(originals) == count:
+            break
+        if sample["__key__"] not in splat_bytes or ext is None:
+            continue
+        originals.append(clip_crop(decode(sample[ext], limits), size))
+        batch = splats.Splats.from_arrays([splats.from_bytes(splat_bytes[sample["__key__"]])], size, size)
+        with torch.no_grad():
+            renders.append(render(batch.params, size, size, batch.mask)[0])
+    return originals, renders

@@ -1,4 +1,4 @@
-"""The rendering contract every backend meets (DESIGN.md, 'Splats and rendering').
+"""The rendering contract every backend meets (docs/design.md, 'The rendering contract').
 
 Parameters per Gaussian, in order: x, y, l11, l21, l22, r, g, b. Positions are normalized to the
 image (pixel (i, j) has its center at ((j + 0.5) / W, (i + 0.5) / H)); Sigma = L L^T with

@@ -17,6 +17,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the members of a shard's sample that can hold its image
+
+
+def image_member(sample: dict) -> str | None:
+    """The member of a shard's sample that holds its image (the first of IMAGE_EXTS), or None."""
+    return next((e for e in IMAGE_EXTS if e in sample), None)
+
 
 class ImageError(ValueError):
     """An image that cannot be used; `reason` is a short machine-readable cause."""

@@ -1,4 +1,4 @@
-"""Luminance-aware pruning (PAPER.md): a Gaussian whose color luminance is under tau is dropped."""
+"""Luminance-aware pruning (docs/method.md, 'Fitting'): a Gaussian whose color luminance is under tau is dropped."""
 
 
 REC709 = (0.2126, 0.7152, 0.0722)

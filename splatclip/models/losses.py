@@ -46,6 +46,9 @@ def clip_loss(image_features, text_features, logit_scale, positive_ids=None):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def distill_loss(student, teacher):
-    """MSE between the L2-normalized student and teacher embeddings [b, D]."""
-    return F.mse_loss(F.normalize(student, dim=-1), F.normalize(teacher.to(student.dtype), dim=-1))
+def distill_loss(student, teacher, normalize: bool = True):
+    """MSE between the student and teacher embeddings [b, D], L2-normalized first (`normalize`)."""
+    teacher = teacher.to(student.dtype)
+    if normalize:
+        student, teacher = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    return F.mse_loss(student, teacher)

@@ -1,15 +1,17 @@
 """Training objectives by the name a spec's stage gives (`stages: [{kind: distill}, ...]`).
 
 An objective is one class: its name, which encoders it trains, whether it reads the source images
-for a frozen teacher, and its loss on one batch. The train loop looks a stage's objective up here
-and never names a loss; a new loss is one class registered below and its name in a spec.
+for a frozen teacher, its own settings (a pydantic model, `Settings`, filled from the stage's
+`options:`), and its loss on one batch. The train loop looks a stage's objective up here and never
+names a loss; a new loss is one class registered below and its name in a spec.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splatclip.models.backbone import embed_images
 from splatclip.models.gsclip import GSCLIP
@@ -23,8 +25,15 @@ def register(cls: type["Objective"]) -> type["Objective"]:
     return cls
 
 
+class NoSettings(BaseModel):
+    """An objective's settings (`stages.N.options`): unknown keys and non-finite numbers refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
 class Objective:
     name: ClassVar[str]
+    Settings: ClassVar[type[BaseModel]] = NoSettings
     encoders: ClassVar[tuple[str, ...]] = ("splat", "rgb")  # the encoders (`model.encoder`) it can train
     reads_images: ClassVar[bool] = False  # with `images:` in the spec, its batches carry the source images
     # The loss is one value of the global batch that every rank computes alike: its gradient w.r.t. a
@@ -32,11 +41,17 @@ class Objective:
     # gradients are averaged over ranks (a per-sample mean averages correctly as it is).
     global_batch: ClassVar[bool] = False
 
-    def __init__(self, teacher: torch.nn.Module | None = None):
+    def __init__(self, settings: BaseModel | None = None, teacher: torch.nn.Module | None = None):
+        self.settings = settings if settings is not None else self.Settings()
         self.teacher = teacher  # a frozen RGB model, given when the spec names source images
 
     def __call__(self, model: GSCLIP, batch: dict, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
+
+
+class DistillSettings(NoSettings):
+    normalize: bool = Field(True, description="Compare L2-normalized embeddings (the method's choice); false: "
+                            "the raw embeddings, which also matches their norms.")
 
 
 @register
@@ -47,6 +62,7 @@ class Distill(Objective):
     name = "distill"
     encoders = ("splat",)
     reads_images = True
+    Settings = DistillSettings
 
     def __call__(self, model, batch, device):
         params, mask = batch["params"].to(device), batch["mask"].to(device)  # [b, N, 8], [b, N]
@@ -57,7 +73,7 @@ class Distill(Objective):
         else:
             raise RuntimeError("the distill stage needs teacher embeddings in the shards (fit with `teacher:`) "
                                "or the source images (`images:`)")
-        return distill_loss(model.splat_features(params, mask), target)
+        return distill_loss(model.splat_features(params, mask), target, self.settings.normalize)
 
 
 @register
@@ -77,16 +93,32 @@ class Contrastive(Objective):
         return clip_loss(image, text, model.logit_scale, batch["positive_ids"])
 
 
-def stage_problems(kinds: list[str], encoder: str, images: bool) -> list[str]:
-    """What is wrong with a spec's stages, one line each: an unknown objective, one that cannot train
-    the encoder, source images that no stage reads."""
+def settings(kind: str, options: dict[str, Any]) -> BaseModel:
+    """The objective's settings from a stage's `options`; raises pydantic's ValidationError."""
+    return OBJECTIVES[kind].Settings.model_validate(options)
+
+
+def stage_problems(stages: list, encoder: str, images: bool) -> list[str]:
+    """What is wrong with a spec's stages (each with `kind` and `options`), one line each: an unknown
+    objective, one that cannot train the encoder, options it does not take, source images that no
+    stage reads."""
     problems = []
-    for i, kind in enumerate(kinds):
+    kinds = [stage.kind for stage in stages]
+    for i, stage in enumerate(stages):
+        kind = stage.kind
         if kind not in OBJECTIVES:
             problems.append(f"stages.{i}.kind: {kind!r} is no objective (known: {', '.join(sorted(OBJECTIVES))})")
-        elif encoder not in OBJECTIVES[kind].encoders:
+            continue
+        if encoder not in OBJECTIVES[kind].encoders:
             problems.append(f"stages.{i}.kind: {kind} trains the {' or '.join(OBJECTIVES[kind].encoders)} encoder, "
                             f"not {encoder}")
+        try:
+            settings(kind, stage.options)
+        except ValidationError as err:
+            for e in err.errors():
+                where = ".".join(str(p) for p in e["loc"])
+                problems.append(f"stages.{i}.options.{where}: {e['msg']} ({kind} takes "
+                                f"{', '.join(OBJECTIVES[kind].Settings.model_fields) or 'no options'})")
     if images and not any(kind in OBJECTIVES and OBJECTIVES[kind].reads_images for kind in kinds):
         readers = ", ".join(sorted(name for name, cls in OBJECTIVES.items() if cls.reads_images))
         problems.append(f"images: no stage reads the source images (objectives that do: {readers})")

@@ -4,6 +4,7 @@ Results go to stdout (a table), a JSON file and MLflow (metrics, and the JSON as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import posixpath
@@ -16,22 +17,22 @@ import torch
 from splatclip.models.model_file import load_model
 from splatclip.pipelines.job import Job
 from splatclip.pipelines.samples import readable
-from splatclip.pipelines.scoring import zero_shot
+from splatclip.pipelines.scoring import LabeledSet, zero_shot
 from splatclip.platform import storage
 from splatclip.platform.shards import read_samples
-from splatclip.platform.specs import EvalSpec, StorageSpec
+from splatclip.platform.specs import EvalSpec
 from splatclip.platform.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-def compression(data: str, spec: StorageSpec | None) -> dict:
+def compression(spec: EvalSpec) -> dict:
     """Bytes per image of the splats against raw 8-bit pixels and the source files (from each
     sample's fit record)."""
-    shards, _ = storage.list_shards(data, spec)
+    shards, _ = storage.list_shards(spec.data, spec.storage)
     records = []
     for url in shards:
-        for sample in readable(read_samples(url, spec, wanted=("json",)), url):
+        for sample in readable(read_samples(url, spec.storage, spec.limits, ("json",)), url):
             try:
                 records.append(json.loads(sample["json"]))
             except (KeyError, ValueError, RecursionError):
@@ -59,14 +60,15 @@ class EvalJob(Job):
     def body(self, tracker: Tracker) -> int:
         spec = self.spec
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        results = {"splat": zero_shot(load_model(spec.checkpoint, spec.storage, device), spec.data, spec.classes,
-                                      spec.templates, spec.batch_size, spec.storage, device, spec.limits)}
+        splats = LabeledSet(spec.data, spec.classes, spec.templates, spec.storage, spec.limits)
+        results = {"splat": zero_shot(load_model(spec.checkpoint, spec.storage, device), splats, spec.batch_size,
+                                      device)}
         if spec.rgb_checkpoint and spec.rgb_data:
             rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
-            results["rgb"] = zero_shot(rgb, spec.rgb_data, spec.classes, spec.templates, spec.batch_size,
-                                       spec.storage, device, spec.limits)
+            images = dataclasses.replace(splats, data=spec.rgb_data)
+            results["rgb"] = zero_shot(rgb, images, spec.batch_size, device)
             results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
-        results["compression"] = compression(spec.data, spec.storage)
+        results["compression"] = compression(spec)
         storage.write_json(spec.output, results, spec.storage)
         print_table(results)
         flat = {f"splat_{k}": v for k, v in results["splat"].items() if isinstance(v, (int, float))}

@@ -3,7 +3,7 @@
     OUTPUT/NAME.tar            one splat shard per source shard: KEY.splats.npy, KEY.json, KEY.txt,
                                KEY.cls, KEY.teacher.npy (source members pass through cleaned)
     OUTPUT/_stats/NAME.json    its record: counts, failed samples and notes with key and reason
-    OUTPUT/_parts/NAME/       fitted batches of a shard not yet committed (see fit_parts)
+    OUTPUT/_parts/NAME/        fitted batches of a shard not yet committed (see splatclip.fit.parts)
     OUTPUT/_fit.json           the fit settings every shard of the directory was made with
     OUTPUT/_summary.json       the last run's summary; _SUCCESS.json once every input is done
 
@@ -15,14 +15,11 @@ from __future__ import annotations
 import posixpath
 
 from splatclip.platform import storage
-from splatclip.platform.secrets import redact
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 METADATA_EXTS = ("txt", "cls", "json")
 SETTINGS = "_fit.json"
 SUMMARY = "_summary.json"
 _COMPRESSED = {".tar.gz": ".tar", ".tgz": ".tar", ".tar.bz2": ".tar", ".tar.xz": ".tar"}
-SHARD_LEVEL = -1  # index of a row that stands for a whole shard (empty or unreadable)
 
 
 def shard_name(url: str) -> str:
@@ -50,32 +47,6 @@ def stats_beside(splat_shard: str) -> str:
     """The `_stats` record of a splat shard, from the shard's own URL."""
     directory = splat_shard.rsplit("/", 1)[0] if "/" in splat_shard else "."
     return stats_url(directory, splat_shard)
-
-
-def shard_stats(shard: str, rows: list[dict]) -> dict:
-    """The record of one shard from the records of its samples ({index, key, error, detail, notes
-    [list], meta [the fitted sample's metrics, or None]}): counts, failed samples (errors) and
-    repaired ones (notes) with key and reason, and the per-image figures."""
-    if len(rows) == 1 and rows[0]["index"] == SHARD_LEVEL:
-        r = rows[0]
-        status = "unreadable" if r["error"] == "unreadable_shard" else "empty"
-        errors = [{"key": "", "reason": r["error"], "detail": r["detail"]}] if status == "unreadable" else []
-        return {"shard": redact(shard), "status": status, "images": 0, "fitted": 0, "errors": errors, "notes": [],
-                "psnr": [], "bytes": 0, "source_bytes": 0, "raw_bytes": 0, "seconds": 0.0}
-    fitted = [r["meta"] for r in rows if not r["error"]]
-    return {
-        "shard": redact(shard),
-        "status": "done",
-        "images": len(rows),
-        "fitted": len(fitted),
-        "errors": [{"key": r["key"], "reason": r["error"], "detail": r["detail"]} for r in rows if r["error"]],
-        "notes": [n for r in rows for n in r["notes"]],
-        "psnr": [m["psnr"] for m in fitted],
-        "bytes": sum(m["bytes"] for m in fitted),
-        "source_bytes": sum(m["source_bytes"] for m in fitted),
-        "raw_bytes": sum(m["raw_bytes"] for m in fitted),
-        "seconds": sum(m["seconds"] for m in fitted),
-    }
 
 
 def class_id(data: bytes) -> int | None:

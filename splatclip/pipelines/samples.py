@@ -9,6 +9,9 @@ between workers, so a resumed worker regenerates the same order and skips what i
 Shards are untrusted even when this project wrote them: every sample is checked before it can reach
 a model (splat count and value ranges, teacher embedding shape and finiteness, class id, caption)
 and a bad one is skipped and counted by reason, never raised.
+
+Three small records travel whole instead of loose arguments: `SampleFormat` (what a usable sample is
+for one model), `ShardSet` (what to read, and how) and `WorkerShare` (which part of it one worker reads).
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import io
 import logging
 import random
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from splatclip import splats
-from splatclip.fitting.images import ImageError, clip_crop, decode
-from splatclip.pipelines.layout import IMAGE_EXTS, class_id, stats_beside
+from splatclip.fitting.images import IMAGE_EXTS, ImageError, clip_crop, decode, image_member
+from splatclip.pipelines.layout import class_id, stats_beside
 from splatclip.platform import storage
 from splatclip.platform.shards import ShardError, problems, read_samples
 from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits, StorageSpec
@@ -39,6 +43,38 @@ MAX_SCALE = 10.0
 MAX_COLOR = 1000.0
 
 
+@dataclass(frozen=True)
+class SampleFormat:
+    """What a usable sample is for one model, built once from a job's spec and passed whole."""
+
+    encoder: str = "splat"  # "splat": the sample's splats [n, 8]; "rgb": its image [3, S, S]
+    image_size: int = 224  # S: the model's input size (the rgb encoder's crop)
+    need_text: bool = True  # a sample without a caption is skipped (training); evaluation needs none
+    classes: int | None = None  # a label is required, below this count (zero-shot evaluation)
+    source_size: int | None = None  # also carry the joined source image at this size (a teacher embeds it)
+    embed_dim: int | None = None  # a stored teacher embedding must have this size
+    limits: ShardLimits = field(default_factory=ShardLimits)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Shards to read: their URLs, how to reach them, and the figures the driver found for them."""
+
+    urls: tuple[str, ...]
+    storage: StorageSpec | None = None
+    sources: Mapping[str, str] | None = None  # splat shard URL -> its source image shard (same name and keys)
+    counts: Mapping[str, int] | None = None  # samples per shard (`count_samples`), for the steps of an epoch
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    """Which samples one worker reads of a ShardSet in an epoch (see `worker_shards`)."""
+
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
+
+
 @dataclass
 class Skipped:
     reasons: Counter = field(default_factory=Counter)
@@ -49,18 +85,22 @@ class Skipped:
         self.reasons[reason] += 1
 
 
-def count_samples(url: str, spec: StorageSpec | None, limits: ShardLimits = DEFAULT_LIMITS) -> int:
-    """Samples in a shard: from the fit job's `_stats` record beside it when there is one and it is
-    plausible, else by reading the shard (0 for a shard that cannot be read). The count sets the
+def count_samples(shards: ShardSet, limits: ShardLimits = DEFAULT_LIMITS) -> dict[str, int]:
+    """Samples in each shard: from the fit job's `_stats` record beside it when there is one and it
+    is plausible, else by reading the shard (0 for a shard that cannot be read). The counts set the
     steps of an epoch, so a record that lies must not make one endless."""
+    return {url: _count(shards, url, limits) for url in shards.urls}
+
+
+def _count(shards: ShardSet, url: str, limits: ShardLimits) -> int:
     stats = stats_beside(url)
     try:
-        if storage.exists(stats, spec):
-            fitted = storage.read_json(stats, spec)["fitted"]
+        if storage.exists(stats, shards.storage):
+            fitted = storage.read_json(stats, shards.storage)["fitted"]
             if isinstance(fitted, int) and 0 <= fitted <= limits.max_shard_samples:
                 return fitted
             log.warning("%s: its record's sample count %r is not plausible; counting the shard", url, fitted)
-        return sum(1 for s in read_samples(url, spec, limits, ()) if not problems(s))
+        return sum(1 for s in read_samples(url, shards.storage, limits, ()) if not problems(s))
     except (ShardError, ValueError, KeyError, TypeError) as err:
         log.warning("cannot count the samples of %s: %s", url, err)
         return 0
@@ -68,7 +108,7 @@ def count_samples(url: str, spec: StorageSpec | None, limits: ShardLimits = DEFA
 
 def decode_image(sample: dict, size: int, limits: ShardLimits = DEFAULT_LIMITS) -> torch.Tensor | None:
     """The sample's image, CLIP-cropped to [3, size, size] in [0, 1]; None when missing or bad."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    ext = image_member(sample)
     try:
         return clip_crop(decode(sample[ext], limits), size) if ext else None
     except ImageError:
@@ -101,12 +141,12 @@ def teacher_embedding(data: bytes, dim: int | None) -> np.ndarray | None:
     return arr if np.isfinite(arr).all() and np.abs(arr).max(initial=0) < 1e4 else None
 
 
-def with_sources(raws, source_url: str, spec: StorageSpec | None, limits: ShardLimits = DEFAULT_LIMITS):
+def with_sources(raws, source_url: str, shards: ShardSet, limits: ShardLimits = DEFAULT_LIMITS):
     """Splat samples of one shard, each paired with its source sample (or None) from the image
     shard `source_url`, matched by key. The fit job keeps the source order, so both shards are
     read once side by side; source samples passed over on the way are held until asked for (a key
     with no source holds the rest of the image shard in memory)."""
-    sources = readable(read_samples(source_url, spec, limits, IMAGE_EXTS), source_url)
+    sources = readable(read_samples(source_url, shards.storage, limits, IMAGE_EXTS), source_url)
     ahead: dict[str, dict] = {}
     for raw in raws:
         key = raw["__key__"]
@@ -117,13 +157,12 @@ def with_sources(raws, source_url: str, spec: StorageSpec | None, limits: ShardL
         yield raw, ahead.pop(key, None)
 
 
-def decode_sample(sample: dict, kind: str, image_size: int, classes: int | None, skipped: Skipped,
-                  limits: ShardLimits = DEFAULT_LIMITS, embed_dim: int | None = None) -> dict | None:
+def decode_sample(sample: dict, fmt: SampleFormat, skipped: Skipped) -> dict | None:
     """A raw sample -> {"splats" [n, 8] | "image" [3, S, S], "text", "teacher", "label"}, or None.
-    A stored teacher embedding must be a finite vector of `embed_dim` (when given)."""
-    key = sample["__key__"]
+    A stored teacher embedding must be a finite vector of `fmt.embed_dim` (when given)."""
+    key, limits = sample["__key__"], fmt.limits
     out = {}
-    if kind == "splat":
+    if fmt.encoder == "splat":
         if "splats.npy" not in sample:
             skipped.add("no_splats", key)
             return None
@@ -137,30 +176,30 @@ def decode_sample(sample: dict, kind: str, image_size: int, classes: int | None,
             skipped.add(why, key)
             return None
     else:
-        out["image"] = decode_image(sample, image_size, limits)
+        out["image"] = decode_image(sample, fmt.image_size, limits)
         if out["image"] is None:
             skipped.add("bad_image", key)
             return None
     out["text"] = sample.get("txt", b"")[: 4 * MAX_CAPTION_CHARS].decode("utf-8", "replace").strip()[:MAX_CAPTION_CHARS]
     if "teacher.npy" in sample:
-        out["teacher"] = teacher_embedding(sample["teacher.npy"], embed_dim)
+        out["teacher"] = teacher_embedding(sample["teacher.npy"], fmt.embed_dim)
         if out["teacher"] is None:
             skipped.add("bad_teacher", key)
             return None
     out["class_id"] = class_id(sample.get("cls", b""))
-    if classes is not None:
-        if out["class_id"] is None or out["class_id"] >= classes:
+    if fmt.classes is not None:
+        if out["class_id"] is None or out["class_id"] >= fmt.classes:
             skipped.add("bad_class", key)
             return None
         out["label"] = out["class_id"]
     return out
 
 
-def worker_shards(shards: list[str], rank: int, world: int, seed: int, epoch: int) -> list[str]:
+def worker_shards(urls, share: WorkerShare, epoch: int) -> list[str]:
     """This worker's shards for an epoch: a seeded shuffle, then every world-th shard."""
-    order = list(shards)
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[rank::world] if len(order) >= world else order
+    order = list(urls)
+    random.Random(share.seed * 1_000_003 + epoch).shuffle(order)
+    return order[share.rank :: share.world] if len(order) >= share.world else order
 
 
 def readable(samples, url: str):
@@ -171,55 +210,50 @@ def readable(samples, url: str):
         log.warning("shard %s is unreadable: %s", url, err)
 
 
-def raw_pairs(shards, rank, world, seed, epoch, spec, sources: dict[str, str] | None = None,
-              limits: ShardLimits = DEFAULT_LIMITS):
+def raw_pairs(shards: ShardSet, share: WorkerShare, epoch: int, limits: ShardLimits = DEFAULT_LIMITS):
     """This worker's raw samples for one epoch, in the deterministic order, each with its source
-    sample from `sources` (splat shard URL -> its image shard URL) or None. With fewer shards than
-    workers every worker reads them all and keeps every world-th sample."""
-    mine = worker_shards(shards, rank, world, seed, epoch)
-    by_sample = len(shards) < world
+    sample (`shards.sources`) or None. With fewer shards than workers every worker reads them all
+    and keeps every world-th sample."""
+    by_sample = len(shards.urls) < share.world
     i = 0
-    for url in mine:
-        raws = readable(read_samples(url, spec, limits), url)
-        pairs = with_sources(raws, sources[url], spec, limits) if sources else ((raw, None) for raw in raws)
+    for url in worker_shards(shards.urls, share, epoch):
+        raws = readable(read_samples(url, shards.storage, limits), url)
+        pairs = with_sources(raws, shards.sources[url], shards, limits) if shards.sources \
+            else ((raw, None) for raw in raws)
         for raw, source in pairs:
             i += 1
-            if not by_sample or (i - 1) % world == rank:
+            if not by_sample or (i - 1) % share.world == share.rank:
                 yield raw, source
 
 
-def check_sample(raw: dict, source: dict | None, kind, image_size, skipped, need_text=True, classes=None,
-                 with_source: bool = False, source_size: int = 224, limits: ShardLimits = DEFAULT_LIMITS,
-                 embed_dim: int | None = None) -> dict | None:
+def check_sample(raw: dict, source: dict | None, fmt: SampleFormat, skipped: Skipped) -> dict | None:
     """A raw sample decoded, or None (skipped and counted) when the shard reader found a problem with
-    it or it fails its checks. `with_source`: it also carries its source "image" [3, source_size,
-    source_size]; a sample whose source is missing or undecodable is skipped."""
+    it or it fails its checks. With `fmt.source_size` it also carries its source "image" [3, size,
+    size]; a sample whose source is missing or undecodable is skipped."""
     lost = [reason for member, reason, _ in problems(raw) if not member]
     if lost:
         skipped.add(lost[0], raw["__key__"])
         return None
-    s = decode_sample(raw, kind, image_size, classes, skipped, limits, embed_dim)
+    s = decode_sample(raw, fmt, skipped)
     if s is None:
         return None
-    if need_text and not s["text"]:
+    if fmt.need_text and not s["text"]:
         skipped.add("empty_caption", raw["__key__"])
         return None
-    if with_source:
-        s["image"] = decode_image(source, source_size, limits) if source is not None else None
+    if fmt.source_size is not None:
+        s["image"] = decode_image(source, fmt.source_size, fmt.limits) if source is not None else None
         if s["image"] is None:
             skipped.add("bad_source_image" if source is not None else "no_source_image", raw["__key__"])
             return None
     return s
 
 
-def stream(shards, rank, world, seed, epoch, kind, image_size, spec, skipped, need_text=True, classes=None,
-           sources: dict[str, str] | None = None, source_size: int = 224, limits: ShardLimits = DEFAULT_LIMITS,
-           embed_dim: int | None = None):
+def stream(shards: ShardSet, fmt: SampleFormat, skipped: Skipped, share: WorkerShare = WorkerShare(),
+           epoch: int = 0):
     """Valid samples of this worker for one epoch, in a deterministic order (`raw_pairs`, then
     `check_sample`), decoded in this process."""
-    for raw, source in raw_pairs(shards, rank, world, seed, epoch, spec, sources, limits):
-        s = check_sample(raw, source, kind, image_size, skipped, need_text, classes, bool(sources), source_size,
-                         limits, embed_dim)
+    for raw, source in raw_pairs(shards, share, epoch, fmt.limits):
+        s = check_sample(raw, source, fmt, skipped)
         if s is not None:
             yield s
 

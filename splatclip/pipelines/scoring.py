@@ -3,27 +3,35 @@ the train job logs while it trains."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from splatclip.models.backbone import input_size
 from splatclip.models.zeroshot import class_embeddings, load_classes, load_templates, topk_correct
-from splatclip.pipelines.samples import Skipped, collate, stream
+from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, collate, stream
 from splatclip.platform import storage
-from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits, StorageSpec
+from splatclip.platform.specs import ShardLimits, StorageSpec
+
+
+@dataclass(frozen=True)
+class LabeledSet:
+    """Labeled shards and the words that name their classes: what a zero-shot score is taken on."""
+
+    data: str  # brace pattern of labeled shards (each sample with a .cls)
+    classes: str  # 'imagenet', 'digits', a JSON list or a path to one
+    templates: str  # likewise, prompt templates with {c}
+    storage: StorageSpec | None = None
+    limits: ShardLimits = field(default_factory=ShardLimits)
 
 
 @torch.no_grad()
-def embed(model, data: str, n_classes: int, batch_size: int, spec: StorageSpec | None, device="cpu",
-          limits: ShardLimits = DEFAULT_LIMITS):
+def embed(model, shards: ShardSet, fmt: SampleFormat, batch_size: int, device="cpu"):
     """(embeddings [M, D], labels [M], skipped) of every usable labeled sample of the shards."""
-    shards, _ = storage.list_shards(data, spec)
-    if not shards:
-        raise FileNotFoundError(f"no shards match {data}")
-    size = input_size(model.clip)
     skipped, feats, labels, pending = Skipped(), [], [], []
 
     def flush():
-        batch = collate(pending, None, size)
+        batch = collate(pending, image_size=fmt.image_size)
         if model.kind == "splat":
             feats.append(model.encode_splats(batch["params"].to(device), batch["mask"].to(device)).cpu())
         else:
@@ -31,24 +39,28 @@ def embed(model, data: str, n_classes: int, batch_size: int, spec: StorageSpec |
         labels.append(batch["labels"])
         pending.clear()
 
-    for sample in stream(shards, 0, 1, 0, 0, model.kind, size, spec, skipped, need_text=False, classes=n_classes,
-                         limits=limits):
+    for sample in stream(shards, fmt, skipped):
         pending.append(sample)
         if len(pending) == batch_size:
             flush()
     if pending:
         flush()
     if not feats:
-        raise RuntimeError(f"no usable labeled samples in {data} ({dict(skipped.reasons)})")
+        raise RuntimeError(f"no usable labeled samples in the {len(shards.urls)} shards ({dict(skipped.reasons)})")
     return torch.cat(feats), torch.cat(labels), skipped
 
 
-def zero_shot(model, data, classes_src, templates_src, batch_size, spec=None, device="cpu",
-              limits: ShardLimits = DEFAULT_LIMITS) -> dict:
-    classes = load_classes(classes_src, spec)
-    templates = load_templates(templates_src, spec)
+def zero_shot(model, labeled: LabeledSet, batch_size: int, device="cpu") -> dict:
+    """Top-1/top-5 of the model against prompts for each class name, on every usable labeled sample."""
+    classes = load_classes(labeled.classes, labeled.storage)
+    templates = load_templates(labeled.templates, labeled.storage)
     text = class_embeddings(model.encode_text, model.tokenizer, classes, templates, device).cpu()
-    feats, labels, skipped = embed(model, data, len(classes), batch_size, spec, device, limits)
+    urls, _ = storage.list_shards(labeled.data, labeled.storage)
+    if not urls:
+        raise FileNotFoundError(f"no shards match {labeled.data}")
+    fmt = SampleFormat(encoder=model.kind, image_size=input_size(model.clip), need_text=False, classes=len(classes),
+                       limits=labeled.limits)
+    feats, labels, skipped = embed(model, ShardSet(tuple(urls), labeled.storage), fmt, batch_size, device)
     hits = topk_correct(feats, text, labels, ks=(1, 5))
     n = len(labels)
     return {"top1": hits[1] / n, "top5": hits[5] / n, "images": n, "skipped": dict(skipped.reasons)}

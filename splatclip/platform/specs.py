@@ -1,34 +1,21 @@
-"""Job specs: pydantic v2 models loaded from YAML with `--set a.b=value` overrides.
+"""Job specs: the pydantic v2 models of every job, on one page (`loader` reads them from YAML with
+`--set a.b=value` overrides; `serialize` turns them into what a tracking run records).
 
 A spec is the whole description of a job. Every model forbids unknown keys, so a typo is an error
 naming the dotted field, never a silently ignored setting. Secrets are `SecretStr`: they print as
-asterisks and `public_dict` drops them before anything is logged; credentials inside URLs are
-redacted there and in every error line. Non-finite floats and absurd sizes are refused, so what a
-job starts with is something it can finish.
+asterisks and `serialize.public_dict` drops them before anything is logged; credentials inside URLs
+are redacted there and in every error line. Non-finite floats and absurd sizes are refused, so what
+a job starts with is something it can finish.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-
-from splatclip.platform.secrets import is_secret_field, redact
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 Backend = Literal["auto", "torch", "torch-dense", "triton", "gsplat"]
-
-
-class SpecError(Exception):
-    """A spec that cannot be used; `problems` holds one line per wrong field."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 class Model(BaseModel):
@@ -113,7 +100,7 @@ DEFAULT_LIMITS = ShardLimits()
 
 
 class FitParams(Model):
-    """The batched fitter's settings (PAPER.md: 'GS fitting')."""
+    """The batched fitter's settings (docs/method.md, 'Fitting')."""
 
     gaussians: int = Field(400, ge=1, le=1 << 18, description="Gaussians per image, N.")
     iterations: int = Field(2000, ge=0, le=1_000_000)
@@ -171,6 +158,8 @@ class StageSpec(Model):
     lr: float = Field(1e-4, gt=0, le=10)
     warmup_steps: int = Field(0, ge=0, le=10_000_000)
     unfreeze_blocks: int = Field(0, ge=0, le=1000, description="First k backbone blocks that train in this stage.")
+    options: dict[str, Any] = Field(default_factory=dict, description="The objective's own settings, checked "
+                                    "against it before the job starts (distill: normalize).")
 
 
 class TrainSpec(Model):
@@ -233,178 +222,3 @@ class EvalSpec(Model):
 
 
 KINDS: dict[str, type[Model]] = {"fit": FitSpec, "train": TrainSpec, "eval": EvalSpec}
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'a.b=value' -> (['a', 'b'], value), the value read as YAML so numbers and lists keep their type."""
-    key, sep, raw = text.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(p.strip() for p in parts):
-        raise SpecError([f"--set {text!r}: expected dotted.key=value"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise SpecError([_yaml_problem(f"--set {key}", err)]) from None
-    return [p.strip() for p in parts], value
-
-
-def apply_override(data: dict, path: list[str], value: Any, kind: type[BaseModel] | None = None) -> None:
-    """Set data[a][b]... = value; list items are addressed by index (stages.0.lr=1e-4). With the spec's
-    model `kind`, a list the data does not hold yet starts as the field's default (so stages.0.lr works
-    on a spec file without `stages`)."""
-    node: Any = data
-    model: Any = kind
-    for i, part in enumerate(path):
-        where = ".".join(path[: i + 1])
-        last = i == len(path) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise SpecError([f"--set {'.'.join(path)}: {where} is not an item of a {len(node)}-item list"])
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise SpecError([f"--set {'.'.join(path)}: {'.'.join(path[:i])} is not a mapping"])
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if last:
-            node[part] = value
-            continue
-        if node.get(part) is None:
-            default = field.get_default(call_default_factory=True) if field is not None else None
-            node[part] = [_dump(d) for d in default] if isinstance(default, list) else {}
-        node = node[part]
-        model = _inner_model(field.annotation) if field is not None else None
-
-
-def _dump(value: Any) -> Any:
-    return value.model_dump() if isinstance(value, BaseModel) else value
-
-
-def _inner_model(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model a field holds, directly, optionally or as list items."""
-    from typing import get_args
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        inner = _inner_model(arg)
-        if inner is not None:
-            return inner
-    return None
-
-
-def _problem_lines(err: ValidationError) -> list[str]:
-    """One line per wrong field, naming it. The wrong value is shown only when it is short, plain
-    data and neither the field's name nor the error says it could be a secret (an unknown field's
-    value never is shown: a misspelled secret key is still a secret); URL credentials are redacted."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(spec)"
-        got = e.get("input")
-        hidden = (isinstance(got, (dict, list)) or got is None or e["type"] in ("missing", "extra_forbidden")
-                  or any(is_secret_field(p) for p in e["loc"]))
-        shown = "" if hidden else f" (got {redact(repr(got))[:80]})"
-        lines.append(f"{loc}: {redact(e['msg'])}{shown}")
-    return lines
-
-
-def _yaml_problem(where: str, err: yaml.YAMLError) -> str:
-    """A YAML error by position and kind, never with the offending text (it may be a secret's line)."""
-    mark = getattr(err, "problem_mark", None)
-    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    problem = getattr(err, "problem", None) or type(err).__name__
-    return f"{where}: not valid YAML{at} ({problem})"
-
-
-def load_spec(kind: type[Model], path: str | Path | None = None, overrides: list[str] = ()) -> Model:
-    """Read a YAML spec (or start empty), apply overrides, validate. Raises SpecError."""
-    data: dict = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise SpecError([f"{path}: no such spec file"]) from None
-        except yaml.YAMLError as err:
-            raise SpecError([_yaml_problem(str(path), err)]) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise SpecError([f"{path}: the spec must be a mapping of fields"])
-        data = loaded or {}
-    problems = []
-    for text in overrides:
-        try:
-            apply_override(data, *parse_override(text), kind=kind)
-        except SpecError as err:
-            problems += err.problems
-    if problems:
-        raise SpecError(problems)
-    try:
-        return kind.model_validate(data)
-    except ValidationError as err:
-        raise SpecError(_problem_lines(err)) from None
-
-
-def public_dict(spec: BaseModel) -> dict:
-    """The spec as plain JSON data with every secret field removed (not masked: removed) and URL
-    credentials redacted from every string."""
-
-    def strip(model: BaseModel) -> dict:
-        out = {}
-        for name in type(model).model_fields:
-            value = getattr(model, name)
-            if isinstance(value, SecretStr):
-                continue
-            if isinstance(value, BaseModel):
-                out[name] = strip(value)
-            elif isinstance(value, list):
-                out[name] = [strip(v) if isinstance(v, BaseModel) else clean(v) for v in value]
-            elif isinstance(value, dict):
-                out[name] = {k: clean(v) for k, v in value.items()}
-            else:
-                out[name] = clean(value)
-        return out
-
-    def clean(value):
-        return redact(value) if isinstance(value, str) else value
-
-    return json.loads(json.dumps(strip(spec), default=str))
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}, 'c': [{'d': 2}]} -> {'a.b': 1, 'c.0.d': 2}."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            for i, v in enumerate(value):
-                out.update(flatten(v, f"{name}.{i}."))
-        else:
-            out[name] = value
-    return out
-
-
-def spec_hash(spec: BaseModel) -> str:
-    """Short, stable hash of the public spec: two runs with the same settings share it."""
-    text = json.dumps(public_dict(spec), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def spec_from_args(kind: type[Model], argv: list[str], prog: str, default: str | None = None) -> Model:
-    """`prog [SPEC.yaml] [--set a.b=v ...]` -> a validated spec; on any problem print one line per
-    wrong field to stderr and exit with status 2."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog=prog, description=f"Run from a {kind.__name__} (YAML).")
-    parser.add_argument("spec", nargs="?", default=default, help=f"spec file (default: {default})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        return load_spec(kind, args.spec, args.overrides)
-    except SpecError as err:
-        for line in err.problems:
-            print(f"{prog}: {line}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from splatclip.platform.secrets import redact
-from splatclip.platform.specs import TrackingSpec, flatten, public_dict, spec_hash
+from splatclip.platform.serialize import flatten, public_dict, spec_hash
+from splatclip.platform.specs import TrackingSpec
 
 log = logging.getLogger(__name__)
 

@@ -5,18 +5,20 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_small(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     root = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "splatclip.demo", "--small", "--root", str(root)], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo" / "demo.py"), "--small", "--root", str(root)], env=env,
                           capture_output=True, text=True, timeout=1700, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     pictures = ("contact_sheet.png", "accuracy_compression.png", "rate_distortion.png", "training_curves.png")

@@ -17,10 +17,11 @@ from PIL import Image
 
 from splatclip import datasets, pictures, splats
 from splatclip.fitting.images import clip_crop, decode
-from splatclip.pipelines.fit import run
+from splatclip.fit.job import run
 from splatclip.platform import storage
 from splatclip.platform.shards import read_samples, write_shard
-from splatclip.platform.specs import FitSpec, load_spec
+from splatclip.platform.loader import load_spec
+from splatclip.platform.specs import FitSpec
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from splatclip.platform.specs import FitSpec, TrackingSpec, load_spec
+from splatclip.platform.loader import load_spec
+from splatclip.platform.specs import FitSpec, TrackingSpec
 from splatclip.platform.tracking import Tracker
 
 pytestmark = pytest.mark.integration

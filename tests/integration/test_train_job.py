@@ -19,12 +19,14 @@ from splatclip import datasets, splats
 from splatclip.models.backbone import create, embed_images, input_size
 from splatclip.models.gsclip import from_open_clip
 from splatclip.models.model_file import load_model
-from splatclip.pipelines import fit, train
-from splatclip.pipelines.samples import Skipped, stream
+from splatclip.fit import job as fit
+from splatclip.train import job as train
+from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, stream
 from splatclip.pipelines.evaluate import run as evaluate
 from splatclip.platform import storage
 from splatclip.platform.shards import read_samples, write_shard
-from splatclip.platform.specs import EvalSpec, FitSpec, TrainSpec, load_spec
+from splatclip.platform.loader import load_spec
+from splatclip.platform.specs import EvalSpec, FitSpec, TrainSpec
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,8 +102,8 @@ def test_distill_from_source_images_with_an_rgb_teacher(digits, tmp_path):
     equal the embeddings the fit job stored for the same teacher, and distillation learns them."""
     teacher, _ = create(TINY, str(digits / "teacher.pt"))
     shard, source = str(digits / "splats-train" / "train-00001.tar"), str(digits / "src" / "train-00001.tar")
-    got = list(stream([shard], 0, 1, 0, 0, "splat", 28, None, Skipped(), sources={shard: source},
-                      source_size=input_size(teacher)))
+    got = list(stream(ShardSet((shard,), sources={shard: source}),
+                      SampleFormat(image_size=28, source_size=input_size(teacher)), Skipped()))
     live = embed_images(teacher, torch.stack([s["image"] for s in got]))
     stored = torch.from_numpy(np.stack([s["teacher"] for s in got]).astype(np.float32))
     assert len(got) == 24 and (live * stored).sum(1).min() > 0.999  # cosine; fit stored uint8 pixels

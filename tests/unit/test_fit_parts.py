@@ -3,7 +3,7 @@ byte concatenation and from overlapping ones (a rerun batched differently) sampl
 
 import tarfile
 
-from splatclip.pipelines import fit_parts
+from splatclip.fit import parts
 from splatclip.platform.shards import read_samples
 from splatclip.platform.specs import FitSpec
 
@@ -21,11 +21,11 @@ def rows_and_samples(indices, total, failed=()):
 def test_disjoint_parts_commit_by_concatenation_once_they_cover_the_shard(tmp_path):
     spec = FitSpec(input="src/a.tar", output=str(tmp_path / "out"))
     for indices in ([0, 1, 2], [5, 6]):
-        fit_parts.write_part(spec, "src/a.tar", *rows_and_samples(indices, 7, failed={1}))
-        assert fit_parts.commit_if_complete(spec, "src/a.tar", 7) is None  # 3 and 4 are missing
-    assert fit_parts.covered(spec, "src/a.tar") == {0, 1, 2, 5, 6}
-    fit_parts.write_part(spec, "src/a.tar", *rows_and_samples([3, 4], 7))
-    stats = fit_parts.commit_if_complete(spec, "src/a.tar", 7)
+        parts.write_part(spec, "src/a.tar", *rows_and_samples(indices, 7, failed={1}))
+        assert parts.commit_if_complete(spec, "src/a.tar", 7) is None  # 3 and 4 are missing
+    assert parts.covered(spec, "src/a.tar") == {0, 1, 2, 5, 6}
+    parts.write_part(spec, "src/a.tar", *rows_and_samples([3, 4], 7))
+    stats = parts.commit_if_complete(spec, "src/a.tar", 7)
     assert stats["images"] == 7 and stats["fitted"] == 6 and stats["errors"][0]["key"] == "k1"
     shard = str(tmp_path / "out" / "a.tar")
     assert [s["__key__"] for s in read_samples(shard)] == ["k0", "k2", "k3", "k4", "k5", "k6"]
@@ -36,8 +36,8 @@ def test_disjoint_parts_commit_by_concatenation_once_they_cover_the_shard(tmp_pa
 
 def test_overlapping_parts_are_merged_each_sample_once(tmp_path):
     spec = FitSpec(input="src/b.tar", output=str(tmp_path / "out"))
-    fit_parts.write_part(spec, "src/b.tar", *rows_and_samples([0, 1, 2], 4))
-    fit_parts.write_part(spec, "src/b.tar", *rows_and_samples([2, 3], 4))  # 2 again, batched otherwise
-    assert fit_parts.commit_if_complete(spec, "src/b.tar", 4)["fitted"] == 4
+    parts.write_part(spec, "src/b.tar", *rows_and_samples([0, 1, 2], 4))
+    parts.write_part(spec, "src/b.tar", *rows_and_samples([2, 3], 4))  # 2 again, batched otherwise
+    assert parts.commit_if_complete(spec, "src/b.tar", 4)["fitted"] == 4
     got = list(read_samples(str(tmp_path / "out" / "b.tar")))
     assert [s["__key__"] for s in got] == ["k0", "k1", "k2", "k3"] and got[2]["txt"] == b"caption 2"

@@ -4,11 +4,12 @@ them, and a resumed stream continues at the same sample."""
 import pytest
 import torch
 
-from splatclip.pipelines import ingest
-from splatclip.pipelines.ingest import batches
-from splatclip.pipelines.samples import Skipped
+from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, WorkerShare
+from splatclip.train import ingest
+from splatclip.train.ingest import Ingest
 from splatclip.platform.shards import write_shard
-from splatclip.platform.specs import TrainSpec, load_spec
+from splatclip.platform.loader import load_spec
+from splatclip.platform.specs import TrainSpec
 from test_samples import good_splats
 
 
@@ -39,7 +40,10 @@ def shards(tmp_path, monkeypatch):
 
 def drawn(spec, urls, counts, rank, world, epoch, skip, steps):
     skipped = Skipped()
-    data = batches(spec, urls, counts, rank, world, 32, number_tokens, epoch, skip, skipped)
+    shards = ShardSet(tuple(urls), counts=counts)
+    fmt = SampleFormat(encoder="splat", image_size=32)
+    rank_data = Ingest(spec, shards, fmt, WorkerShare(rank, world, spec.seed), number_tokens)
+    data = rank_data.batches((epoch, skip), skipped)
     got = []
     for _ in range(steps):
         e, i, batch = next(data)

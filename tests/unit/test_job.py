@@ -10,7 +10,8 @@ from splatclip.pipelines.evaluate import EvalJob
 from splatclip.pipelines.job import Job
 from splatclip.platform import storage
 from splatclip.platform.shards import write_shard
-from splatclip.platform.specs import EvalSpec, load_spec
+from splatclip.platform.loader import load_spec
+from splatclip.platform.specs import EvalSpec
 
 
 class Step(Job):

@@ -4,30 +4,48 @@ import torch
 
 from splatclip.models.gsclip import from_open_clip
 from splatclip.models.losses import clip_loss, distill_loss
-from splatclip.models.objectives import OBJECTIVES, Objective, register, stage_problems
-from splatclip.platform.specs import ModelSpec
+from splatclip.models.objectives import OBJECTIVES, NoSettings, Objective, register, settings, stage_problems
+from splatclip.platform.specs import ModelSpec, StageSpec
+
+
+def stages(*kinds: str, **options) -> list[StageSpec]:
+    return [StageSpec(kind=k, options=options.get(k, {})) for k in kinds]
 
 
 def test_a_spec_names_known_objectives_for_its_encoder():
-    assert stage_problems(["distill", "contrastive"], "splat", True) == []
-    assert stage_problems(["contrastive"], "rgb", False) == []
-    assert stage_problems(["distill"], "rgb", False) == ["stages.0.kind: distill trains the splat encoder, not rgb"]
-    assert stage_problems(["contrastive", "diffusion"], "splat", False) == [
+    assert stage_problems(stages("distill", "contrastive"), "splat", True) == []
+    assert stage_problems(stages("contrastive"), "rgb", False) == []
+    assert stage_problems(stages("distill"), "rgb", False) == ["stages.0.kind: distill trains the splat encoder, not rgb"]
+    assert stage_problems(stages("contrastive", "diffusion"), "splat", False) == [
         "stages.1.kind: 'diffusion' is no objective (known: contrastive, distill)"]
-    assert stage_problems(["contrastive"], "splat", True) == [
+    assert stage_problems(stages("contrastive"), "splat", True) == [
         "images: no stage reads the source images (objectives that do: distill)"]
 
 
+def test_a_stage_sets_its_objectives_own_settings_and_nothing_else():
+    assert settings("distill", {}).normalize and not settings("distill", {"normalize": False}).normalize
+    assert stage_problems(stages("distill", distill={"normalize": False}), "splat", False) == []
+    assert stage_problems(stages("distill", distill={"normalise": False}), "splat", False) == [
+        "stages.0.options.normalise: Extra inputs are not permitted (distill takes normalize)"]
+    assert stage_problems(stages("contrastive", contrastive={"temperature": 0.1}), "splat", False) == [
+        "stages.0.options.temperature: Extra inputs are not permitted (contrastive takes no options)"]
+
+
 def test_a_new_objective_is_one_registered_class():
+    class AlignmentSettings(NoSettings):
+        target: float = 1.0
+
     @register
     class Alignment(Objective):
         name = "alignment_test"
+        Settings = AlignmentSettings
 
         def __call__(self, model, batch, device):
-            return (model.encode_splats(batch["params"], batch["mask"]) - 1).square().mean()
+            return (model.encode_splats(batch["params"], batch["mask"]) - self.settings.target).square().mean()
 
     try:
-        assert stage_problems(["distill", "alignment_test"], "splat", False) == []
+        assert stage_problems(stages("distill", "alignment_test", alignment_test={"target": 0.5}), "splat", False) == []
+        assert Alignment(settings("alignment_test", {"target": 0.5})).settings.target == 0.5
         assert OBJECTIVES["alignment_test"] is Alignment and not Alignment.global_batch
     finally:
         del OBJECTIVES["alignment_test"]
@@ -54,6 +72,9 @@ def test_the_objectives_are_the_losses_they_name():
     with torch.no_grad():
         want = distill_loss(model.splat_features(data["params"], data["mask"]), data["teacher"])
         assert torch.allclose(OBJECTIVES["distill"]()(model, data, cpu), want)
+        raw = distill_loss(model.splat_features(data["params"], data["mask"]), data["teacher"], normalize=False)
+        assert torch.allclose(OBJECTIVES["distill"](settings("distill", {"normalize": False}))(model, data, cpu), raw)
+        assert not torch.allclose(raw, want)
         want = clip_loss(model.encode_splats(data["params"], data["mask"]), model.encode_text(data["tokens"]),
                          model.logit_scale, data["positive_ids"])
         assert torch.allclose(OBJECTIVES["contrastive"]()(model, data, cpu), want)

@@ -5,7 +5,7 @@ import torch
 
 from splatclip import datasets, splats
 from splatclip.fitting.images import clip_crop, decode
-from splatclip.pipelines.samples import Skipped, collate, stream
+from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, WorkerShare, collate, stream
 from splatclip.platform.shards import write_shard
 
 
@@ -24,7 +24,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
         w.write({"__key__": "badclass", "splats.npy": good_splats(), "txt": b"x", "cls": b"17"})
         w.write({"__key__": "ok2", "splats.npy": good_splats(6), "txt": b"a two", "cls": b"2"})
     skipped = Skipped()
-    got = list(stream([url], 0, 1, 0, 0, "splat", 32, None, skipped, need_text=True, classes=10))
+    got = list(stream(ShardSet((url,)), SampleFormat(image_size=32, classes=10), skipped))
     assert [s["text"] for s in got] == ["a one", "a two"]
     assert dict(skipped.reasons) == {"corrupt_splats": 1, "empty_caption": 1, "bad_class": 1}
     batch = collate(got)
@@ -38,7 +38,7 @@ def test_workers_split_the_shards(tmp_path):
         urls.append(str(tmp_path / f"{i}.tar"))
         with write_shard(urls[-1]) as w:
             w.write({"__key__": f"k{i}", "splats.npy": good_splats(), "txt": f"t{i}".encode()})
-    seen = [[s["text"] for s in stream(urls, r, 2, 0, 0, "splat", 32, None, Skipped())] for r in range(2)]
+    seen = [[s["text"] for s in stream(ShardSet(tuple(urls)), SampleFormat(image_size=32), Skipped(), WorkerShare(r, 2))] for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 2 and sorted(seen[0] + seen[1]) == ["t0", "t1", "t2", "t3"]
 
 
@@ -57,7 +57,7 @@ def test_splat_samples_join_their_source_images_by_key(tmp_path):
         for key in ("k0", "k1", "k2", "k3", "k4", "k5"):
             w.write({"__key__": key, "splats.npy": good_splats(), "txt": key.encode()})
     skipped = Skipped()
-    got = list(stream([fitted], 0, 1, 0, 0, "splat", 32, None, skipped, sources={fitted: source}, source_size=16))
+    got = list(stream(ShardSet((fitted,), sources={fitted: source}), SampleFormat(image_size=32, source_size=16), skipped))
     assert [s["text"] for s in got] == ["k0", "k1", "k3", "k4"]
     assert dict(skipped.reasons) == {"no_source_image": 1, "bad_source_image": 1}
     for s in got:
@@ -125,8 +125,8 @@ def test_samples_that_would_kill_a_worker_are_skipped(tmp_path):
         w.write({"__key__": "ok", "splats.npy": good_splats(), "txt": b"the same key", "teacher.npy": good_teacher})
         w.write({"__key__": "ok2", "splats.npy": good_splats(), "txt": b"b" * 100_000, "teacher.npy": good_teacher})
     skipped = Skipped()
-    got = list(stream([url], 0, 1, 0, 0, "splat", 32, None, skipped, embed_dim=8,
-                      limits=ShardLimits(max_gaussians=65_536)))
+    fmt = SampleFormat(image_size=32, embed_dim=8, limits=ShardLimits(max_gaussians=65_536))
+    got = list(stream(ShardSet((url,)), fmt, skipped))
     assert len(got) == 2 and len(got[1]["text"]) == 4096  # a huge caption is cut before tokenizing
     assert dict(skipped.reasons) == {"bad_teacher": 4, "too_many_gaussians": 1, "splats_out_of_range": 1,
                                      "duplicate_key": 1}
@@ -140,7 +140,7 @@ def test_an_unreadable_shard_ends_its_stream_without_raising(tmp_path):
     with write_shard(good) as w:
         w.write({"__key__": "ok", "splats.npy": good_splats(), "txt": b"a"})
     skipped = Skipped()
-    got = list(stream([str(bad), good], 0, 1, 0, 0, "splat", 32, None, skipped))
+    got = list(stream(ShardSet((str(bad), good)), SampleFormat(image_size=32), skipped))
     assert len(got) == 1
 
 
@@ -155,6 +155,6 @@ def test_a_lying_sample_count_is_not_believed(tmp_path):
             w.write({"__key__": f"k{i}", "splats.npy": good_splats(), "txt": b"a"})
     (tmp_path / "out" / "_stats").mkdir()
     (tmp_path / "out" / "_stats" / "s.json").write_text(json.dumps({"fitted": 10**12}))
-    assert count_samples(url, None) == 3  # an epoch of 10^12 samples would never end
+    assert count_samples(ShardSet((url,))) == {url: 3}  # an epoch of 10^12 samples would never end
     (tmp_path / "out" / "_stats" / "s.json").write_text(json.dumps({"fitted": 2}))
-    assert count_samples(url, None) == 2
+    assert count_samples(ShardSet((url,))) == {url: 2}

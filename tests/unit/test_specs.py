@@ -4,17 +4,9 @@ from pathlib import Path
 import pytest
 
 from splatclip.cli import main as cli
-from splatclip.platform.specs import (
-    KINDS,
-    FitSpec,
-    SpecError,
-    TrainSpec,
-    flatten,
-    load_spec,
-    public_dict,
-    spec_from_args,
-    spec_hash,
-)
+from splatclip.platform.loader import SpecError, load_spec, spec_from_args
+from splatclip.platform.serialize import flatten, public_dict, spec_hash
+from splatclip.platform.specs import KINDS, FitSpec, TrainSpec
 
 SPECS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "specs").glob("*.yaml"))
 
@@ -22,6 +14,16 @@ SPECS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "specs").glob("*.
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_every_example_spec_validates(path):
     kind = KINDS[path.name.split(".")[0].split("-")[0]]  # train-rgb.local.yaml is a train spec
+    assert isinstance(load_spec(kind, path), kind)
+
+
+DEMO = sorted((Path(__file__).resolve().parents[2] / "examples" / "demo" / "specs").glob("*.yaml"))
+DEMO_KINDS = {"teacher": TrainSpec, "student": TrainSpec, "fit": FitSpec, "evaluate": KINDS["eval"]}
+
+
+@pytest.mark.parametrize("path", DEMO, ids=lambda p: p.name)
+def test_every_demo_spec_validates(path):
+    kind = DEMO_KINDS[path.stem.split("-")[0]]
     assert isinstance(load_spec(kind, path), kind)
 
 
@@ -141,7 +143,7 @@ def test_markdown_reference_lists_every_field(capsys):
 def test_train_paths_are_made_absolute_for_workers_in_other_directories(tmp_path, monkeypatch):
     """Ray Train workers run in their own directory: relative paths (and a relative SQLite URI) are
     resolved against the job's directory first; names, tags and URLs stay as they are."""
-    from splatclip.pipelines.train import absolute_paths
+    from splatclip.train.job import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w.pt").write_bytes(b"x")

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from splatclip.pipelines.train_state import rng_state, set_rng_state
+from splatclip.train.state import rng_state, set_rng_state
 
 
 def test_rng_state_round_trips_through_a_weights_only_load():
@@ -23,11 +23,12 @@ def test_rng_state_round_trips_through_a_weights_only_load():
 
 def test_a_batch_that_raised_is_passed_over_by_every_rank(tmp_path):
     """A failing step records its position; the restarted workers draw that batch and skip it."""
-    from splatclip.pipelines.ingest import batches
-    from splatclip.pipelines.train_state import poisoned_batches, record_poisoned
-    from splatclip.pipelines.samples import Skipped
+    from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, WorkerShare
+    from splatclip.train.ingest import Ingest
+    from splatclip.train.state import poisoned_batches, record_poisoned
     from splatclip.platform.shards import write_shard
-    from splatclip.platform.specs import load_spec, TrainSpec
+    from splatclip.platform.loader import load_spec
+    from splatclip.platform.specs import TrainSpec
     from test_samples import good_splats
 
     url = str(tmp_path / "s.tar")
@@ -40,7 +41,8 @@ def test_a_batch_that_raised_is_passed_over_by_every_rank(tmp_path):
     poisoned = poisoned_batches(spec)
     assert poisoned == {(0, 1)}
     skipped = Skipped()
-    data = batches(spec, [url], {url: 8}, 0, 1, 32, None, 0, 0, skipped, poisoned=poisoned)
+    ingest = Ingest(spec, ShardSet((url,), counts={url: 8}), SampleFormat(image_size=32), WorkerShare())
+    data = ingest.batches((0, 0), skipped, poisoned)
     got = [next(data)[:2] for _ in range(4)]
     assert got == [(0, 0), (0, 2), (0, 3), (1, 0)] and skipped.reasons["poisoned_batch"] == 1
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from splatclip.fit.report import shard_stats
 from splatclip.pipelines import layout
 from splatclip.platform import storage
 from splatclip.platform.shards import ShardError, read_samples, write_shard
@@ -95,7 +96,7 @@ def commit_if_complete(spec: FitSpec, shard: str, total: int) -> dict | None:
     if total is None or set(records) != set(range(total)):
         return None
     rows = [records[i] for i in range(total)]
-    stats = layout.shard_stats(shard, rows)
+    stats = shard_stats(shard, rows)
     try:
         storage.write_json(layout.stats_url(spec.output, shard), stats, spec.storage)
         used = Counter(r["part"] for r in rows)

@@ -19,8 +19,10 @@ import logging
 
 import numpy as np
 
-from splatclip.fitting.images import ImageError, crop, decode
-from splatclip.pipelines import fit_parts, layout
+from splatclip.fitting.images import IMAGE_EXTS, ImageError, crop, decode, image_member
+from splatclip.fit import parts
+from splatclip.fit.report import SHARD_LEVEL, shard_stats
+from splatclip.pipelines import layout
 from splatclip.platform import storage
 from splatclip.platform.secrets import redact
 from splatclip.platform.shards import ShardError, problems, read_samples, write_shard
@@ -28,7 +30,7 @@ from splatclip.platform.specs import FitSpec, ShardLimits
 
 log = logging.getLogger(__name__)
 
-WANTED = (*layout.IMAGE_EXTS, *layout.METADATA_EXTS)
+WANTED = (*IMAGE_EXTS, *layout.METADATA_EXTS)
 MAX_JSON_DEPTH = 32  # a sample's .json deeper than this is dropped (every later parse stays far from the stack limit)
 
 
@@ -108,18 +110,18 @@ def read_shard(item: dict, spec: FitSpec) -> list[dict]:
     total = len(rows)
     for r in rows:
         r["total"] = total
-    done = fit_parts.covered(spec, url)
+    done = parts.covered(spec, url)
     if done:
         log.info("%s: %d of %d samples are in parts already", layout.shard_name(url), len(done), len(rows))
         rows = [r for r in rows if r["index"] not in done]
         if not rows:
-            fit_parts.commit_if_complete(spec, url, total)
+            parts.commit_if_complete(spec, url, total)
     return rows
 
 
 def commit_whole(spec: FitSpec, url: str, reason: str, detail: str) -> None:
     """Record a shard with no sample to fit: unreadable (a record only) or empty (and an empty tar)."""
-    stats = layout.shard_stats(url, [{"index": layout.SHARD_LEVEL, "key": "", "error": reason, "detail": detail}])
+    stats = shard_stats(url, [{"index": SHARD_LEVEL, "key": "", "error": reason, "detail": detail}])
     storage.write_json(layout.stats_url(spec.output, url), stats, spec.storage)
     if stats["status"] == "empty":
         with write_shard(layout.output_url(spec.output, url), spec.storage):
@@ -131,9 +133,9 @@ def sample_row(url: str, index: int, sample: dict, limits: ShardLimits) -> dict:
     found = problems(sample)
     notes = [{"key": key, "member": m, "reason": r, "detail": d} for m, r, d in found if m]
     lost = [(r, d) for m, r, d in found if not m]  # problems of the whole sample
-    ext = next((e for e in layout.IMAGE_EXTS if e in sample), None)
+    ext = image_member(sample)
     if lost or ext is None:
-        image_problem = next(((r, d) for m, r, d in found if m in layout.IMAGE_EXTS), None)
+        image_problem = next(((r, d) for m, r, d in found if m in IMAGE_EXTS), None)
         reason, detail = lost[0] if lost else image_problem or ("no_image", f"members: {sorted(sample)}")
         return _row(url, index, 0, key, error=reason, detail=detail)
     meta, meta_notes = clean_metadata(sample, limits)

@@ -22,9 +22,9 @@ import logging
 import time
 
 from splatclip.pipelines import layout
-from splatclip.pipelines.fit_report import over_budget, report, summarize
-from splatclip.pipelines.fit_actor import FitActor
-from splatclip.pipelines.fit_stages import decode_batch, read_shard
+from splatclip.fit.report import over_budget, report, summarize
+from splatclip.fit.actor import FitActor
+from splatclip.fit.stages import decode_batch, read_shard
 from splatclip.pipelines.job import Job
 from splatclip.platform import storage
 from splatclip.platform.runtime import actor_options, pool_size

@@ -1,21 +1,47 @@
 """What the fit job reports: each shard's record, the job's summary over every record, the failure
-budget, and what goes to the terminal and MLflow (metrics, a contact sheet)."""
+budget, and what goes to the terminal and MLflow (metrics, a contact sheet). No torch here: the
+read stage records the shards it cannot read with `shard_stats`."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 import numpy as np
-import torch
 
-from splatclip import splats
-from splatclip.fitting.images import clip_crop, decode
 from splatclip.pipelines import layout
 from splatclip.platform import storage
 from splatclip.platform.secrets import redact
-from splatclip.platform.shards import read_samples
-from splatclip.platform.specs import DEFAULT_LIMITS, FitSpec, ShardLimits
+from splatclip.platform.specs import FitSpec
 from splatclip.platform.tracking import Tracker
+
+SHARD_LEVEL = -1  # index of a row that stands for a whole shard (empty or unreadable)
+
+
+def shard_stats(shard: str, rows: list[dict]) -> dict:
+    """The record of one shard from the records of its samples ({index, key, error, detail, notes
+    [list], meta [the fitted sample's metrics, or None]}): counts, failed samples (errors) and
+    repaired ones (notes) with key and reason, and the per-image figures."""
+    if len(rows) == 1 and rows[0]["index"] == SHARD_LEVEL:
+        r = rows[0]
+        status = "unreadable" if r["error"] == "unreadable_shard" else "empty"
+        errors = [{"key": "", "reason": r["error"], "detail": r["detail"]}] if status == "unreadable" else []
+        return {"shard": redact(shard), "status": status, "images": 0, "fitted": 0, "errors": errors, "notes": [],
+                "psnr": [], "bytes": 0, "source_bytes": 0, "raw_bytes": 0, "seconds": 0.0}
+    fitted = [r["meta"] for r in rows if not r["error"]]
+    return {
+        "shard": redact(shard),
+        "status": "done",
+        "images": len(rows),
+        "fitted": len(fitted),
+        "errors": [{"key": r["key"], "reason": r["error"], "detail": r["detail"]} for r in rows if r["error"]],
+        "notes": [n for r in rows for n in r["notes"]],
+        "psnr": [m["psnr"] for m in fitted],
+        "bytes": sum(m["bytes"] for m in fitted),
+        "source_bytes": sum(m["source_bytes"] for m in fitted),
+        "raw_bytes": sum(m["raw_bytes"] for m in fitted),
+        "seconds": sum(m["seconds"] for m in fitted),
+    }
+
 
 def summarize(records: list[dict], missing: list[str], unfinished: list[str], wall: float, actors: int) -> dict:
     """The job's summary over every input shard's record (this run's and earlier runs')."""
@@ -54,7 +80,6 @@ def summarize(records: list[dict], missing: list[str], unfinished: list[str], wa
     }
 
 
-
 def over_budget(summary: dict, spec: FitSpec) -> list[str]:
     """Why the job failed, or [] when it stayed within its failure budget."""
     problems = []
@@ -67,7 +92,6 @@ def over_budget(summary: dict, spec: FitSpec) -> list[str]:
     if summary["shards_unfinished"]:
         problems.append(f"{len(summary['shards_unfinished'])} shards unfinished; rerun to complete them")
     return problems
-
 
 
 def report(summary: dict, spec: FitSpec, tracker: Tracker, shards: list[str]) -> None:
@@ -99,26 +123,7 @@ def contact_sheet(spec: FitSpec, shards: list[str], count: int = 8):
     for shard in shards:
         fitted = layout.output_url(spec.output, shard)
         if len(originals) < count and storage.exists(fitted, spec.storage):
-            o, r = fitted_pairs(shard, fitted, spec.fit.size, count - len(originals), spec.storage, spec.limits)
+            o, r = pictures.fitted_pairs(shard, fitted, spec.fit.size, count - len(originals), spec.storage,
+                                         spec.limits)
             originals, renders = originals + o, renders + r
     return pictures.contact_sheet(originals, renders) if originals else None
-
-
-def fitted_pairs(source: str, fitted: str, size: int, count: int, spec=None, limits: ShardLimits = DEFAULT_LIMITS):
-    """Up to `count` (original cropped as fitted [3, S, S], render of its splats [3, S, S]) pairs
-    from a source shard and its splat shard."""
-    from splatclip.cuda import render
-
-    splat_bytes = {s["__key__"]: s["splats.npy"] for s in read_samples(fitted, spec, limits) if "splats.npy" in s}
-    originals, renders = [], []
-    for sample in read_samples(source, spec, limits, layout.IMAGE_EXTS):
-        ext = next((e for e in layout.IMAGE_EXTS if e in sample), None)
-        if len(originals) == count:
-            break
-        if sample["__key__"] not in splat_bytes or ext is None:
-            continue
-        originals.append(clip_crop(decode(sample[ext], limits), size))
-        batch = splats.Splats.from_arrays([splats.from_bytes(splat_bytes[sample["__key__"]])], size, size)
-        with torch.no_grad():
-            renders.append(render(batch.params, size, size, batch.mask)[0])
-    return originals, renders

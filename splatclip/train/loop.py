@@ -1,7 +1,7 @@
 """The loop every Ray Train worker runs: the stages of a spec in order, one optimizer step at a time.
 
 Each stage names an objective (`splatclip.models.objectives`); the loop draws batches from the
-ingest (`ingest.batches`, decoded ahead of the step in loader processes), averages the trainable
+ingest (`Ingest.batches`, decoded ahead of the step in loader processes), averages the trainable
 parameters' gradients over the workers with one all-reduce per optimizer step, logs every step to
 MLflow from rank 0, evaluates zero-shot every `eval_every` steps, and checkpoints its `TrainState`
 (`train_state`). Ray Train restores the latest checkpoint after a worker failure, and a rerun with
@@ -23,11 +23,11 @@ import torch.distributed as dist
 from splatclip.models.backbone import create, input_size
 from splatclip.models.gsclip import from_open_clip
 from splatclip.models.model_file import save_model
-from splatclip.models.objectives import OBJECTIVES, Objective
-from splatclip.pipelines.ingest import batches, on_device, steps_per_epoch
-from splatclip.pipelines.samples import Skipped
-from splatclip.pipelines.scoring import zero_shot
-from splatclip.pipelines.train_state import (TrainState, poisoned_batches, read_checkpoint, record_poisoned, run_dir,
+from splatclip.models.objectives import OBJECTIVES, Objective, settings
+from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, WorkerShare
+from splatclip.pipelines.scoring import LabeledSet, zero_shot
+from splatclip.train.ingest import Ingest, on_device, steps_per_epoch
+from splatclip.train.state import (TrainState, poisoned_batches, read_checkpoint, record_poisoned, run_dir,
                                              write_checkpoint)
 from splatclip.platform import storage
 from splatclip.platform.specs import TeacherSpec, TrainSpec
@@ -67,17 +67,19 @@ class Stage:
         spec = loop.spec
         self.index, self.spec = index, spec.stages[index]
         teacher = loop.teacher if OBJECTIVES[self.spec.kind].reads_images else None  # images read for it only
-        self.objective: Objective = OBJECTIVES[self.spec.kind](teacher)
-        sources = (loop.sources, input_size(teacher)) if teacher is not None else (None, 0)
+        self.objective: Objective = OBJECTIVES[self.spec.kind](settings(self.spec.kind, self.spec.options), teacher)
         self.cursor: dict = {}  # the position being drawn, for the record of a failure
-        self.data = on_device(batches(spec, loop.shards, loop.counts, loop.rank, loop.world, input_size(loop.model.clip),
-                                      loop.model.tokenizer, loop.state.epoch, loop.state.batch, loop.skipped, *sources,
-                                      embed_dim=loop.model.clip.visual.output_dim, poisoned=loop.poisoned,
-                                      cursor=self.cursor), loop.device)
-        self.share = loop.model.set_trainable(self.spec.unfreeze_blocks)
+        fmt = SampleFormat(encoder=spec.model.encoder, image_size=input_size(loop.model.clip),
+                           source_size=input_size(teacher) if teacher is not None else None,
+                           embed_dim=loop.model.clip.visual.output_dim, limits=spec.limits)
+        shards = loop.shards if teacher is not None else dataclasses.replace(loop.shards, sources=None)
+        ingest = Ingest(spec, shards, fmt, loop.share, loop.model.tokenizer)
+        self.data = on_device(ingest.batches((loop.state.epoch, loop.state.batch), loop.skipped, loop.poisoned,
+                                             self.cursor), loop.device)
+        self.trainable = loop.model.set_trainable(self.spec.unfreeze_blocks)
         self.params = [p for p in loop.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=self.spec.lr, weight_decay=spec.weight_decay)
-        per_epoch = steps_per_epoch(loop.counts, loop.shards, loop.world, spec.seed, 0, spec.batch_size)
+        per_epoch = steps_per_epoch(loop.shards, loop.share, 0, spec.batch_size)
         self.total = max(1, math.ceil(self.spec.epochs * per_epoch / spec.grad_accum))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(self.spec.warmup_steps, self.total))
 
@@ -85,14 +87,14 @@ class Stage:
 class Loop:
     """One worker's training, from the spec and the driver's listing of the shards."""
 
-    def __init__(self, spec: TrainSpec, shards: list[str], counts: dict[str, int], sources: dict | None,
-                 run_id: str | None):
+    def __init__(self, spec: TrainSpec, shards: ShardSet, run_id: str | None):
         import ray.train
         import ray.train.torch
 
-        self.spec, self.shards, self.counts, self.sources = spec, shards, counts, sources
+        self.spec, self.shards = spec, shards
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.share = WorkerShare(self.rank, self.world, spec.seed)
         self.device = ray.train.torch.get_device()
         torch.manual_seed(spec.seed)
         self.model = from_open_clip(spec.model.name, spec.model.pretrained, spec.model, spec.storage, self.device)
@@ -143,8 +145,8 @@ class Loop:
             stage.sched.load_state_dict(saved["scheduler"])
         if self.rank == 0:
             log.info("stage %d (%s): %d steps, %.2f%% of parameters train", stage.index, stage.spec.kind, stage.total,
-                     100 * stage.share)
-        self.tracker.log_metrics({"trainable_share": stage.share}, step=self.state.step)
+                     100 * stage.trainable)
+        self.tracker.log_metrics({"trainable_share": stage.trainable}, step=self.state.step)
         tick = time.perf_counter()
         while self.state.stage_step < stage.total:
             loss, waited = self.step(stage)
@@ -214,8 +216,9 @@ class Loop:
         """Zero-shot top-1/top-5 on the spec's `eval_data`: the accuracy curve of the run."""
         was_training = self.model.training
         self.model.eval()
-        result = zero_shot(self.model, self.spec.eval_data, self.spec.classes, self.spec.templates,
-                           self.spec.batch_size, self.spec.storage, self.device, self.spec.limits)
+        spec = self.spec
+        labeled = LabeledSet(spec.eval_data, spec.classes, spec.templates, spec.storage, spec.limits)
+        result = zero_shot(self.model, labeled, spec.batch_size, self.device)
         self.model.train(was_training)
         return {"zeroshot_top1": result["top1"], "zeroshot_top5": result["top5"]}
 
@@ -238,6 +241,6 @@ class Loop:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's entry point on every worker: `config` holds the spec, the shards and their sample
-    counts, the source image shards (or None) and the MLflow run the driver opened."""
-    Loop(config["spec"], config["shards"], config["counts"], config["sources"], config["run_id"]).run()
+    """Ray Train's entry point on every worker: `config` holds the spec, the shards (a ShardSet: their
+    sample counts and source image shards included) and the MLflow run the driver opened."""
+    Loop(config["spec"], config["shards"], config["run_id"]).run()

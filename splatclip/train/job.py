@@ -7,6 +7,7 @@ keeps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -14,9 +15,9 @@ from splatclip.models.backbone import missing_weights
 from splatclip.models.objectives import stage_problems
 from splatclip.pipelines.job import Job
 from splatclip.pipelines.layout import shard_name
-from splatclip.pipelines.samples import count_samples
-from splatclip.pipelines.train_loop import train_loop
-from splatclip.pipelines.train_state import run_dir
+from splatclip.pipelines.samples import ShardSet, count_samples
+from splatclip.train.loop import train_loop
+from splatclip.train.state import run_dir
 from splatclip.platform import storage
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import TrainSpec
@@ -87,7 +88,7 @@ class TrainJob(Job):
 
     def check(self) -> list[str]:
         spec = self.spec = absolute_paths(self.spec)
-        problems = stage_problems([s.kind for s in spec.stages], spec.model.encoder, spec.images is not None)
+        problems = stage_problems(spec.stages, spec.model.encoder, spec.images is not None)
         for weights in (spec.model.pretrained, spec.teacher and spec.teacher.pretrained):
             if missing_weights(weights):
                 problems.append(f"pretrained weights {weights}: no such file")
@@ -96,8 +97,9 @@ class TrainJob(Job):
         if spec.images and self.shard_list:
             self.sources = self.source_shards(problems)
         if not problems:
-            self.counts = {s: count_samples(s, spec.storage, spec.limits) for s in self.shard_list}
-            log.info("%d shards, %d samples", len(self.shard_list), sum(self.counts.values()))
+            shards = ShardSet(tuple(self.shard_list), spec.storage, self.sources)
+            self.data = dataclasses.replace(shards, counts=count_samples(shards, spec.limits))
+            log.info("%d shards, %d samples", len(self.shard_list), sum(self.data.counts.values()))
         return problems
 
     def source_shards(self, problems: list[str]) -> dict[str, str] | None:
@@ -119,8 +121,7 @@ class TrainJob(Job):
         from ray.train import TrainingFailedError
 
         spec = self.spec
-        trainer = make_trainer(spec, {"spec": spec, "shards": self.shard_list, "counts": self.counts,
-                                      "sources": self.sources, "run_id": tracker.run_id})
+        trainer = make_trainer(spec, {"spec": spec, "shards": self.data, "run_id": tracker.run_id})
         try:
             result = trainer.fit()
         except TrainingFailedError as err:  # a worker's error, after `max_failures` restarts

