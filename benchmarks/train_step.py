@@ -47,9 +47,9 @@ def write_data(directory: str, gaussians: int, size: int) -> tuple[str, str]:
 
 def step_time(model, url: str, batch: int, size: int, repeats: int) -> tuple[float, float]:
     """(seconds per step, fraction of it spent waiting for the batch)."""
-    spec = load_spec(TrainSpec, None, [f"data={url}", f"batch_size={batch}", f"model.encoder={model.kind}"])
+    spec = load_spec(TrainSpec, None, [f"data={url}", f"batch_size={batch}", f"model.encoder={model.encoder}"])
     shards = ShardSet((url,), counts={url: SAMPLES})
-    fmt = SampleFormat(encoder=model.kind, image_size=size)
+    fmt = SampleFormat(encoder=model.encoder, image_size=size)
     data = Ingest(spec, shards, fmt, WorkerShare(), model.tokenizer).batches((0, 0), Skipped())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     contrastive = OBJECTIVES["contrastive"]()  # the train loop's own objective

@@ -12,12 +12,12 @@ import yaml
 
 from splatclip.platform.loader import SpecError, load_spec
 from splatclip.platform.serialize import public_dict
-from splatclip.platform.specs import KINDS
+from splatclip.platform.specs import SPECS
 
 log = logging.getLogger("splatclip")
 
 
-def spec_reference(kind) -> str:
+def spec_reference(schema) -> str:
     """A markdown table of every field of a spec: dotted name, type, default, description."""
     from pydantic import BaseModel
 
@@ -34,23 +34,23 @@ def spec_reference(kind) -> str:
             default = "required" if field.is_required() else (
                 "(environment)" if field.default_factory is not None and "Secret" in str(annotation)
                 else repr(field.get_default(call_default_factory=True)))
-            kind_name = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            rows.append(f"| `{prefix}{name}` | `{kind_name}` | `{default}` | {field.description or ''} |")
+            type_name = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            rows.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {field.description or ''} |")
 
-    walk(kind, "")
+    walk(schema, "")
     return "| field | type | default | meaning |\n| --- | --- | --- | --- |\n" + "\n".join(rows)
 
 
 def cmd_spec(args) -> int:
-    kind = KINDS[args.kind]
+    schema = SPECS[args.job]
     if args.schema:
-        print(json.dumps(kind.model_json_schema(), indent=2))
+        print(json.dumps(schema.model_json_schema(), indent=2))
         return 0
     if args.markdown:
-        print(spec_reference(kind))
+        print(spec_reference(schema))
         return 0
     try:
-        spec = load_spec(kind, args.file, args.overrides)
+        spec = load_spec(schema, args.file, args.overrides)
     except SpecError as err:
         for line in err.problems:
             print(f"splatclip spec: {line}", file=sys.stderr)
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("spec", help="validate a job spec, or print its JSON schema")
-    p.add_argument("kind", choices=sorted(KINDS))
+    p.add_argument("job", choices=sorted(SPECS))
     p.add_argument("file", nargs="?")
     p.add_argument("--schema", action="store_true", help="print the JSON schema")
     p.add_argument("--markdown", action="store_true", help="print the field reference as a markdown table")

@@ -148,7 +148,7 @@ def build_dataset(spec: FitSpec, todo: list[str]):
 
 
 class FitJob(Job):
-    kind = "fit"
+    name = "fit"
     inputs = ("input",)
 
     def check(self) -> list[str]:

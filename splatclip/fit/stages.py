@@ -34,9 +34,15 @@ WANTED = (*IMAGE_EXTS, *layout.METADATA_EXTS)
 MAX_JSON_DEPTH = 32  # a sample's .json deeper than this is dropped (every later parse stays far from the stack limit)
 
 
-def _row(shard, index, total, key="", image=b"", txt=b"", cls=b"", source=b"", error="", detail="", notes=()):
-    return {"shard": shard, "index": index, "total": total, "key": key, "image": image, "txt": txt, "cls": cls,
-            "source": source, "error": error, "detail": detail, "notes": json.dumps(list(notes))}
+# One row per sample, the same columns for every row (Ray Data batches rows into columns): the
+# sample's position in its shard (`total` is set once the shard is read), its members, and what went
+# wrong with it (`error`, `detail`) or was repaired (`notes`, JSON).
+ROW = {"total": 0, "key": "", "image": b"", "txt": b"", "cls": b"", "source": b"", "error": "", "detail": "",
+       "notes": "[]"}
+
+
+def _row(shard: str, index: int, **fields) -> dict:
+    return {"shard": shard, "index": index, **ROW, **fields}
 
 
 def clean_metadata(sample: dict, limits: ShardLimits) -> tuple[dict, list[dict]]:
@@ -137,9 +143,9 @@ def sample_row(url: str, index: int, sample: dict, limits: ShardLimits) -> dict:
     if lost or ext is None:
         image_problem = next(((r, d) for m, r, d in found if m in IMAGE_EXTS), None)
         reason, detail = lost[0] if lost else image_problem or ("no_image", f"members: {sorted(sample)}")
-        return _row(url, index, 0, key, error=reason, detail=detail)
+        return _row(url, index, key=key, error=reason, detail=detail)
     meta, meta_notes = clean_metadata(sample, limits)
-    return _row(url, index, 0, key, sample[ext], **meta, notes=notes + meta_notes)
+    return _row(url, index, key=key, image=sample[ext], **meta, notes=json.dumps(notes + meta_notes))
 
 
 def decode_batch(batch: dict, size: int, limits: ShardLimits) -> dict:

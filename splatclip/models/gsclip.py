@@ -52,7 +52,7 @@ class GSCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         self.tokenizer = tokenizer
-        self.kind = spec.encoder
+        self.encoder = spec.encoder
         width = clip.visual.class_embedding.shape[-1]
         self.splat = (
             GSEncoder(width, spec.latents, spec.resampler_layers, spec.fourier_bands, spec.resampler_width)
@@ -82,7 +82,7 @@ class GSCLIP(nn.Module):
 
     def trainable_names(self, unfreeze_blocks: int) -> set[str]:
         names = {n for n, _ in self.named_parameters()}
-        if self.kind == "rgb":
+        if self.encoder == "rgb":
             return names
         blocks = {f"clip.visual.transformer.resblocks.{i}." for i in range(unfreeze_blocks)}
         return {
@@ -105,7 +105,7 @@ class GSCLIP(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint needs: everything but the frozen, pretrained backbone."""
-        keep = self.trainable_names(len(self.clip.visual.transformer.resblocks)) if self.kind == "splat" else None
+        keep = self.trainable_names(len(self.clip.visual.transformer.resblocks)) if self.encoder == "splat" else None
         state = self.state_dict()
         return {k: v for k, v in state.items() if keep is None or k in keep}
 

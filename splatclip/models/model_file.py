@@ -23,7 +23,7 @@ def save_model(model: GSCLIP, url: str, model_spec: ModelSpec, step: int, seed: 
     buf = io.BytesIO()
     torch.save(payload, buf)
     storage.write_bytes(url, buf.getvalue(), spec)
-    if model.kind == "rgb":
+    if model.encoder == "rgb":
         buf = io.BytesIO()
         torch.save(model.clip.state_dict(), buf)
         storage.write_bytes(storage.join(url.rsplit("/", 1)[0], "open_clip.pt"), buf.getvalue(), spec)

@@ -85,7 +85,7 @@ class Contrastive(Objective):
     global_batch = True
 
     def __call__(self, model, batch, device):
-        if model.kind == "splat":
+        if model.encoder == "splat":
             image = model.encode_splats(batch["params"].to(device), batch["mask"].to(device))  # [b, D]
         else:
             image = model.encode_image(batch["images"].to(device))  # [b, D]

@@ -46,7 +46,7 @@ def compression(spec: EvalSpec) -> dict:
 
 
 class EvalJob(Job):
-    kind = "evaluate"
+    name = "evaluate"
     inputs = ("data", "rgb_data")
 
     def check(self) -> list[str]:

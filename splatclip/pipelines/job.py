@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class Job:
-    kind: str  # the MLflow tag `splatclip.job`
+    name: str  # the MLflow tag `splatclip.job`
     inputs: tuple[str, ...] = ()  # the spec's fields that name shard patterns
     system_metrics = True  # this process samples its machine into the run (the train driver leaves it to rank 0)
 
@@ -92,14 +92,14 @@ class Job:
             for line in problems:
                 log.error("%s", line)
             return 2
-        tracker = Tracker(self.spec.tracking, self.kind)
+        tracker = Tracker(self.spec.tracking, self.name)
         self.open_run(tracker)
         try:
             if self.needs_ray():
                 init_ray(self.spec.ray)
             status = self.body(tracker)
         except Exception:
-            log.exception("the %s job failed", self.kind)
+            log.exception("the %s job failed", self.name)
             tracker.end("FAILED")
             return 1
         except BaseException:  # interrupted (Ctrl-C, SystemExit): the run says so, and the job stops

@@ -32,7 +32,7 @@ def embed(model, shards: ShardSet, fmt: SampleFormat, batch_size: int, device="c
 
     def flush():
         batch = collate(pending, image_size=fmt.image_size)
-        if model.kind == "splat":
+        if model.encoder == "splat":
             feats.append(model.encode_splats(batch["params"].to(device), batch["mask"].to(device)).cpu())
         else:
             feats.append(model.encode_image(batch["images"].to(device)).cpu())
@@ -58,7 +58,7 @@ def zero_shot(model, labeled: LabeledSet, batch_size: int, device="cpu") -> dict
     urls, _ = storage.list_shards(labeled.data, labeled.storage)
     if not urls:
         raise FileNotFoundError(f"no shards match {labeled.data}")
-    fmt = SampleFormat(encoder=model.kind, image_size=input_size(model.clip), need_text=False, classes=len(classes),
+    fmt = SampleFormat(encoder=model.encoder, image_size=input_size(model.clip), need_text=False, classes=len(classes),
                        limits=labeled.limits)
     feats, labels, skipped = embed(model, ShardSet(tuple(urls), labeled.storage), fmt, batch_size, device)
     hits = topk_correct(feats, text, labels, ks=(1, 5))

@@ -39,12 +39,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return [p.strip() for p in parts], value
 
 
-def apply_override(data: dict, path: list[str], value: Any, kind: type[BaseModel] | None = None) -> None:
+def apply_override(data: dict, path: list[str], value: Any, schema: type[BaseModel] | None = None) -> None:
     """Set data[a][b]... = value; list items are addressed by index (stages.0.lr=1e-4). With the spec's
-    model `kind`, a list the data does not hold yet starts as the field's default (so stages.0.lr works
+    model `schema`, a list the data does not hold yet starts as the field's default (so stages.0.lr works
     on a spec file without `stages`)."""
     node: Any = data
-    model: Any = kind
+    model: Any = schema
     for i, part in enumerate(path):
         where = ".".join(path[: i + 1])
         last = i == len(path) - 1
@@ -109,7 +109,7 @@ def _yaml_problem(where: str, err: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML{at} ({problem})"
 
 
-def load_spec(kind: type[Model], path: str | Path | None = None, overrides: list[str] = ()) -> Model:
+def load_spec(schema: type[Model], path: str | Path | None = None, overrides: list[str] = ()) -> Model:
     """Read a YAML spec (or start empty), apply overrides, validate. Raises SpecError."""
     data: dict = {}
     if path is not None:
@@ -125,29 +125,29 @@ def load_spec(kind: type[Model], path: str | Path | None = None, overrides: list
     problems = []
     for text in overrides:
         try:
-            apply_override(data, *parse_override(text), kind=kind)
+            apply_override(data, *parse_override(text), schema=schema)
         except SpecError as err:
             problems += err.problems
     if problems:
         raise SpecError(problems)
     try:
-        return kind.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
         raise SpecError(_problem_lines(err)) from None
 
 
-def spec_from_args(kind: type[Model], argv: list[str], prog: str, default: str | None = None) -> Model:
+def spec_from_args(schema: type[Model], argv: list[str], prog: str, default: str | None = None) -> Model:
     """`prog [SPEC.yaml] [--set a.b=v ...]` -> a validated spec; on any problem print one line per
     wrong field to stderr and exit with status 2."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog=prog, description=f"Run from a {kind.__name__} (YAML).")
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run from a {schema.__name__} (YAML).")
     parser.add_argument("spec", nargs="?", default=default, help=f"spec file (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        return load_spec(kind, args.spec, args.overrides)
+        return load_spec(schema, args.spec, args.overrides)
     except SpecError as err:
         for line in err.problems:
             print(f"{prog}: {line}", file=sys.stderr)

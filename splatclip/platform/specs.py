@@ -221,4 +221,4 @@ class EvalSpec(Model):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
 
-KINDS: dict[str, type[Model]] = {"fit": FitSpec, "train": TrainSpec, "eval": EvalSpec}
+SPECS: dict[str, type[Model]] = {"fit": FitSpec, "train": TrainSpec, "eval": EvalSpec}  # by job

@@ -82,7 +82,7 @@ def make_trainer(spec: TrainSpec, config: dict):
 
 
 class TrainJob(Job):
-    kind = "train"
+    name = "train"
     inputs = ("data", "images", "eval_data")
     system_metrics = False  # rank 0 samples its own node; the driver only waits
 

@@ -17,7 +17,7 @@ from splatclip.platform.specs import EvalSpec
 class Step(Job):
     """A job whose body does what the test says: return a status, or raise."""
 
-    kind = "evaluate"
+    name = "evaluate"
     inputs = ("data",)
 
     def __init__(self, spec, outcome, run_file=None):

@@ -6,30 +6,30 @@ import pytest
 from splatclip.cli import main as cli
 from splatclip.platform.loader import SpecError, load_spec, spec_from_args
 from splatclip.platform.serialize import flatten, public_dict, spec_hash
-from splatclip.platform.specs import KINDS, FitSpec, TrainSpec
+from splatclip.platform.specs import SPECS, FitSpec, TrainSpec
 
-SPECS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "specs").glob("*.yaml"))
+SPEC_FILES = sorted((Path(__file__).resolve().parents[2] / "jobs" / "specs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.name)
 def test_every_example_spec_validates(path):
-    kind = KINDS[path.name.split(".")[0].split("-")[0]]  # train-rgb.local.yaml is a train spec
+    kind = SPECS[path.name.split(".")[0].split("-")[0]]  # train-rgb.local.yaml is a train spec
     assert isinstance(load_spec(kind, path), kind)
 
 
-DEMO = sorted((Path(__file__).resolve().parents[2] / "examples" / "demo" / "specs").glob("*.yaml"))
-DEMO_KINDS = {"teacher": TrainSpec, "student": TrainSpec, "fit": FitSpec, "evaluate": KINDS["eval"]}
+DEMO_FILES = sorted((Path(__file__).resolve().parents[2] / "examples" / "demo" / "specs").glob("*.yaml"))
+DEMO_SCHEMAS = {"teacher": TrainSpec, "student": TrainSpec, "fit": FitSpec, "evaluate": SPECS["eval"]}
 
 
-@pytest.mark.parametrize("path", DEMO, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", DEMO_FILES, ids=lambda p: p.name)
 def test_every_demo_spec_validates(path):
-    kind = DEMO_KINDS[path.stem.split("-")[0]]
+    kind = DEMO_SCHEMAS[path.stem.split("-")[0]]
     assert isinstance(load_spec(kind, path), kind)
 
 
 def test_example_specs_exist_for_every_job():
-    names = {p.name for p in SPECS}
-    for kind in KINDS:
+    names = {p.name for p in SPEC_FILES}
+    for kind in SPECS:
         assert f"{kind}.local.yaml" in names and f"{kind}.s3.yaml" in names
 
 
@@ -99,7 +99,7 @@ def test_spec_hash_ignores_secrets():
     assert spec_hash(a) == spec_hash(b) != spec_hash(c)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(SPECS))
 def test_schema_command(kind, capsys):
     assert cli(["spec", kind, "--schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
@@ -126,7 +126,7 @@ def test_train_spec_teacher_needs_images():
 def test_override_into_a_list_item():
     from splatclip.platform.specs import TrainSpec
 
-    local = SPECS[0].parent / "train.local.yaml"
+    local = SPEC_FILES[0].parent / "train.local.yaml"
     spec = load_spec(TrainSpec, local, ["stages.1.lr=0.123"])
     assert spec.stages[1].lr == 0.123
     with pytest.raises(SpecError, match="stages.5"):
@@ -170,7 +170,7 @@ def test_the_spec_reference_in_docs_is_generated_from_the_models(monkeypatch):
                  "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)  # defaults that read the environment
     doc = (Path(__file__).resolve().parents[2] / "docs" / "specs.md").read_text()
-    for name, kind in KINDS.items():
+    for name, kind in SPECS.items():
         assert f"## {name}\n\n{spec_reference(kind)}\n" in doc, f"docs/specs.md: the {name} table is out of date"
 
 
