@@ -37,7 +37,7 @@ def decode(data: bytes, limits: ShardLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Encoded bytes -> uint8 [H, W, 3] RGB, EXIF orientation applied, within `limits` (formats,
     pixels, aspect ratio). Raises ImageError only.
 
-    Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images become 8-bit RGB.
+    Every mode becomes 8-bit RGB the same way (`to_rgb`).
     """
     if not data:
         raise ImageError("empty", "zero bytes")
@@ -71,20 +71,36 @@ def decode(data: bytes, limits: ShardLimits = DEFAULT_LIMITS) -> np.ndarray:
         pass
     try:
         return to_rgb(img)
+    except ImageError:
+        raise
     except Exception as err:
         raise ImageError("undecodable", f"{type(err).__name__}: {err}"[:300]) from None
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    """Any mode Pillow opens -> uint8 [H, W, 3] RGB, the same way for every source (no level depends
+    on what the image holds, so a dark image stays dark):
+    - 1, L, P, RGB, CMYK (R = 255 (1 - C/255)(1 - K/255)), YCbCr (JPEG's full-range BT.601), HSV:
+      Pillow's conversions, which are these standard ones;
+    - transparency (LA, La, PA, RGBA, RGBa, P with a transparent color): composited on white;
+    - 16 bits (I;16, I;16B, I;16L, and I, Pillow's 32-bit mode, which holds 16-bit PNG and TIFF
+      levels): value / 257, so 65535 is 255 (I is clipped to 0..65535 first);
+    - F (floating point): the [0, 1] convention of float images, value * 255, clipped;
+    - an animated image: its first frame. Anything else is ImageError("unsupported_mode")."""
+    img.seek(0)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        levels = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
+        img = Image.fromarray(np.floor(levels + 0.5).astype(np.uint8), "L")
+    elif img.mode == "F":
+        levels = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        img = Image.fromarray(np.floor(np.clip(levels, 0, 1) * 255.0 + 0.5).astype(np.uint8), "L")
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    try:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except ValueError as err:  # a mode with no conversion to RGB (LAB, ...)
+        raise ImageError("unsupported_mode", f"mode {img.mode}: {err}") from None
 
 
 def crop(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -95,3 +95,108 @@ def test_damaged_exif_keeps_the_stored_orientation():
     exif = Image.Exif()
     exif[0x0112] = 99  # no such orientation
     assert decode(encoded(img, "JPEG", exif=exif)).shape == (10, 30, 3)
+
+
+# Every mode Pillow opens, through a format that keeps it, against a conversion written out here
+# (docs: `fitting.images.to_rgb`): levels never depend on what an image holds.
+RNG = np.random.default_rng(0)
+GRAY = RNG.integers(0, 256, (6, 9), dtype=np.uint8)
+RGB = RNG.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+ALPHA = RNG.integers(0, 256, (6, 9), dtype=np.uint8)
+DEEP = RNG.integers(0, 4000, (6, 9)).astype(np.uint16)  # a dark 16-bit image: levels far below 65535
+ALL_FORMATS = ShardLimits(image_formats=["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+
+
+def over_white(rgb, alpha):
+    a = alpha[..., None].astype(np.float64) / 255
+    return rgb * a + 255 * (1 - a)
+
+
+def cases():
+    palette = RGB.reshape(-1, 3)[:16]
+    indices = (GRAY % 16).astype(np.uint8)
+    p = Image.fromarray(indices, "P")
+    p.putpalette(palette.flatten().tolist())
+    pt = p.copy()
+    pt.info["transparency"] = 3  # index 3 is transparent
+    cmyk = RNG.integers(0, 256, (6, 9, 4), dtype=np.uint8)
+    ycc = RNG.integers(16, 240, (6, 9, 3)).astype(np.float64)
+    y, cb, cr = ycc[..., 0], ycc[..., 1] - 128, ycc[..., 2] - 128
+    floats = RNG.uniform(-0.2, 1.2, (6, 9)).astype(np.float32)
+    i32 = RNG.integers(-100, 70000, (6, 9)).astype(np.int32)
+    return {
+        "1": (Image.fromarray(GRAY > 127), "PNG", np.repeat(np.where(GRAY > 127, 255, 0)[..., None], 3, -1)),
+        "L": (Image.fromarray(GRAY, "L"), "PNG", np.repeat(GRAY[..., None], 3, -1)),
+        "LA": (Image.fromarray(np.stack([GRAY, ALPHA], -1), "LA"), "PNG",
+               over_white(np.repeat(GRAY[..., None], 3, -1), ALPHA)),
+        "P": (p, "PNG", palette[indices]),
+        "P+transparency": (pt, "PNG", np.where((indices == 3)[..., None], 255, palette[indices])),
+        "RGB": (Image.fromarray(RGB, "RGB"), "PNG", RGB),
+        "RGBA": (Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA"), "PNG", over_white(RGB, ALPHA)),
+        "CMYK": (Image.fromarray(cmyk, "CMYK"), "TIFF",
+                 255 * (1 - cmyk[..., :3] / 255) * (1 - cmyk[..., 3:] / 255)),
+        "I;16": (Image.fromarray(DEEP), "PNG", np.repeat((DEEP / 257)[..., None], 3, -1)),
+        "I;16 TIFF": (Image.fromarray(DEEP), "TIFF", np.repeat((DEEP / 257)[..., None], 3, -1)),
+        "I": (Image.fromarray(i32, "I"), "TIFF", np.repeat((np.clip(i32, 0, 65535) / 257)[..., None], 3, -1)),
+        "F": (Image.fromarray(floats, "F"), "TIFF", np.repeat((np.clip(floats, 0, 1) * 255)[..., None], 3, -1)),
+        "YCbCr": (Image.fromarray(ycc.astype(np.uint8), "YCbCr"), "TIFF",
+                  np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1)),
+    }
+
+
+@pytest.mark.parametrize("mode", list(cases()))
+def test_every_mode_converts_the_standard_way(mode):
+    img, fmt, want = cases()[mode]
+    got = decode(encoded(img, fmt), ALL_FORMATS)
+    assert got.shape == (6, 9, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(np.float64) - np.clip(want, 0, 255)).max() <= 1.0, mode
+
+
+def test_a_dark_16_bit_image_stays_dark():
+    dark = np.zeros((8, 8), np.uint16)
+    dark[:, 4:] = 200  # 200 of 65535: level 1 of 255, not 200 (its levels are not stretched)
+    assert decode(encoded(Image.fromarray(dark), "PNG"))[:, :, 0].tolist() == [[0] * 4 + [1] * 4] * 8
+    assert decode(encoded(Image.fromarray(np.full((8, 8), 3000, np.uint16)), "PNG")).max() == 12
+
+
+def test_an_animated_image_is_its_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in ((200, 10, 10), (10, 200, 10), (10, 10, 200))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(buf.getvalue())).n_frames == 3
+    assert decode(buf.getvalue()).reshape(-1, 3).mean(0).round().tolist() == [200, 10, 10]
+    gif = io.BytesIO()
+    frames[1].save(gif, format="GIF", save_all=True, append_images=[frames[2], frames[0]])
+    got = decode(gif.getvalue(), ALL_FORMATS).reshape(-1, 3).mean(0)
+    assert np.abs(got - [10, 200, 10]).max() < 8  # GIF's palette quantizes
+
+
+def test_fitted_colours_are_the_converted_ones_region_by_region():
+    """Through the fitter: two flat regions per image, each mode's render has the reference colour."""
+    import torch
+
+    from splatclip.cuda import render
+    from splatclip.fitting.fitter import fit_batch
+    from splatclip.platform.specs import FitParams
+
+    def halves(mode, left, right):
+        arr = np.empty((32, 32) + np.shape(left), np.uint16 if mode is None else np.uint8)
+        arr[:, :16], arr[:, 16:] = left, right
+        return Image.fromarray(arr, mode) if mode else Image.fromarray(arr)
+
+    def reference(value):
+        return np.asarray(value, np.float64).reshape(-1)[:3] / 255
+
+    sources = [  # (image, format, reference colours of the left and right halves)
+        (halves(None, 200, 40000), "PNG", ([0, 0, 0], [156] * 3)),
+        (halves("LA", [90, 255], [200, 64]), "PNG", ([90] * 3, [200 * 64 / 255 + 255 * 191 / 255] * 3)),
+        (halves("CMYK", [0, 128, 255, 0], [0, 0, 0, 128]), "TIFF", ([255, 127, 0], [127, 127, 127])),
+        (halves("RGBA", [255, 0, 0, 128], [0, 0, 255, 255]), "PNG", ([255, 127, 127], [0, 0, 255])),
+    ]
+    images = torch.stack([clip_crop(decode(encoded(img, fmt), ALL_FORMATS), 32) for img, fmt, _ in sources])
+    result = fit_batch(images, FitParams(gaussians=64, iterations=150, size=32, compile=False, backend="torch"))
+    with torch.no_grad():
+        out = render(result.splats.params, 32, 32, result.splats.mask).clamp(0, 1)  # [4, 3, 32, 32]
+    for rendered, (_, _, (left, right)) in zip(out, sources):
+        got_left, got_right = rendered[:, 4:28, 2:12].mean((1, 2)).numpy(), rendered[:, 4:28, 20:30].mean((1, 2)).numpy()
+        assert np.abs(got_left - reference(left)).max() < 0.03 and np.abs(got_right - reference(right)).max() < 0.03
