@@ -3,6 +3,11 @@ spec's model, and a command line's way to it (`spec_from_args`: one line per wro
 
 Errors never echo what might be a secret: a YAML error names its position only, a wrong field's
 value is shown only when it is short, plain and not under a secret's name, URL credentials redacted.
+
+A spec is untrusted input. YAML's aliases and merge keys (`<<: *a`) let a few lines name billions of
+values; the document's node graph is composed first (an alias is a reference there, so this stays as
+small as the text) and the values it expands to are counted on that graph before anything is built,
+so such a spec, or such an override, is refused in milliseconds with bounded memory.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from pydantic import BaseModel, ValidationError
 
 from splatclip.platform.secrets import is_secret_field, redact
 from splatclip.platform.specs import Model
+
+
+MAX_SPEC_BYTES = 1 << 20  # a spec file larger than this is refused unread
+MAX_SPEC_VALUES = 100_000  # scalars, lists and mappings a document may expand to, aliases counted where used
 
 
 class SpecError(Exception):
@@ -32,11 +41,66 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not sep or not all(p.strip() for p in parts):
         raise SpecError([f"--set {text!r}: expected dotted.key=value"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise SpecError([_yaml_problem(f"--set {key}", err)]) from None
+    value = read_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
     return [p.strip() for p in parts], value
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python data; a document that expands past MAX_SPEC_VALUES values (aliases and
+    merge keys counted at each use), refers to itself, or nests too deep is a SpecError."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = expanded_size(node, MAX_SPEC_VALUES)
+        except ValueError as err:
+            raise SpecError([f"{where}: {err}"]) from None
+        if size > MAX_SPEC_VALUES:
+            raise SpecError([f"{where}: the document expands to more than {MAX_SPEC_VALUES} values through aliases "
+                             "or merge keys; write the values out"])
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise SpecError([_yaml_problem(where, err)]) from None
+    except RecursionError:
+        raise SpecError([f"{where}: nested too deep"]) from None
+    finally:
+        loader.dispose()
+
+
+def expanded_size(root: yaml.Node, limit: int) -> int:
+    """The number of nodes the document under `root` expands to, each alias counted as the whole
+    node it names (at each use) and a merged mapping as its entries; counted on the node graph,
+    each node once, and capped just past `limit`. A node that contains itself is a ValueError."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            sizes[key] = min(limit + 1, 1 + sum(sizes[id(c)] for c in _children(node)))
+            continue
+        if key in sizes:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                raise ValueError("the document refers to itself through an alias")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def apply_override(data: dict, path: list[str], value: Any, schema: type[BaseModel] | None = None) -> None:
@@ -114,11 +178,16 @@ def load_spec(schema: type[Model], path: str | Path | None = None, overrides: li
     data: dict = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            with open(path, "rb") as f:
+                raw = f.read(MAX_SPEC_BYTES + 1)
         except FileNotFoundError:
             raise SpecError([f"{path}: no such spec file"]) from None
-        except yaml.YAMLError as err:
-            raise SpecError([_yaml_problem(str(path), err)]) from None
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError([f"{path}: larger than {MAX_SPEC_BYTES} bytes; a spec is a page of settings"])
+        try:
+            loaded = read_yaml(raw.decode("utf-8"), str(path))
+        except UnicodeDecodeError:
+            raise SpecError([f"{path}: not UTF-8 text"]) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise SpecError([f"{path}: the spec must be a mapping of fields"])
         data = loaded or {}

@@ -253,3 +253,77 @@ def test_the_log_filter_redacts_url_credentials_and_known_secrets(caplog):
         log.exception("boom")
     text = "\n".join(caplog.handler.format(r) for r in caplog.records)
     assert "PASS-IN-URI" not in text and "KNOWN-SECRET" not in text and "http://***@h:1" in text
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """Nine lists of nine aliases of the level below: 9**9 values from ten lines."""
+    lines = ["a0: &a0 {x: 1, y: 2, z: 3}"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def merge_bomb(levels: int = 9) -> str:
+    """Mappings that merge nine copies of the level below (`<<: *m`): 9**9 entries once merged."""
+    lines = ["m0: &m0 {k0: 1, k1: 2, k2: 3, k3: 4, k4: 5, k5: 6, k6: 7, k7: 8, k8: 9}"]
+    for i in range(1, levels + 1):
+        lines.append(f"m{i}: &m{i}")
+        lines += [f"  s{j}:\n    <<: *m{i - 1}" for j in range(9)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("source", ["aliases", "merge keys", "override", "override under an unknown key"])
+def test_a_spec_that_expands_without_bound_is_refused_with_bounded_memory(tmp_path, source):
+    import tracemalloc
+
+    path, overrides = tmp_path / "spec.yaml", ["input=x", "output=y"]
+    path.write_text({"aliases": "tracking:\n  tags:\n" + "".join(f"    {ln}\n" for ln in alias_bomb().splitlines()),
+                     "merge keys": "unknown:\n" + "".join(f"  {ln}\n" for ln in merge_bomb().splitlines())}
+                    .get(source, "input: x\noutput: y\n"))
+    if source.startswith("override"):
+        flow = "{a0: &a0 [1, 2, 3], " + ", ".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]"
+                                                   for i in range(1, 10)) + "}"
+        overrides.append(("tracking.tags=" if source == "override" else "nowhere.at.all=") + flow)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SpecError, match="expands to more than 100000 values") as info:
+            load_spec(FitSpec, path, overrides)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20, f"{peak / 1e6:.0f} MB"  # a few MB: nothing was built from the billions
+    assert len(info.value.problems) == 1
+
+
+def test_a_self_referring_or_too_deep_document_is_a_spec_error(tmp_path):
+    from splatclip.platform.loader import read_yaml
+
+    with pytest.raises(SpecError, match="refers to itself"):
+        read_yaml("input: &a [x, *a]", "spec.yaml")
+    with pytest.raises(SpecError, match="nested too deep"):
+        read_yaml("[" * 5000 + "]" * 5000, "spec.yaml")
+    (tmp_path / "big.yaml").write_text("input: x\n" + "# padding\n" * 200_000)
+    with pytest.raises(SpecError, match="larger than"):
+        load_spec(FitSpec, tmp_path / "big.yaml")
+    (tmp_path / "ok.yaml").write_text("input: &in x\noutput: y\ntracking: {tags: {source: *in}}\n"
+                                      "ray: {<<: {actors: 2}}\n")  # modest aliases and merges are fine
+    spec = load_spec(FitSpec, tmp_path / "ok.yaml")
+    assert spec.ray.actors == 2 and spec.tracking.tags == {"source": "x"}
+
+
+def test_the_fit_job_refuses_an_alias_bomb_with_exit_2_and_bounded_memory(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "bomb.yaml").write_text("input: x\noutput: y\ntracking:\n  tags:\n"
+                                        + "".join(f"    {ln}\n" for ln in merge_bomb().splitlines()))
+    job = Path(__file__).resolve().parents[2] / "jobs" / "fit.py"
+    measured = ("import resource, runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], "
+                "run_name='__main__')\nexcept SystemExit as e:\n    print('peak_kb', resource.getrusage("
+                "resource.RUSAGE_SELF).ru_maxrss)\n    raise")
+    proc = subprocess.run([sys.executable, "-c", measured, str(job), str(tmp_path / "bomb.yaml")], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert [ln for ln in proc.stderr.splitlines() if "expands to more than" in ln], proc.stderr[-2000:]
+    peak_kb = int(proc.stdout.split("peak_kb")[1])
+    assert peak_kb < 1 << 20, f"{peak_kb} kB"  # under 1 GB, imports included (the unbounded one passed 1.3 GB)
+    print(f"fit.py on a merge-key bomb: exit 2, peak RSS {peak_kb / 1024:.0f} MB")
