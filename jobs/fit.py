@@ -4,7 +4,6 @@ import logging
 import sys
 from pathlib import Path
 
-from splatclip.fit.job import run
 from splatclip.platform.secrets import install_log_filter, secret_values
 from splatclip.platform.loader import spec_from_args
 from splatclip.platform.specs import FitSpec
@@ -14,4 +13,6 @@ if __name__ == "__main__":
     spec = spec_from_args(FitSpec, sys.argv[1:], "fit.py",
                            default=str(Path(__file__).parent / "specs" / "fit.local.yaml"))
     install_log_filter(secret_values(spec))  # URL credentials and the spec's secrets never reach a log line
+    from splatclip.fit.job import run  # after the spec: a bad one exits 2 before torch and Ray load
+
     sys.exit(run(spec))
