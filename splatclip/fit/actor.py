@@ -15,6 +15,8 @@ from splatclip import splats
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.resilient import Failure, fit_images, split_on_failure
 from splatclip.fit import parts
+from splatclip.pipelines import layout
+from splatclip.platform import storage
 from splatclip.platform.specs import FitSpec
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ class FitActor:
 
     def __call__(self, batch: dict) -> dict:
         """Fit a batch, write it as one part per shard it touches, commit the shards it completes.
-        Returns one row per part: shard, images, fitted, committed."""
+        Returns one row per part: shard, images, fitted, committed, and why a part was refused (a
+        link where it would be written) or ""."""
         n = len(batch["key"])
         records = [{"index": int(batch["index"][i]), "total": int(batch["total"][i]), "key": batch["key"][i],
                     "error": batch["error"][i], "detail": batch["detail"][i], "notes": json.loads(batch["notes"][i]),
@@ -76,18 +79,25 @@ class FitActor:
                     np.save(buf, embeddings[j], allow_pickle=False)
                     sample["teacher.npy"] = buf.getvalue()
                 samples[i] = sample
-        out = {"shard": [], "images": [], "fitted": [], "committed": []}
+        out = {"shard": [], "images": [], "fitted": [], "committed": [], "refused": []}
         for shard in dict.fromkeys(batch["shard"]):
             mine = [i for i in range(n) if batch["shard"][i] == shard]
-            parts.write_part(self.spec, shard, [records[i] for i in mine],
+            committed, refused = False, ""
+            try:
+                parts.write_part(self.spec, shard, [records[i] for i in mine],
                                  [samples[i] for i in mine if samples[i] is not None])
+                committed = parts.commit_if_complete(self.spec, shard, records[mine[0]]["total"]) is not None
+            except storage.LinkError as err:  # planted after the job checked its output: nothing followed
+                log.error("part of %s not written: %s", layout.shard_name(shard), err)
+                refused = str(err)
             out["shard"].append(shard)
             out["images"].append(len(mine))
-            out["fitted"].append(sum(samples[i] is not None for i in mine))
-            total = records[mine[0]]["total"]
-            out["committed"].append(parts.commit_if_complete(self.spec, shard, total) is not None)
+            out["fitted"].append(0 if refused else sum(samples[i] is not None for i in mine))
+            out["committed"].append(committed)
+            out["refused"].append(refused)
         return {"shard": np.array(out["shard"], dtype=object), "images": np.array(out["images"], np.int64),
-                "fitted": np.array(out["fitted"], np.int64), "committed": np.array(out["committed"], bool)}
+                "fitted": np.array(out["fitted"], np.int64), "committed": np.array(out["committed"], bool),
+                "refused": np.array(out["refused"], dtype=object)}
 
     def _teacher(self, images: torch.Tensor, fitted: list) -> list[np.ndarray | None]:
         """The teacher's float16 embedding of each fitted image (None where there is none or it is not

@@ -19,6 +19,7 @@ were left unfinished).
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from splatclip.pipelines import layout
@@ -33,6 +34,7 @@ from splatclip.platform.specs import FitSpec
 from splatclip.platform.tracking import Tracker
 
 log = logging.getLogger(__name__)
+RUN_FILE = "_mlflow_run.json"  # the MLflow run of the output, for a rerun to reopen
 
 
 def unique_inputs(shards: list[str]) -> tuple[list[str], list[str]]:
@@ -70,6 +72,27 @@ def settings_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def planted_links(spec: FitSpec, shards: list[str]) -> list[str]:
+    """One problem line for each place the job will write inside a local output that is a symbolic
+    link (its records, each shard, its record and its parts folder, the parts already in it): the job
+    never writes, renames or removes anything through one."""
+    if not storage.is_local(spec.output):
+        return []
+    places = [storage.join(spec.output, name) for name in (layout.SETTINGS, layout.SUMMARY, storage.SUCCESS,
+                                                             RUN_FILE, "_parts", "_stats")]
+    for shard in shards:
+        parts = layout.parts_dir(spec.output, shard)
+        places += [layout.output_url(spec.output, shard), layout.stats_url(spec.output, shard), parts]
+        places += [storage.join(parts, name) for name in storage.listdir(parts)] if os.path.isdir(parts) else []
+    problems = set()
+    for url in places:
+        try:
+            storage.check_no_links(url, spec.output)
+        except storage.LinkError as err:
+            problems.add(str(err))
+    return sorted(problems)
+
+
 def prepare_output(spec: FitSpec, shards: list[str]) -> list[str]:
     """Check the output's fit settings against the spec's and record them; remove a stale success
     marker. Returns the problems that stop the job (exit 2); with `overwrite` the shards of these
@@ -83,15 +106,15 @@ def prepare_output(spec: FitSpec, shards: list[str]) -> list[str]:
                 "it, or choose another output" for c in changes]
     success = storage.join(spec.output, storage.SUCCESS)
     if storage.exists(success, spec.storage):
-        storage.remove(success, spec.storage)
+        storage.remove(success, spec.storage, spec.output)
     if changes:
         log.warning("overwrite: deleting the shards of %s fitted with other settings", redact(spec.output))
         for shard in shards:
             for target in (layout.output_url(spec.output, shard), layout.stats_url(spec.output, shard)):
                 if storage.exists(target, spec.storage):
-                    storage.remove(target, spec.storage)
+                    storage.remove(target, spec.storage, spec.output)
     if changes or before is None:
-        storage.write_json(url, {"settings": now}, spec.storage)
+        storage.write_json(url, {"settings": now}, spec.storage, spec.output)
     return []
 
 
@@ -103,9 +126,12 @@ class Progress:
         self.shards, self.tracker, self.every = shards, tracker, every
         self.start = self.last = time.perf_counter()
         self.parts = self.committed = self.images = self.fitted = 0
+        self.refused: set[str] = set()  # parts not written: a link where they would go
 
     def add(self, row: dict) -> None:
         self.parts += 1
+        if row["refused"]:
+            self.refused.add(row["refused"])
         self.committed += int(row["committed"])
         self.images += int(row["images"])
         self.fitted += int(row["fitted"])
@@ -163,7 +189,7 @@ class FitJob(Job):
 
             if missing_weights(spec.teacher.pretrained):
                 problems.append(f"teacher.pretrained {spec.teacher.pretrained}: no such file")
-        problems = problems or prepare_output(spec, self.shard_list)
+        problems = problems or planted_links(spec, self.shard_list) or prepare_output(spec, self.shard_list)
         if not problems:
             self.todo = [s for s in self.shard_list if not storage.exists(layout.output_url(spec.output, s), spec.storage)]
             log.info("%d input shards: %d already done, %d to fit", len(self.shard_list),
@@ -171,7 +197,7 @@ class FitJob(Job):
         return problems
 
     def run_file(self) -> str:
-        return storage.join(self.spec.output, "_mlflow_run.json")
+        return storage.join(self.spec.output, RUN_FILE)
 
     def needs_ray(self) -> bool:
         return bool(self.todo)  # a rerun with every shard committed only writes the summary
@@ -197,10 +223,10 @@ class FitJob(Job):
         summary = summarize(records, self.missing, unfinished, time.perf_counter() - self.start,
                             pool_size(spec.ray)[1])
         summary["images_this_run"] = progress.images
-        problems = over_budget(summary, spec)
+        problems = over_budget(summary, spec) + sorted(progress.refused)
         summary["ok"] = not problems
         summary["problems"] = problems
-        storage.write_json(storage.join(spec.output, layout.SUMMARY), summary, spec.storage)
+        storage.write_json(storage.join(spec.output, layout.SUMMARY), summary, spec.storage, spec.output)
         if not problems:
             storage.mark_success(spec.output, {"shards": [layout.shard_name(s) for s in shards],
                                                "summary": layout.SUMMARY}, spec.storage)

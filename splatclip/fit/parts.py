@@ -43,12 +43,12 @@ def part_name(rows: list[dict]) -> str:
 def write_part(spec: FitSpec, shard: str, rows: list[dict], samples: list[dict]) -> None:
     """One batch's rows of one shard: the fitted samples, then their records (the part's marker)."""
     base = storage.join(layout.parts_dir(spec.output, shard), part_name(rows))
-    with write_shard(base + ".tar", spec.storage) as writer:
+    with write_shard(base + ".tar", spec.storage, spec.output) as writer:
         for sample in samples:
             writer.write(sample)
         data_bytes = writer.tarstream.offset  # where the members end and the end-of-archive blocks begin
     storage.write_json(base + ".json", {"total": rows[0]["total"], "rows": rows, "data_bytes": data_bytes},
-                       spec.storage)
+                       spec.storage, spec.output)
 
 
 def part_names(spec: FitSpec, shard: str) -> list[str]:
@@ -98,7 +98,7 @@ def commit_if_complete(spec: FitSpec, shard: str, total: int) -> dict | None:
     rows = [records[i] for i in range(total)]
     stats = shard_stats(shard, rows)
     try:
-        storage.write_json(layout.stats_url(spec.output, shard), stats, spec.storage)
+        storage.write_json(layout.stats_url(spec.output, shard), stats, spec.storage, spec.output)
         used = Counter(r["part"] for r in rows)
         if all(used[name] == len(part["rows"]) for name, part in parts.items()):  # no two parts overlap
             concatenate(spec, shard, parts)
@@ -112,7 +112,7 @@ def commit_if_complete(spec: FitSpec, shard: str, total: int) -> dict | None:
     for name in parts:
         for ext in (".json", ".tar"):
             try:
-                storage.remove(storage.join(directory, name + ext), spec.storage)
+                storage.remove(storage.join(directory, name + ext), spec.storage, spec.output)
             except FileNotFoundError:
                 pass
     log.info("committed %s: %d fitted, %d failed", layout.shard_name(shard), stats["fitted"], len(stats["errors"]))
@@ -123,7 +123,7 @@ def concatenate(spec: FitSpec, shard: str, parts: dict[str, dict]) -> None:
     """The shard as its parts' members back to back (bytes copied, nothing parsed), then the
     end-of-archive blocks: valid because each part is a tar of whole members."""
     directory = layout.parts_dir(spec.output, shard)
-    with storage.atomic_write(layout.output_url(spec.output, shard), spec.storage) as out:
+    with storage.atomic_write(layout.output_url(spec.output, shard), spec.storage, spec.output) as out:
         for name, part in parts.items():
             left = part["data_bytes"]
             with storage.open_read(storage.join(directory, name + ".tar"), spec.storage) as src:
@@ -140,7 +140,7 @@ def merge(spec: FitSpec, shard: str, parts: dict[str, dict], rows: list[dict]) -
     """The shard from overlapping parts (a rerun batched differently): each sample from the first
     part that holds it, parts read one at a time in sample order."""
     directory = layout.parts_dir(spec.output, shard)
-    with write_shard(layout.output_url(spec.output, shard), spec.storage) as writer:
+    with write_shard(layout.output_url(spec.output, shard), spec.storage, spec.output) as writer:
         for name in parts:
             wanted = {r["key"] for r in rows if r["part"] == name and not r["error"]}
             for sample in read_samples(storage.join(directory, name + ".tar"), spec.storage, spec.limits):

@@ -108,30 +108,37 @@ def read_shard(item: dict, spec: FitSpec) -> list[dict]:
             rows.append(sample_row(url, len(rows), sample, spec.limits))
     except ShardError as err:
         log.warning("shard %s is unreadable: %s", redact(url), err)
-        commit_whole(spec, url, "unreadable_shard", str(err))
-        return []
+        return commit_whole(spec, url, "unreadable_shard", str(err))
     if not rows:
-        commit_whole(spec, url, "empty_shard", "")
-        return []
+        return commit_whole(spec, url, "empty_shard", "")
     total = len(rows)
     for r in rows:
         r["total"] = total
-    done = parts.covered(spec, url)
-    if done:
-        log.info("%s: %d of %d samples are in parts already", layout.shard_name(url), len(done), len(rows))
-        rows = [r for r in rows if r["index"] not in done]
-        if not rows:
-            parts.commit_if_complete(spec, url, total)
+    try:
+        done = parts.covered(spec, url)
+        if done:
+            log.info("%s: %d of %d samples are in parts already", layout.shard_name(url), len(done), len(rows))
+            rows = [r for r in rows if r["index"] not in done]
+            if not rows:
+                parts.commit_if_complete(spec, url, total)
+    except storage.LinkError as err:  # planted after the job checked its output: the shard stays unfinished
+        log.error("shard %s not committed: %s", layout.shard_name(url), err)
+        return []
     return rows
 
 
-def commit_whole(spec: FitSpec, url: str, reason: str, detail: str) -> None:
-    """Record a shard with no sample to fit: unreadable (a record only) or empty (and an empty tar)."""
+def commit_whole(spec: FitSpec, url: str, reason: str, detail: str) -> list:
+    """Record a shard with no sample to fit: unreadable (a record only) or empty (and an empty tar).
+    No rows come of it."""
     stats = shard_stats(url, [{"index": SHARD_LEVEL, "key": "", "error": reason, "detail": detail}])
-    storage.write_json(layout.stats_url(spec.output, url), stats, spec.storage)
-    if stats["status"] == "empty":
-        with write_shard(layout.output_url(spec.output, url), spec.storage):
-            pass
+    try:
+        storage.write_json(layout.stats_url(spec.output, url), stats, spec.storage, spec.output)
+        if stats["status"] == "empty":
+            with write_shard(layout.output_url(spec.output, url), spec.storage, spec.output):
+                pass
+    except storage.LinkError as err:  # planted after the job checked its output: the shard stays unfinished
+        log.error("shard %s not recorded: %s", layout.shard_name(url), err)
+    return []
 
 
 def sample_row(url: str, index: int, sample: dict, limits: ShardLimits) -> dict:

@@ -16,6 +16,7 @@ A job is a subclass that names its inputs and fills in `check` and `body`.
 from __future__ import annotations
 
 import logging
+import posixpath
 
 from pydantic import BaseModel
 
@@ -84,7 +85,8 @@ class Job:
             previous = storage.read_json(run_file, self.spec.storage)
         tracker.start(self.spec, resume_run_id=tracker.recorded_run(previous), system_metrics=self.system_metrics)
         if run_file:
-            storage.write_json(run_file, tracker.run_record(), self.spec.storage)
+            # the file itself may not be a link (its directory is the job's output or run directory)
+            storage.write_json(run_file, tracker.run_record(), self.spec.storage, root=posixpath.dirname(run_file))
 
     def run(self) -> int:
         problems = self.resolve_inputs() or self.check()

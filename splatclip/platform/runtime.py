@@ -48,23 +48,38 @@ def init_ray(spec: RaySpec, log_to_driver: bool = True):
     return ray.get_runtime_context()
 
 
+START_ATTEMPTS = 3  # a port another process takes between our choice and Ray's bind costs one more try
+
+
 def start_local(cpus: int, log_to_driver: bool = True) -> None:
     """A fresh local Ray on 127.0.0.1 with its dashboard (the state API). Its processes are told
     their own cluster's address (RAY_ADDRESS, with the GCS on a port chosen here): Ray Train's
     placement-group cleaner looks its controller up through the state API, and without the address
-    it would find another cluster's (a `ray start` on this machine, or its stale address file)."""
+    it would find another cluster's (a `ray start` on this machine, or its stale address file).
+
+    Two jobs may start at the same moment on one machine: the dashboard takes 8265 or the next free
+    port as it binds (Ray tries 50; a port checked free here could be taken before Ray binds it), and
+    a start that fails on a port taken meanwhile is retried with fresh ports."""
     import ray
 
     keep_on_loopback()
-    port = free_port()
     log.info("starting a local Ray with %d logical CPUs", cpus)
-    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
-    try:
-        # address="local": always a fresh instance, never one of `ray start`
-        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=8265 if port_is_free(8265) else free_port(), log_to_driver=log_to_driver)
-    finally:  # the processes Ray started keep them; this one must not join that address again later
-        del os.environ["RAY_GCS_SERVER_PORT"], os.environ["RAY_ADDRESS"]
+    for attempt in range(1, START_ATTEMPTS + 1):
+        port = free_port()
+        os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
+        try:
+            # address="local": always a fresh instance, never one of `ray start`
+            ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     log_to_driver=log_to_driver)
+            return
+        except Exception as err:  # Ray raises several types for a port it could not bind
+            ray.shutdown()
+            if attempt == START_ATTEMPTS:
+                raise
+            log.warning("local Ray did not start (%s: %s); retrying with other ports", type(err).__name__,
+                        str(err)[:200])
+        finally:  # the processes Ray started keep them; this one must not join that address again later
+            del os.environ["RAY_GCS_SERVER_PORT"], os.environ["RAY_ADDRESS"]
 
 
 def free_port() -> int:
@@ -72,15 +87,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def actor_options(spec: RaySpec) -> dict:

@@ -236,12 +236,13 @@ def problems(sample: dict) -> list[tuple[str, str, str]]:
 
 
 @contextlib.contextmanager
-def write_shard(url: str, spec: StorageSpec | None = None) -> Iterator["webdataset.TarWriter"]:  # noqa: F821
-    """A webdataset TarWriter whose shard appears at `url` only if the block completes.
-    Write samples as {"__key__": k, "ext": bytes, ...}."""
+def write_shard(url: str, spec: StorageSpec | None = None,
+                root: str | None = None) -> Iterator["webdataset.TarWriter"]:  # noqa: F821
+    """A webdataset TarWriter whose shard appears at `url` only if the block completes (no link
+    below `root` followed). Write samples as {"__key__": k, "ext": bytes, ...}."""
     import webdataset as wds  # here, not at the top: importing it loads torch, which readers never need
 
-    with atomic_write(url, spec) as f:
+    with atomic_write(url, spec, root) as f:
         writer = wds.TarWriter(f, encoder=False)
         yield writer
         writer.close()

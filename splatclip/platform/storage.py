@@ -4,6 +4,12 @@ Writes are all-or-nothing: `atomic_write` yields a file that becomes visible und
 only when the block ends without an exception. Locally the data goes to a hidden file beside the
 target and is renamed over it; on S3 an object appears only when its upload completes, and a failed
 block aborts the multipart upload.
+
+A job that owns an output directory passes it as `root` to every write and removal inside it: a
+local path there is then checked, before each directory is made, each file written and each rename
+or removal, for a symbolic link at any of its components below the root, and refused (`LinkError`)
+where there is one. On a shared filesystem another user may plant such a link to point the job's
+writes anywhere the job may write; the root itself may be a link (the user named it).
 """
 
 from __future__ import annotations
@@ -24,6 +30,34 @@ from splatclip.platform.specs import StorageSpec
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS.json"
+
+
+class LinkError(OSError):
+    """A path a job writes inside its output passes through a symbolic link there."""
+
+
+def check_no_links(url: str, root: str | None) -> None:
+    """LinkError when the local `url` lies under `root` with a symbolic link at a component below
+    it, or lies outside `root`. Nothing to check for object storage (no links) or without a root."""
+    if root is None or not is_local(url):
+        return
+    base = os.path.abspath(_local_path(root))
+    path = os.path.abspath(_local_path(url))
+    rel = os.path.relpath(path, base)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        raise LinkError(f"{path} is outside the output {base}")
+    current = base
+    for part in rel.split(os.sep):
+        if part in ("", os.curdir):
+            continue
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            raise LinkError(f"{current} is a symbolic link inside the output {base}; the job writes there only "
+                            "through real directories and files (remove the link)")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def storage_options(url: str, spec: StorageSpec | None) -> dict:
@@ -175,7 +209,8 @@ def listdir(url: str, spec: StorageSpec | None = None) -> list[str]:
         return []
 
 
-def remove(url: str, spec: StorageSpec | None = None) -> None:
+def remove(url: str, spec: StorageSpec | None = None, root: str | None = None) -> None:
+    check_no_links(url, root)
     fs, path = filesystem(url, spec)
     fs.rm_file(path)
 
@@ -186,21 +221,25 @@ def open_read(url: str, spec: StorageSpec | None = None) -> IO[bytes]:
 
 
 @contextlib.contextmanager
-def atomic_write(url: str, spec: StorageSpec | None = None) -> Iterator[IO[bytes]]:
-    """A binary file that appears at `url` whole when the block succeeds, and not at all otherwise."""
+def atomic_write(url: str, spec: StorageSpec | None = None, root: str | None = None) -> Iterator[IO[bytes]]:
+    """A binary file that appears at `url` whole when the block succeeds, and not at all otherwise.
+    With `root`, no link below it is followed (see the module's docstring)."""
     fs, path = filesystem(url, spec)
     if is_local(url):
         directory, name = os.path.split(os.path.abspath(path))
+        check_no_links(url, root)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.part")
         try:
-            with open(tmp, "wb") as f:
+            check_no_links(tmp, root)
+            with open(tmp, "xb") as f:  # never an existing file (nor a link planted at that name)
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
+            check_no_links(url, root)
             os.replace(tmp, os.path.join(directory, name))
         finally:
-            if os.path.exists(tmp):
+            if os.path.lexists(tmp) and not os.path.islink(tmp):
                 os.unlink(tmp)
         return
     f = fs.open(path, "wb")
@@ -213,13 +252,13 @@ def atomic_write(url: str, spec: StorageSpec | None = None) -> Iterator[IO[bytes
     f.close()
 
 
-def write_bytes(url: str, data: bytes, spec: StorageSpec | None = None) -> None:
-    with atomic_write(url, spec) as f:
+def write_bytes(url: str, data: bytes, spec: StorageSpec | None = None, root: str | None = None) -> None:
+    with atomic_write(url, spec, root) as f:
         f.write(data)
 
 
-def write_json(url: str, obj, spec: StorageSpec | None = None) -> None:
-    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), spec)
+def write_json(url: str, obj, spec: StorageSpec | None = None, root: str | None = None) -> None:
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), spec, root)
 
 
 def read_json(url: str, spec: StorageSpec | None = None):
@@ -227,8 +266,8 @@ def read_json(url: str, spec: StorageSpec | None = None):
 
 
 def mark_success(directory: str, manifest: dict, spec: StorageSpec | None = None) -> None:
-    """Write the manifest that says a whole output directory is finished."""
-    write_json(join(directory, SUCCESS), manifest, spec)
+    """Write the manifest that says a whole output directory is finished (no link inside it followed)."""
+    write_json(join(directory, SUCCESS), manifest, spec, root=directory)
 
 
 def read_success(directory: str, spec: StorageSpec | None = None) -> dict | None:

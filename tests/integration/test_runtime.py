@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -65,3 +66,32 @@ def test_a_local_ray_tells_its_processes_its_own_address():
     gcs, worker_address, nodes, driver_address = proc.stdout.split(maxsplit=3)
     assert gcs.startswith("127.0.0.1:") and worker_address == gcs
     assert nodes == "['127.0.0.1']" and driver_address.strip() == "None"  # the driver's environment is restored
+
+
+TWO_AT_ONCE = """
+import os, sys, time
+from pathlib import Path
+go = Path(sys.argv[1])
+while not go.exists():  # both processes leave the barrier together
+    time.sleep(0.01)
+import ray
+from splatclip.platform.runtime import init_ray
+from splatclip.platform.specs import RaySpec
+init_ray(RaySpec(num_cpus=1))
+print(ray.get(ray.remote(lambda: 'ran').remote()), ray.get_runtime_context().gcs_address)
+"""
+
+
+def test_two_local_jobs_started_at_the_same_moment_both_run(tmp_path):
+    """Each starts its own Ray on 127.0.0.1 (dashboard, GCS): neither may fail on a port the other took."""
+    for round_ in range(2):
+        go = tmp_path / f"go-{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_AT_ONCE, str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        time.sleep(3)  # both have imported Python and wait at the barrier
+        go.touch()
+        outs = [p.communicate(timeout=900) for p in procs]
+        for proc, (out, err) in zip(procs, outs):
+            assert proc.returncode == 0, err[-3000:]
+        addresses = [out.split()[1] for out, _ in outs]
+        assert all(out.startswith("ran ") for out, _ in outs) and addresses[0] != addresses[1]
