@@ -8,10 +8,12 @@ The quality table: mean PSNR, SSIM, bytes per image, compression against raw pix
 image, structured vs random init, one batched fit per row.
 
 --wall-time: PSNR and seconds per image after 100, 300 and 1,000 iterations (N=400, structured init,
-the photos in one batch, the CPU's fused renderer), each row fitted in a fresh process after a
-warm-up fit (torch.compile's one-off cost is not counted). --against REV measures the same rows with
-the code of git revision REV (exported to a temporary directory), interleaved with this checkout's,
-and prints both side by side.
+the photos in one batch, the CPU's fused renderer, each revision's default schedule), then for a
+target PSNR (26, 27, 28 dB, a ceiling of 1,000 iterations): seconds per image until every image has
+reached the target or the ceiling, and how many reached it. Each row is fitted in a fresh process
+after a warm-up fit (torch.compile's one-off cost is not counted). --against REV measures the same
+rows with the code of git revision REV (exported to a temporary directory), interleaved with this
+checkout's, and prints both side by side.
 """
 
 import argparse
@@ -27,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WALL_ITERATIONS = (100, 300, 1000)
+WALL_TARGETS = (26.0, 27.0, 28.0)  # dB, each with a ceiling of TARGET_CEILING iterations
+TARGET_CEILING = 1000
 # One wall-time row, run by `python -c` in the tree under test: it uses only fit_batch, clip_crop and
 # FitParams, which every revision of the project has.
 ROW = """
@@ -36,12 +40,19 @@ from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop
 from splatclip.platform.specs import FitParams
 names, size, n, its = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-images = torch.stack([clip_crop(getattr(data, x)(), size) for x in names])
+target = float(sys.argv[5]) if sys.argv[5] else None
+def load(name):
+    image = getattr(data, name)()
+    image = image[0] if isinstance(image, tuple) else image
+    return clip_crop(image if image.ndim == 3 else image[..., None].repeat(3, -1), size)
+images = torch.stack([load(x) for x in names])
 fit_batch(images, FitParams(gaussians=n, iterations=5, size=size))  # warm-up: compilation
 start = time.perf_counter()
-result = fit_batch(images, FitParams(gaussians=n, iterations=its, size=size))
+result = fit_batch(images, FitParams(gaussians=n, iterations=its, size=size, target_psnr=target))
 seconds = (time.perf_counter() - start) / len(names)
-print(json.dumps({"psnr": sum(m["psnr"] for m in result.metrics) / len(names), "seconds": seconds}))
+reached = sum(m["psnr"] >= target for m in result.metrics) if target else None
+print(json.dumps({"psnr": sum(m["psnr"] for m in result.metrics) / len(names), "seconds": seconds,
+                  "reached": reached}))
 """
 
 
@@ -80,10 +91,10 @@ def export(rev: str, into: str) -> Path:
     return Path(into)
 
 
-def wall_row(tree: Path, names, size: int, n: int, iterations: int) -> dict:
+def wall_row(tree: Path, names, size: int, n: int, iterations: int, target: float | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run([sys.executable, "-c", ROW, ",".join(names), str(size), str(n), str(iterations)],
-                          cwd=tree, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", ROW, ",".join(names), str(size), str(n), str(iterations),
+                           "" if target is None else str(target)], cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the row at {iterations} iterations failed in {tree}:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -108,6 +119,21 @@ def wall_time(args, names):
                       f"{new['seconds']:>11.2f} {old['seconds'] / new['seconds']:>7.2f}x", flush=True)
             else:
                 print(f"{its:>10} {new['psnr']:>8.2f} {new['seconds']:>8.2f}", flush=True)
+        print(f"\nto a target PSNR (ceiling {TARGET_CEILING} iterations): seconds per image until each image reached "
+              f"it or the ceiling; reached = images at the target, of {len(names)}")
+        if before:
+            print(f"{'target dB':>10} {'before reached':>14} {'before s/img':>12} {'after reached':>13} "
+                  f"{'after s/img':>11} {'speed-up':>8}")
+        else:
+            print(f"{'target dB':>10} {'reached':>8} {'s/img':>8}")
+        for target in WALL_TARGETS:
+            old = wall_row(before, names, args.size, n, TARGET_CEILING, target) if before else None
+            new = wall_row(ROOT, names, args.size, n, TARGET_CEILING, target)
+            if old:
+                print(f"{target:>10.0f} {old['reached']:>14} {old['seconds']:>12.2f} {new['reached']:>13} "
+                      f"{new['seconds']:>11.2f} {old['seconds'] / new['seconds']:>7.2f}x", flush=True)
+            else:
+                print(f"{target:>10.0f} {new['reached']:>8} {new['seconds']:>8.2f}", flush=True)
 
 
 def main():

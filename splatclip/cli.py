@@ -79,6 +79,7 @@ def cmd_fit(args) -> int:
             size=args.size,
             prune_tau=args.prune_tau,
             target_psnr=args.target_psnr,
+            coarse=args.coarse,
             backend=args.backend,
             init=args.init,
             compile=not args.no_compile,
@@ -176,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--init", choices=["structured", "random"], default="structured")
     p.add_argument("--prune-tau", type=float, default=0.0)
-    p.add_argument("--target-psnr", type=float)
+    p.add_argument("--target-psnr", type=float, help="stop each image at this PSNR (dB); --iterations is a ceiling")
+    p.add_argument("--coarse", type=int, default=150, help="iterations at reduced size first, coarse to fine "
+                   "(at most half of --iterations; 0: none)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slower steps, no warm-up)")
     p.set_defaults(func=cmd_fit)

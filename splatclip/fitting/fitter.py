@@ -1,6 +1,14 @@
 """The batched fitter: one Adam optimizer over a whole batch of images, B images of one size, each
 with its own N Gaussians. The loss is a sum of per-image losses, so every image follows exactly the
-path it would follow alone (Adam is elementwise); an image that reaches the target PSNR is frozen.
+path it would follow alone (Adam is elementwise).
+
+Two things spend the work where it pays (docs/method.md, 'Fitting'):
+- coarse to fine: the first `coarse` iterations (at most half of them) render at a quarter, then half
+  of the image's size (splats are resolution-independent; the target is box-averaged to the same size), so
+  the early steps, which move Gaussians across the image, cost a fraction of a full-size step;
+- per-image stopping: with `target_psnr`, an image that reaches it at full size leaves the batch
+  (its parameters and its Adam state are cut out), so a batch's step costs what its unfinished images
+  do; `iterations` is then a ceiling. An image's result is the one it would have alone.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from splatclip.cuda import render
@@ -22,6 +31,9 @@ from splatclip.splats import BYTES_PER_GAUSSIAN, Splats
 log = logging.getLogger(__name__)
 
 MIN_SCALE_PX = 0.1  # l11 and l22 never shrink below a tenth of a pixel
+MIN_COARSE_PX = 32  # a coarse level whose shorter side would be smaller is not used
+COARSE_LEVELS = (4, 2)  # the coarse phases' reductions, in order; each takes half of the coarse share
+COARSE_CHECK = 10  # with a target, coarse steps render at full size (no gradient) every this many to look
 
 
 @dataclass
@@ -35,6 +47,72 @@ def prune_steps(iterations: int) -> set[int]:
     return {iterations // 2, (3 * iterations) // 4} - {0}
 
 
+def resolution_schedule(iterations: int, height: int, width: int, coarse: int) -> list[tuple[int, int, int]]:
+    """[(first iteration, height, width)] of each phase: `coarse` iterations (at most half of them) at
+    the reduced sizes of COARSE_LEVELS (equal shares; a level under MIN_COARSE_PX gives its share to
+    the next), then full size."""
+    phases, start = [], 0
+    levels = [f for f in COARSE_LEVELS if min(height, width) // f >= MIN_COARSE_PX]
+    share = min(coarse, iterations // 2) if levels else 0
+    for i, factor in enumerate(levels):
+        end = share * (i + 1) // len(levels)
+        if end > start:
+            phases.append((start, height // factor, width // factor))
+            start = end
+    phases.append((start, height, width))
+    return phases
+
+
+class Batch:
+    """The images still being fitted: their leaves (positions, Cholesky factors, colors), masks,
+    targets, original indices and the optimizer over them."""
+
+    def __init__(self, init: torch.Tensor, images: torch.Tensor, cfg: FitParams):
+        n = init.shape[1]
+        cell = 1.0 / (n**0.5)  # a grid cell, in normalized units
+        self.index = torch.arange(len(images), device=images.device)  # [b] into the caller's batch
+        self.images = images  # [b, 3, H, W]
+        self.mask = torch.ones(init.shape[:2], dtype=torch.bool, device=images.device)  # [b, N]
+        self.leaves = [init[..., a:z].clone().requires_grad_() for a, z in ((0, 2), (2, 5), (5, 8))]
+        self.opt = torch.optim.Adam([{"params": [leaf], "lr": lr} for leaf, lr in
+                                     zip(self.leaves, (cfg.lr_position * cell, cfg.lr_cholesky * cell, cfg.lr_color))])
+
+    @property
+    def params(self) -> torch.Tensor:
+        return torch.cat(self.leaves, -1)  # [b, N, 8]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only `rows` [b] bool go on: leaves and Adam's moments cut to them (elementwise, so the rows
+        kept move on exactly as before)."""
+        leaves = [leaf.detach()[rows].clone().requires_grad_() for leaf in self.leaves]
+        opt = torch.optim.Adam([{**{k: v for k, v in group.items() if k != "params"}, "params": [leaf]}
+                                for group, leaf in zip(self.opt.param_groups, leaves)])
+        for old, new in zip(self.leaves, leaves):
+            state = self.opt.state.get(old)
+            if state:
+                opt.state[new] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][rows].clone(),
+                                  "exp_avg_sq": state["exp_avg_sq"][rows].clone()}
+        self.leaves, self.opt = leaves, opt
+        self.index, self.images, self.mask = self.index[rows], self.images[rows], self.mask[rows]
+
+
+def record(batch: Batch, rows: torch.Tensor, done: torch.Tensor, done_mask: torch.Tensor) -> None:
+    """Write the batch's `rows` [b] bool (their parameters now, their masks) into the results."""
+    done[batch.index[rows]] = batch.params.detach()[rows]
+    done_mask[batch.index[rows]] = batch.mask[rows]
+
+
+def stop(batch: Batch, rows: torch.Tensor, done: torch.Tensor, done_mask: torch.Tensor) -> Batch | None:
+    """The images `rows` [b] bool leave the batch with the parameters they have; None when none is left."""
+    if not rows.any():
+        return batch
+    record(batch, rows, done, done_mask)
+    if rows.all():
+        return None
+    batch.keep(~rows)
+    return batch
+
+
 def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, progress: bool = False) -> FitResult:
     """images [B, 3, H, W] in [0, 1] -> fitted splats and per-image metrics."""
     start = time.perf_counter()
@@ -45,55 +123,54 @@ def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, pro
         init = structured_init(images, n, cfg.backend)
     else:
         init = random_init(images, n, cfg.seed)
-    cell = 1.0 / (n**0.5)  # a grid cell, in normalized units
-    xy = init[..., 0:2].clone().requires_grad_()
-    chol = init[..., 2:5].clone().requires_grad_()
-    rgb = init[..., 5:8].clone().requires_grad_()
-    opt = torch.optim.Adam(
-        [
-            {"params": [xy], "lr": cfg.lr_position * cell},
-            {"params": [chol], "lr": cfg.lr_cholesky * cell},
-            {"params": [rgb], "lr": cfg.lr_color},
-        ]
-    )
-    min_l11, min_l22 = MIN_SCALE_PX / W, MIN_SCALE_PX / H
-    mask = torch.ones(B, n, dtype=torch.bool, device=images.device)
-    stopped = torch.zeros(B, dtype=torch.bool, device=images.device)
-    frozen = [t.detach().clone() for t in (xy, chol, rgb)]
+    batch = Batch(init, images, cfg)
+    done = init.detach().clone()  # [B, N, 8]: each image's parameters, written when it stops
+    done_mask = torch.ones(B, n, dtype=torch.bool, device=images.device)  # [B, N]
     steps_run = torch.zeros(B, dtype=torch.long)
+    min_l11, min_l22 = MIN_SCALE_PX / W, MIN_SCALE_PX / H
     prune_at = prune_steps(cfg.iterations) if cfg.prune_tau > 0 else set()
+    phases = resolution_schedule(cfg.iterations, H, W, cfg.coarse)
 
     for it in tqdm(range(cfg.iterations), disable=not progress, desc=f"fit {B}x{n}", unit="it"):
-        params = torch.cat([xy, chol, rgb], -1)
-        out = render(params, H, W, mask, cfg.backend, cfg.compile)
-        err = mse(out, images)  # [B]
-        l1 = (rgb.abs() * mask[..., None]).flatten(1).sum(1)  # [B]
-        loss = torch.where(stopped, torch.zeros_like(err), err + cfg.color_l1 * l1).sum()
-        if cfg.target_psnr is not None:
-            reached = ~stopped & (psnr_from_mse(err.detach()) >= cfg.target_psnr)
-            if reached.any():
-                for f, t in zip(frozen, (xy, chol, rgb)):
-                    f[reached] = t.detach()[reached]
-                stopped = stopped | reached
-                if stopped.all():
-                    break
-        steps_run += (~stopped).long().cpu()
-        opt.zero_grad(set_to_none=True)
+        h, w = next((h, w) for first, h, w in reversed(phases) if it >= first)
+        if cfg.target_psnr is not None and (h, w) != (H, W) and it % COARSE_CHECK == 0:
+            with torch.no_grad():  # the target is a full-size PSNR: looked at now and then while coarse
+                err = mse(render(batch.params, H, W, batch.mask, cfg.backend, cfg.compile), batch.images)
+            batch = stop(batch, psnr_from_mse(err) >= cfg.target_psnr, done, done_mask)
+        if batch is None:
+            break
+        target = batch.images if (h, w) == (H, W) else F.interpolate(batch.images, size=(h, w), mode="area")
+        out = render(batch.params, h, w, batch.mask, cfg.backend, cfg.compile)
+        err = mse(out, target)  # [b]
+        reached = torch.zeros_like(err, dtype=torch.bool)
+        if cfg.target_psnr is not None and (h, w) == (H, W):  # the target is a full-size PSNR
+            reached = psnr_from_mse(err.detach()) >= cfg.target_psnr
+            if reached.all():
+                batch = stop(batch, reached, done, done_mask)
+                break
+            if reached.any():  # they keep the parameters just rendered; the others step on
+                record(batch, reached, done, done_mask)
+        steps_run[batch.index[~reached].cpu()] += 1
+        l1 = (batch.leaves[2].abs() * batch.mask[..., None]).flatten(1).sum(1)  # [b]
+        loss = (err + cfg.color_l1 * l1)[~reached].sum()
+        batch.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        batch.opt.step()
+        _, chol, rgb = batch.leaves
         with torch.no_grad():
             chol[..., 0].clamp_(min=min_l11)
             chol[..., 2].clamp_(min=min_l22)
             if it + 1 in prune_at:
-                mask = prune_mask(torch.cat([xy, chol, rgb], -1), mask, cfg.prune_tau)
-            rgb.mul_(mask[..., None])
-            if stopped.any():
-                for f, t in zip(frozen, (xy, chol, rgb)):
-                    t[stopped] = f[stopped]
+                batch.mask = prune_mask(batch.params, batch.mask, cfg.prune_tau)
+            rgb.mul_(batch.mask[..., None])
+        if reached.any():
+            batch.keep(~reached)
+    if batch is not None:
+        record(batch, torch.ones_like(batch.index, dtype=torch.bool), done, done_mask)
 
     with torch.no_grad():
-        params = torch.cat([xy, chol, rgb], -1).detach().half().float()  # what gets stored
-        mask = prune_mask(params, mask, cfg.prune_tau)
+        params = done.half().float()  # what gets stored
+        mask = prune_mask(params, done_mask, cfg.prune_tau)
         params[..., 5:8] *= mask[..., None]
         final = render(params, H, W, mask, cfg.backend)
         quality = psnr(final, images).tolist()

@@ -103,3 +103,61 @@ def test_fit_with_pruning_drops_dark_gaussians_and_their_bytes(photos64):
 def test_ssim_of_identical_images_is_one(photos64):
     torch.testing.assert_close(ssim(photos64, photos64), torch.ones(4))
     assert torch.all(ssim(photos64.flip(-1), photos64) < 0.9)
+
+
+def test_the_resolution_schedule_spends_the_coarse_share_at_reduced_sizes():
+    from splatclip.fitting.fitter import resolution_schedule
+
+    assert resolution_schedule(300, 224, 224, 150) == [(0, 56, 56), (75, 112, 112), (150, 224, 224)]
+    assert resolution_schedule(2000, 224, 224, 150) == [(0, 56, 56), (75, 112, 112), (150, 224, 224)]
+    assert resolution_schedule(300, 224, 224, 0) == [(0, 224, 224)]
+    assert resolution_schedule(100, 224, 224, 150) == [(0, 56, 56), (25, 112, 112), (50, 224, 224)]  # at most half
+    assert resolution_schedule(100, 64, 64, 40) == [(0, 32, 32), (40, 64, 64)]  # 16 px is under the floor
+    assert resolution_schedule(40, 28, 28, 150) == [(0, 28, 28)]  # a digit has nothing to coarsen
+    assert resolution_schedule(7, 224, 224, 150) == [(0, 56, 56), (1, 112, 112), (3, 224, 224)]
+
+
+def rendered_sizes(monkeypatch) -> list[tuple[int, int, int]]:
+    """(images, height, width) of every render the fitter makes, in order."""
+    from splatclip.fitting import fitter
+
+    calls, real = [], fitter.render
+
+    def counting(params, height, width, *args, **kwargs):
+        calls.append((params.shape[0], height, width))
+        return real(params, height, width, *args, **kwargs)
+
+    monkeypatch.setattr(fitter, "render", counting)
+    return calls
+
+
+def test_finished_images_leave_the_batch_and_each_ends_as_it_would_alone(photos64, monkeypatch):
+    calls = rendered_sizes(monkeypatch)
+    config = cfg(iterations=150, target_psnr=25.0, coarse=0)  # every step at full size: a check at each
+    together = fit_batch(photos64, config)
+    steps = [m["iterations"] for m in together.metrics]
+    assert len(set(steps)) > 2 and max(steps) < 150, steps  # they stop at different iterations
+    during = [b for b, h, w in calls[:-1]]  # the last render is the final metrics' at full batch
+    assert during == sorted(during, reverse=True) and during[0] == 4 and min(during) == 1
+    assert sum(during) < 4 * len(during) * 0.75  # the batch's work fell as images finished
+    for i in range(4):
+        alone = fit_batch(photos64[i : i + 1], config)
+        assert alone.metrics[0]["iterations"] == steps[i]
+        torch.testing.assert_close(together.splats.params[i], alone.splats.params[0], rtol=2e-3, atol=2e-3)
+        assert together.metrics[i]["psnr"] >= 25.0 - 0.1
+
+
+def test_coarse_to_fine_renders_early_steps_small_and_reaches_the_same_quality(photos64, monkeypatch):
+    calls = rendered_sizes(monkeypatch)
+    coarse = fit_batch(photos64, cfg(iterations=200, coarse=100))
+    assert [(h, w) for _, h, w in calls[:100]] == [(32, 32)] * 100 and calls[100][1:] == (64, 64)
+    full = fit_batch(photos64, cfg(iterations=200, coarse=0))
+    for c, f in zip(coarse.metrics, full.metrics):  # a quarter of the pixels for half the steps: within 1 dB
+        assert c["psnr"] > f["psnr"] - 1.0 and c["iterations"] == 200
+
+
+def test_a_target_with_coarse_steps_never_moves_an_image_already_there(photos64):
+    result = fit_batch(photos64[[0, 3]], cfg(iterations=60, target_psnr=24.0, coarse=30))
+    assert result.metrics[1]["iterations"] == 0  # the rocket starts above 24 dB at full size
+    init = structured_init(photos64[[3]], 256, backend="torch").half().float()
+    torch.testing.assert_close(result.splats.params[1], init[0])
