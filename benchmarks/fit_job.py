@@ -60,7 +60,9 @@ def main():
         loop = time.perf_counter() - start
 
         start = time.perf_counter()
-        init_ray(spec.ray)
+        # CPUs for the largest actor (2) and the decode tasks beside it: with only the cores (2) the
+        # 2-CPU actor held both and the decode tasks never ran
+        init_ray(spec.ray.model_copy(update={"num_cpus": 3}))
         startup = time.perf_counter() - start
         jobs = {}
         for cpus in (1, 2):
