@@ -6,7 +6,8 @@ and what a failure leaves behind.
         check()          -> problems, one line each: exit 2 before anything is written or started
         the MLflow run opened, or reopened from the run file a previous attempt wrote
         Ray started or joined, when needs_ray()
-        body(tracker)    -> the exit status; an exception is logged (secrets redacted), exit 1
+        body(tracker)    -> the exit status; an exception is logged (secrets redacted), exit 1;
+                            storage failing after its retries is one line naming the operation and URL
         the run ended FINISHED (status 0) or FAILED (anything else, an exception included);
         KILLED when the job is interrupted
 
@@ -89,19 +90,28 @@ class Job:
             storage.write_json(run_file, tracker.run_record(), self.spec.storage, root=posixpath.dirname(run_file))
 
     def run(self) -> int:
-        problems = self.resolve_inputs() or self.check()
+        try:
+            problems = self.resolve_inputs() or self.check()
+        except storage.StorageError as err:  # before the run exists: nothing to mark
+            log.error("the %s job failed: storage: %s", self.name, err)
+            return 1
         if problems:
             for line in problems:
                 log.error("%s", line)
             return 2
         tracker = Tracker(self.spec.tracking, self.name)
-        self.open_run(tracker)
         try:
+            self.open_run(tracker)
             if self.needs_ray():
                 init_ray(self.spec.ray)
             status = self.body(tracker)
-        except Exception:
-            log.exception("the %s job failed", self.name)
+        except Exception as err:
+            failure = storage.storage_failure(err)
+            if failure:  # one line: the operation and the URL (the trace is for debugging)
+                log.debug("the %s job failed", self.name, exc_info=True)
+                log.error("the %s job failed: storage: %s", self.name, failure)
+            else:
+                log.exception("the %s job failed", self.name)
             tracker.end("FAILED")
             return 1
         except BaseException:  # interrupted (Ctrl-C, SystemExit): the run says so, and the job stops

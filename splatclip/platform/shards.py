@@ -33,7 +33,7 @@ from typing import IO, Iterable, Iterator
 
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits, StorageSpec
-from splatclip.platform.storage import atomic_write, open_read
+from splatclip.platform.storage import StorageError, atomic_write, open_read
 
 RESERVED = "__"  # extensions starting with this are the reader's own fields, never members
 _KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")  # webdataset's key/extension split
@@ -122,16 +122,21 @@ def read_samples(url: str, spec: StorageSpec | None = None, limits: ShardLimits 
                  wanted: Iterable[str] | None = None) -> Iterator[dict]:
     """Samples of one tar shard in archive order (see the module docstring). Only members whose
     extension is in `wanted` (all when None) are read. Raises ShardError when the shard cannot be
-    opened or is not a tar archive."""
+    opened or is not a tar archive. Storage that fails (after its retries) is not damage: it raises
+    StorageError, wherever in the shard it happens, and no sample of the shard is judged by it."""
     wanted = None if wanted is None else set(wanted)
     try:
         stream = open_read(url, spec)
+    except StorageError:
+        raise
     except Exception as err:
         raise ShardError(f"cannot open: {type(err).__name__}: {redact(str(err))}") from None
     with stream:
         try:
             counted = _Counted(_unpacked(stream), limits.max_shard_bytes)
             tar = tarfile.open(fileobj=counted, mode="r|", tarinfo=_BoundedTarInfo)
+        except StorageError:
+            raise
         except Exception as err:
             raise ShardError(f"not a tar archive ({type(err).__name__}: {redact(str(err))})") from None
         yield from _samples(tar, url, limits, wanted)
@@ -144,6 +149,8 @@ def _samples(tar: tarfile.TarFile, url: str, limits: ShardLimits, wanted: set[st
     while True:
         try:
             member = tar.next()
+        except StorageError:
+            raise
         except Exception as err:  # a damaged tail or compressed stream: the shard ends here
             if current is not None:
                 yield current.record(url)
@@ -195,6 +202,8 @@ def _samples(tar: tarfile.TarFile, url: str, limits: ShardLimits, wanted: set[st
             continue
         try:
             current.members[ext] = tar.extractfile(member).read()
+        except StorageError:
+            raise
         except Exception as err:  # the data ends (or the stream breaks) inside this member
             current.members.clear()
             current.problems.append((ext, *_ending(err)))

@@ -10,11 +10,19 @@ local path there is then checked, before each directory is made, each file writt
 or removal, for a symbolic link at any of its components below the root, and refused (`LinkError`)
 where there is one. On a shared filesystem another user may plant such a link to point the job's
 writes anywhere the job may write; the root itself may be a link (the user named it).
+
+Failures: every request to S3 is retried by botocore and s3fs as `StorageSpec` configures them
+(`storage_options`); nothing here retries again. What still fails leaves this module as a
+`StorageError` naming the operation and the URL (credentials redacted), never as a half-written
+file: a write is checked against the bytes given before it counts as done, and a whole read
+against the object's size. A missing file stays a FileNotFoundError (callers decide what that means).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import logging
 import os
@@ -25,6 +33,7 @@ from typing import IO, Iterator
 import braceexpand
 import fsspec
 
+from splatclip.platform.secrets import redact
 from splatclip.platform.specs import StorageSpec
 
 log = logging.getLogger(__name__)
@@ -34,6 +43,47 @@ SUCCESS = "_SUCCESS.json"
 
 class LinkError(OSError):
     """A path a job writes inside its output passes through a symbolic link there."""
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed after the configured retries: 'write s3://b/k: SlowDown ...'."""
+
+
+def describe(err: BaseException) -> str:
+    """One line for a storage failure: a full disk says "no space"; credentials never shown."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "no space left on device"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return redact(f"{type(err).__name__}: {text}")[:400]
+
+
+@contextlib.contextmanager
+def guarded(op: str, url: str) -> Iterator[None]:
+    """Turn a failure of storage inside the block into a StorageError naming `op` and `url`. A missing
+    file, a refused link and an error already named pass through unchanged."""
+    try:
+        yield
+    except (FileNotFoundError, LinkError, StorageError):
+        raise
+    except Exception as err:
+        raise StorageError(f"{op} {redact(url)}: {describe(err)}") from err
+
+
+def storage_failure(err: BaseException) -> str | None:
+    """The message of the StorageError behind `err` (through Ray's and Ray Data's wrappers and
+    exception chains), or None when storage did not cause it."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageError):
+            cause = getattr(e, "cause", None)  # Ray's RayTaskError is also a StorageError; its cause is plain
+            return str(cause if isinstance(cause, StorageError) else e).splitlines()[0]
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 def check_no_links(url: str, root: str | None) -> None:
@@ -61,9 +111,11 @@ def _local_path(url: str) -> str:
 
 
 def storage_options(url: str, spec: StorageSpec | None) -> dict:
-    """fsspec options for `url`; only S3 takes any. Unset fields leave s3fs to its AWS defaults."""
-    if spec is None or not url.startswith(("s3://", "s3a://")):
+    """fsspec options for `url`; only S3 takes any. Unset credentials and endpoint leave s3fs to
+    its AWS defaults; the retry policy is always the spec's (its defaults without one)."""
+    if not url.startswith(("s3://", "s3a://")):
         return {}
+    spec = spec or StorageSpec()
     opts: dict = {"anon": spec.anon}
     client: dict = {}
     if spec.endpoint_url:
@@ -76,12 +128,17 @@ def storage_options(url: str, spec: StorageSpec | None) -> dict:
         opts["key"] = spec.access_key_id.get_secret_value()
     if spec.secret_access_key is not None:
         opts["secret"] = spec.secret_access_key.get_secret_value()
+    opts["config_kwargs"] = {"retries": {"mode": spec.retry_mode, "total_max_attempts": spec.max_attempts},
+                             "connect_timeout": spec.connect_timeout, "read_timeout": spec.read_timeout}
     return opts
 
 
 def filesystem(url: str, spec: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a URL or local path."""
-    return fsspec.core.url_to_fs(url, **storage_options(url, spec))
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url, spec))
+    if hasattr(fs, "retries"):  # s3fs's attempts per call: an attribute, not an option
+        fs.retries = (spec or StorageSpec()).call_attempts
+    return fs, path
 
 
 def is_local(url: str) -> bool:
@@ -172,13 +229,14 @@ def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str
     missing: list[str] = []
     for url in expand_braces(pattern):
         fs, path = filesystem(url, spec)
-        if any(ch in path for ch in "*?["):
-            matches = sorted(fs.glob(path))
-            found.extend(_unstrip(url, fs, m) for m in matches)
-        elif fs.isfile(path):
-            found.append(url)
-        else:
-            missing.append(url)
+        with guarded("list", url):
+            if any(ch in path for ch in "*?["):
+                matches = sorted(fs.glob(path))
+                found.extend(_unstrip(url, fs, m) for m in matches)
+            elif fs.isfile(path):
+                found.append(url)
+            else:
+                missing.append(url)
     return found, missing
 
 
@@ -192,19 +250,22 @@ def _unstrip(url: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def exists(url: str, spec: StorageSpec | None = None) -> bool:
     fs, path = filesystem(url, spec)
-    return fs.exists(path)
+    with guarded("check", url):
+        return fs.exists(path)
 
 
 def read_bytes(url: str, spec: StorageSpec | None = None) -> bytes:
-    fs, path = filesystem(url, spec)
-    return fs.cat_file(path)
+    """The whole object, checked against its size (a body that ended early is an error, not data)."""
+    with open_read(url, spec) as f:
+        return f.read()
 
 
 def listdir(url: str, spec: StorageSpec | None = None) -> list[str]:
     """Names of the files directly under a directory URL ([] when there is none)."""
     fs, path = filesystem(url, spec)
     try:
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        with guarded("list", url):
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True))
     except FileNotFoundError:
         return []
 
@@ -212,12 +273,42 @@ def listdir(url: str, spec: StorageSpec | None = None) -> list[str]:
 def remove(url: str, spec: StorageSpec | None = None, root: str | None = None) -> None:
     check_no_links(url, root)
     fs, path = filesystem(url, spec)
-    fs.rm_file(path)
+    with guarded("remove", url):
+        fs.rm_file(path)
+
+
+class _CheckedReader(io.RawIOBase):
+    """A file being read whose failures are StorageErrors and whose end is checked against the
+    size storage gave when it was opened."""
+
+    def __init__(self, f, url: str, size: int | None):
+        self.f, self.url, self.size, self.done = f, url, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        with guarded("read", self.url):
+            data = self.f.read(len(buffer))
+        if not data and self.size is not None and self.done != self.size:
+            raise StorageError(f"read {redact(self.url)}: the data ended at byte {self.done} of {self.size}")
+        buffer[: len(data)] = data
+        self.done += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.f.close()
+        super().close()
 
 
 def open_read(url: str, spec: StorageSpec | None = None) -> IO[bytes]:
+    """A buffered binary file; its read failures are StorageErrors, a short read one too."""
     fs, path = filesystem(url, spec)
-    return fs.open(path, "rb")
+    with guarded("open", url):
+        f = fs.open(path, "rb")
+        size = getattr(f, "size", None) if not is_local(url) else os.fstat(f.fileno()).st_size
+    return io.BufferedReader(_CheckedReader(f, url, size), buffer_size=1 << 20)
 
 
 @contextlib.contextmanager
@@ -228,28 +319,52 @@ def atomic_write(url: str, spec: StorageSpec | None = None, root: str | None = N
     if is_local(url):
         directory, name = os.path.split(os.path.abspath(path))
         check_no_links(url, root)
-        os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.part")
         try:
-            check_no_links(tmp, root)
-            with open(tmp, "xb") as f:  # never an existing file (nor a link planted at that name)
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            check_no_links(url, root)
-            os.replace(tmp, os.path.join(directory, name))
+            with guarded("write", url):
+                os.makedirs(directory, exist_ok=True)
+                check_no_links(tmp, root)
+                with open(tmp, "xb") as f:  # never an existing file (nor a link planted at that name)
+                    yield _Writes(f, url)
+                    f.flush()
+                    os.fsync(f.fileno())
+                check_no_links(url, root)
+                os.replace(tmp, os.path.join(directory, name))
         finally:
             if os.path.lexists(tmp) and not os.path.islink(tmp):
                 os.unlink(tmp)
         return
-    f = fs.open(path, "wb")
+    with guarded("write", url):
+        f = fs.open(path, "wb")
     try:
-        yield f
+        yield _Writes(f, url)
     except BaseException:
         f.discard()  # s3fs aborts the multipart upload; a small buffered file was never sent
         f.closed = True
         raise
-    f.close()
+    with guarded("write", url):
+        f.close()
+        written, stored = f.tell(), fs.info(path)["size"]
+    if stored != written:  # never a part or shard whose object is not the bytes given
+        raise StorageError(f"write {redact(url)}: storage holds {stored} bytes of the {written} written")
+
+
+class _Writes:
+    """A file being written whose failures (a full disk, storage that refuses) are StorageErrors."""
+
+    def __init__(self, f, url: str):
+        self.f, self.url = f, url
+
+    def write(self, data) -> int:
+        with guarded("write", self.url):
+            return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        with guarded("write", self.url):
+            self.f.flush()
 
 
 def write_bytes(url: str, data: bytes, spec: StorageSpec | None = None, root: str | None = None) -> None:
