@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from faulty_s3 import FaultProxy, start_moto
 from splatclip.platform.runtime import free_port
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray started by the tests stays on 127.0.0.1
@@ -80,16 +81,8 @@ def kill_job():
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """moto's S3 server on a free loopback port, with throwaway credentials in the environment."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out, env=env
-        )
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
     try:
-        wait_http(f"{endpoint}/moto-api/", proc, 600, log)
         saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
         os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
         yield endpoint
@@ -100,6 +93,14 @@ def s3_endpoint(tmp_path_factory):
                 os.environ[k] = v
     finally:
         stop(proc)
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint):
+    """The fault-injecting proxy (`faulty_s3`) in front of moto, no faults set; closed after the test."""
+    proxy = FaultProxy(s3_endpoint, seed=0)
+    yield proxy
+    proxy.close()
 
 
 @pytest.fixture

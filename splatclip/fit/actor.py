@@ -69,8 +69,11 @@ class FitActor:
                 rec["meta"] = {**metrics, "source_width": int(batch["src_w"][i]),
                                "source_height": int(batch["src_h"][i]),
                                "source": json.loads(batch["source"][i]) if batch["source"][i] else None}
+                # the sample holds what it is; how long it took stays in the record (`_stats`), so a
+                # rerun writes the same bytes
                 sample = {"__key__": rec["key"], "splats.npy": splats.to_bytes(arr),
-                          "json": json.dumps(rec["meta"], sort_keys=True).encode()}
+                          "json": json.dumps({k: v for k, v in rec["meta"].items() if k != "seconds"},
+                                             sort_keys=True).encode()}
                 for ext in ("txt", "cls"):
                     if batch[ext][i]:
                         sample[ext] = batch[ext][i]

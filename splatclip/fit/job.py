@@ -27,7 +27,7 @@ from splatclip.fit.report import over_budget, report, summarize
 from splatclip.fit.actor import FitActor
 from splatclip.fit.stages import decode_batch, read_shard
 from splatclip.pipelines.job import Job
-from splatclip.platform import storage
+from splatclip.platform import lease, storage
 from splatclip.platform.runtime import actor_options, pool_size
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import FitSpec
@@ -79,7 +79,7 @@ def planted_links(spec: FitSpec, shards: list[str]) -> list[str]:
     if not storage.is_local(spec.output):
         return []
     places = [storage.join(spec.output, name) for name in (layout.SETTINGS, layout.SUMMARY, storage.SUCCESS,
-                                                             RUN_FILE, "_parts", "_stats")]
+                                                             RUN_FILE, lease.NAME, "_parts", "_stats")]
     for shard in shards:
         parts = layout.parts_dir(spec.output, shard)
         places += [layout.output_url(spec.output, shard), layout.stats_url(spec.output, shard), parts]
@@ -189,7 +189,14 @@ class FitJob(Job):
 
             if missing_weights(spec.teacher.pretrained):
                 problems.append(f"teacher.pretrained {spec.teacher.pretrained}: no such file")
-        problems = problems or planted_links(spec, self.shard_list) or prepare_output(spec, self.shard_list)
+        return problems or planted_links(spec, self.shard_list)
+
+    def lease_dir(self) -> str:
+        return self.spec.output
+
+    def prepare(self) -> list[str]:
+        spec = self.spec
+        problems = prepare_output(spec, self.shard_list)
         if not problems:
             self.todo = [s for s in self.shard_list if not storage.exists(layout.output_url(spec.output, s), spec.storage)]
             log.info("%d input shards: %d already done, %d to fit", len(self.shard_list),

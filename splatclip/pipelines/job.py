@@ -4,6 +4,8 @@ and what a failure leaves behind.
     Job(spec).run():
         the spec's input patterns resolved (`examples://SET/...` to the local example shards)
         check()          -> problems, one line each: exit 2 before anything is written or started
+        the lease on lease_dir() taken (another job holding it: exit 2 naming that job), then
+        prepare()        -> what the job writes before it starts (problems: exit 2)
         the MLflow run opened, or reopened from the run file a previous attempt wrote
         Ray started or joined, when needs_ray()
         body(tracker)    -> the exit status; an exception is logged (secrets redacted), exit 1;
@@ -23,6 +25,7 @@ from pydantic import BaseModel
 
 from splatclip.datasets import resolve_example
 from splatclip.platform import storage
+from splatclip.platform.lease import Lease, LeaseHeld
 from splatclip.platform.runtime import init_ray
 from splatclip.platform.secrets import redact
 from splatclip.platform.tracking import Tracker
@@ -40,6 +43,15 @@ class Job:
 
     def check(self) -> list[str]:
         """What stops the job before it starts, one line each."""
+        return []
+
+    def lease_dir(self) -> str | None:
+        """The directory this job holds a lease on while it runs (None: none), so that a second job on
+        it refuses at start instead of mixing its writes with this one's."""
+        return None
+
+    def prepare(self) -> list[str]:
+        """What the job writes before it starts, once it holds its lease; problems as in `check`."""
         return []
 
     def run_file(self) -> str | None:
@@ -92,13 +104,29 @@ class Job:
     def run(self) -> int:
         try:
             problems = self.resolve_inputs() or self.check()
+            if problems:
+                for line in problems:
+                    log.error("%s", line)
+                return 2
+            lease = Lease(self.lease_dir(), self.spec.storage, self.name) if self.lease_dir() is not None else None
+            try:
+                if lease is not None:
+                    lease.acquire()
+                problems = self.prepare()
+                for line in problems:
+                    log.error("%s", line)
+                return 2 if problems else self._run()
+            finally:
+                if lease is not None:
+                    lease.release()
+        except LeaseHeld as err:
+            log.error("another job is running on this output: %s", err)
+            return 2
         except storage.StorageError as err:  # before the run exists: nothing to mark
             log.error("the %s job failed: storage: %s", self.name, err)
             return 1
-        if problems:
-            for line in problems:
-                log.error("%s", line)
-            return 2
+
+    def _run(self) -> int:
         tracker = Tracker(self.spec.tracking, self.name)
         try:
             self.open_run(tracker)

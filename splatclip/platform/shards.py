@@ -252,6 +252,6 @@ def write_shard(url: str, spec: StorageSpec | None = None,
     import webdataset as wds  # here, not at the top: importing it loads torch, which readers never need
 
     with atomic_write(url, spec, root) as f:
-        writer = wds.TarWriter(f, encoder=False)
+        writer = wds.TarWriter(f, encoder=False, mtime=0)  # a fixed time: the same samples, the same bytes
         yield writer
         writer.close()

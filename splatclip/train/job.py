@@ -51,10 +51,11 @@ def absolute_paths(spec: TrainSpec) -> TrainSpec:
 
 
 def trainer_storage(spec: TrainSpec):
-    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig. Object storage goes
+    through the project's s3fs, so checkpoints get the spec's endpoint, credentials and retry policy."""
     root = spec.storage_path
-    if storage.is_local(root) or not spec.storage.endpoint_url:
-        return root, None
+    if storage.is_local(root):
+        return root, None  # Ray Train's own local filesystem
     import pyarrow.fs
 
     fs, _ = storage.filesystem(root, spec.storage)
@@ -110,6 +111,9 @@ class TrainJob(Job):
             problems.append(f"images {redact(self.spec.images)}: no source shard for {len(missing)} splat shard(s), e.g. "
                             f"{shard_name(missing[0])} (a source shard must have its splat shard's name)")
         return {s: by_name[shard_name(s)] for s in self.shard_list if shard_name(s) in by_name}
+
+    def lease_dir(self) -> str:
+        return run_dir(self.spec)
 
     def run_file(self) -> str:
         return storage.join(run_dir(self.spec), "_mlflow_run.json")
