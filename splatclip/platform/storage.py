@@ -54,7 +54,9 @@ def describe(err: BaseException) -> str:
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return "no space left on device"
     text = " ".join(str(err).split()) or type(err).__name__
-    return redact(f"{type(err).__name__}: {text}")[:400]
+    cause = err.__cause__ or err.__context__  # s3fs turns botocore's error into an OSError; its code is there
+    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
+    return redact(f"{code or type(err).__name__}: {text}")[:400]
 
 
 @contextlib.contextmanager
@@ -79,11 +81,17 @@ def storage_failure(err: BaseException) -> str | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, StorageError):
-            cause = getattr(e, "cause", None)  # Ray's RayTaskError is also a StorageError; its cause is plain
-            return str(cause if isinstance(cause, StorageError) else e).splitlines()[0]
+        if type(e) is StorageError:
+            return str(e)
+        # a worker's error reaches the driver as text: Ray keeps the remote traceback, not the chain
+        found = _REMOTE.findall(str(e))
+        if found:
+            return found[-1]
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     return None
+
+
+_REMOTE = re.compile(rf"^{re.escape(StorageError.__module__)}\.StorageError: (.+)$", re.MULTILINE)
 
 
 def check_no_links(url: str, root: str | None) -> None:
@@ -233,10 +241,12 @@ def list_shards(pattern: str, spec: StorageSpec | None = None) -> tuple[list[str
             if any(ch in path for ch in "*?["):
                 matches = sorted(fs.glob(path))
                 found.extend(_unstrip(url, fs, m) for m in matches)
-            elif fs.isfile(path):
-                found.append(url)
-            else:
-                missing.append(url)
+            else:  # not fs.isfile: it answers False for any error, an outage read as "missing"
+                try:
+                    is_file = fs.info(path)["type"] == "file"
+                except FileNotFoundError:
+                    is_file = False
+                (found if is_file else missing).append(url)
     return found, missing
 
 
