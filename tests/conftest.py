@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faulty_s3 import FaultProxy, start_moto
+from faulty_s3 import FaultProxy, bucket_name, start_moto
 from splatclip.platform.runtime import free_port
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray started by the tests stays on 127.0.0.1
@@ -104,13 +104,13 @@ def fault_proxy(s3_endpoint):
 
 
 @pytest.fixture
-def s3_bucket(s3_endpoint):
+def s3_bucket(s3_endpoint, request):
     """A fresh bucket; returns (s3://bucket, StorageSpec pointing at moto)."""
     import boto3
 
     from splatclip.platform.specs import StorageSpec
 
-    name = f"t-{uuid.uuid4().hex[:20]}"
+    name = bucket_name(request.node.nodeid)
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}", StorageSpec(endpoint_url=s3_endpoint, region="us-east-1")
 

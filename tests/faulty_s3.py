@@ -62,6 +62,12 @@ class Fault:
         return (self.method is None or self.method == method) and (self.key is None or re.search(self.key, target))
 
 
+def bucket_name(test_id: str) -> str:
+    """A bucket name of a test's own, the same in every run: faults are decided by request path, so
+    a fixed name makes a test's faults repeatable (a random one draws other faults each run)."""
+    return f"t-{hashlib.sha256(test_id.encode()).hexdigest()[:20]}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

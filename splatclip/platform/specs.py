@@ -47,12 +47,12 @@ class StorageSpec(Model):
     # retries each request (throttling, 5xx, resets, timeouts) up to `max_attempts` times with
     # exponential backoff; s3fs repeats a whole call up to `call_attempts` times for what botocore
     # cannot see (a response body that ends early). An outage ends a call after at most
-    # call_attempts x max_attempts requests, about 45 s with the defaults.
+    # call_attempts x max_attempts requests, 20-40 s with the defaults.
     retry_mode: Literal["standard", "adaptive"] = Field(
         "standard", description="botocore's retry mode; 'adaptive' also slows the client down while S3 throttles "
         "(503 SlowDown), for many actors writing under one prefix.")
     max_attempts: int = Field(5, ge=1, le=20, description="botocore's attempts per request, the first included.")
-    call_attempts: int = Field(3, ge=1, le=10, description="s3fs's attempts per call (a read whose body ends early).")
+    call_attempts: int = Field(5, ge=1, le=10, description="s3fs's attempts per call (a read whose body ends early).")
     connect_timeout: float = Field(5.0, gt=0, le=300, description="Seconds to open a connection to storage.")
     read_timeout: float = Field(30.0, gt=0, le=3600, description="Seconds without a byte from storage before a "
                                 "request counts as failed (and is retried).")

@@ -62,6 +62,19 @@ def trainer_storage(spec: TrainSpec):
     return root.split("://", 1)[1], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def training_storage_failure(err: Exception, url: str) -> str | None:
+    """What storage did to a failed training, in one line, or None: a worker's StorageError (reading
+    shards, uploading a checkpoint), or the controller failing to write Ray Train's own state (its
+    checkpoint records) into the run directory."""
+    found = storage.storage_failure(err)
+    if found:
+        return found
+    cause = getattr(err, "controller_failure", None)
+    if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+        return f"Ray Train's state in {redact(url)}: {storage.describe(cause)}"
+    return None
+
+
 def make_trainer(spec: TrainSpec, config: dict):
     """The TorchTrainer of a spec: its workers, their resources, the run's storage and restarts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -129,7 +142,11 @@ class TrainJob(Job):
         try:
             result = trainer.fit()
         except TrainingFailedError as err:  # a worker's error, after `max_failures` restarts
-            log.error("training failed: %s", err)
+            failure = training_storage_failure(err, run_dir(spec))
+            if failure:
+                log.error("the train job failed: storage: %s", failure)
+            else:
+                log.error("training failed: %s", err)
             return 1
         print(f"trained {spec.name}: {result.metrics}; model at {storage.join(run_dir(spec), 'model.pt')}")
         return 0

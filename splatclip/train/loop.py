@@ -209,8 +209,9 @@ class Loop:
                 write_checkpoint(Path(tmp), 0, self.device, position, self.model.trainable_state(), optimizer, scheduler)
             else:
                 write_checkpoint(Path(tmp), self.rank, self.device)
-            ray.train.report({**metrics, "step": self.state.step},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            with storage.guarded("checkpoint to", run_dir(self.spec)):  # Ray Train uploads it here (the spec's s3fs)
+                ray.train.report({**metrics, "step": self.state.step},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def evaluate(self) -> dict[str, float]:
         """Zero-shot top-1/top-5 on the spec's `eval_data`: the accuracy curve of the run."""

@@ -6,14 +6,13 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
-from faulty_s3 import Fault
+from faulty_s3 import Fault, bucket_name
 from splatclip import datasets
 from splatclip.fit.job import run
 from splatclip.platform import storage
@@ -41,9 +40,9 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture
-def bucket(s3_endpoint, photos):
-    """A fresh bucket holding the photo shards under src/ (written without faults)."""
-    name = f"fit-{uuid.uuid4().hex[:20]}"
+def bucket(s3_endpoint, photos, request):
+    """A fresh bucket of the test's own name, holding the photo shards under src/ (written without faults)."""
+    name = bucket_name(request.node.nodeid)
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     for shard in sorted(photos.glob("*.tar")):

@@ -351,3 +351,107 @@ def test_hostile_splat_shards_cost_samples_not_workers(digits, tmp_path):
     for reason in ("bad_teacher", "too_many_gaussians", "splats_out_of_range", "corrupt_splats"):
         assert metrics.get(f"skipped.{reason}", 0) >= 1, (reason, metrics)
     assert metrics["skipped.bad_teacher"] >= 3 and metrics.get("nonfinite_steps", 0) == 0
+
+
+FAULTS = ("slowdown", "error500", "reset_before", "reset_after", "truncate", "delay")
+
+
+def upload_splats(digits, bucket, storage_spec):
+    for split, names in (("train", [f"train-{i:05d}.tar" for i in range(4)]), ("test", ["test-00000.tar"])):
+        for name in names:
+            storage.write_bytes(f"{bucket}/splats/{name}", (digits / f"splats-{split}" / name).read_bytes(), storage_spec)
+
+
+def test_train_and_evaluate_under_storage_faults(digits, s3_bucket, fault_proxy, tmp_path):
+    """Shards read, checkpoints written and restored, the model and the results written through S3
+    that fails 6% of requests in each of six ways: the planned steps all done once (MLflow holds
+    each step once), checkpoints readable, and the evaluate job's numbers those of a clean run."""
+    from faulty_s3 import Fault
+
+    bucket, clean_spec = s3_bucket
+    upload_splats(digits, bucket, clean_spec)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*train_args(digits, "faulty", uri, "stages=[{kind: distill, epochs: 1}]", "checkpoint_every=2"),
+            f"data={bucket}/splats/train-{{00000..00003}}.tar", f"storage_path={bucket}/runs",
+            f"storage.endpoint_url={fault_proxy.url}", "storage.region=us-east-1"]
+    fault_proxy.set(*[Fault(kind, 0.06, seconds=0.05) for kind in FAULTS])
+    assert train.run(load_spec(TrainSpec, SPEC, args)) == 0
+    assert fault_proxy.injected["reset_after"] and fault_proxy.injected["truncate"], fault_proxy.injected
+    run_dir = f"{bucket}/runs/faulty"
+    model = torch.load(io.BytesIO(storage.read_bytes(f"{run_dir}/model.pt", clean_spec)), weights_only=True)
+    assert model["step"] == 6
+    fs, _ = storage.filesystem(run_dir, clean_spec)
+    checkpoints = sorted(p for p in fs.ls(run_dir.removeprefix("s3://"))
+                         if p.rsplit("/", 1)[-1].startswith("checkpoint_") and fs.isdir(p))
+    state = torch.load(io.BytesIO(storage.read_bytes(f"s3://{checkpoints[-1]}/state.pt", clean_spec)), weights_only=True)
+    assert state["position"]["step"] == 6
+    run_id = storage.read_json(f"{run_dir}/_mlflow_run.json", clean_spec)["run_id"]
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss/distill")]
+    assert sorted(steps) == sorted(set(steps)) and len(steps) == 6
+    assert not storage.exists(f"{run_dir}/_lease.json", clean_spec)
+
+    results = []
+    for faults in ((), [Fault(kind, 0.06, seconds=0.05) for kind in FAULTS]):
+        fault_proxy.set(*faults)
+        out = f"{bucket}/eval-{len(faults)}.json"
+        espec = load_spec(EvalSpec, None, [
+            f"data={bucket}/splats/test-00000.tar", f"checkpoint={run_dir}/model.pt",
+            f"classes={digits}/src/classes.json", f"templates={digits}/src/templates.json", f"output={out}",
+            "tracking.enabled=false", f"storage.endpoint_url={fault_proxy.url}", "storage.region=us-east-1"])
+        assert evaluate(espec) == 0
+        results.append(storage.read_json(out, clean_spec))
+    assert results[0]["splat"] == results[1]["splat"] and results[0]["splat"]["images"] == 40
+
+
+def test_train_storage_outage_fails_in_one_line_and_a_second_job_refuses(digits, s3_bucket, fault_proxy,
+                                                                          tmp_path, caplog):
+    """Checkpoint uploads refused from the start: exit 1 within Ray Train's restarts, one error line
+    naming storage, the MLflow run FAILED. A run directory whose lease another job holds: exit 2
+    naming that job, before anything is written."""
+    import logging
+
+    from faulty_s3 import Fault
+    from splatclip.platform.lease import Lease
+
+    bucket, clean_spec = s3_bucket
+    upload_splats(digits, bucket, clean_spec)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*train_args(digits, "outage", uri, "stages=[{kind: distill, epochs: 1}]", "checkpoint_every=2"),
+            f"data={bucket}/splats/train-{{00000..00003}}.tar", f"storage_path={bucket}/runs", "max_failures=1",
+            f"storage.endpoint_url={fault_proxy.url}", "storage.region=us-east-1", "storage.max_attempts=2",
+            "storage.call_attempts=1"]
+    fault_proxy.set(Fault("error500", 1.0, method="PUT", key=r"/runs/outage/checkpoint_"))
+    with caplog.at_level(logging.ERROR):
+        assert train.run(load_spec(TrainSpec, SPEC, args)) == 1
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("splatclip")]
+    assert len(lines) == 1 and "storage" in lines[0] and f"{bucket}/runs/outage" in lines[0], lines
+    assert fault_proxy.injected["error500"] >= 2
+    assert [r.info.status for r in job_runs(MlflowClient(uri), "train-tests")] == ["FAILED"]
+
+    fault_proxy.set()
+    held = Lease(f"{bucket}/runs/held", clean_spec, "train")
+    held.acquire()
+    try:
+        caplog.clear()
+        args = [a.replace("name=outage", "name=held") for a in args]
+        with caplog.at_level(logging.ERROR):
+            assert train.run(load_spec(TrainSpec, SPEC, args)) == 2
+        assert f"another job is running on this output: {bucket}/runs/held/_lease.json is held by the train job" \
+            in caplog.text
+        assert storage.listdir(f"{bucket}/runs/held", clean_spec) == ["_lease.json"]
+    finally:
+        held.release()
+
+    fault_proxy.set(Fault("reset_before", 1.0))  # storage gone for the evaluate job
+    caplog.clear()
+    espec = load_spec(EvalSpec, None, [
+        f"data={bucket}/splats/test-00000.tar", f"checkpoint={bucket}/runs/held/model.pt",
+        f"classes={digits}/src/classes.json", f"output={bucket}/eval.json", f"tracking.uri={uri}",
+        f"storage.endpoint_url={fault_proxy.url}", "storage.region=us-east-1", "storage.max_attempts=1",
+        "storage.call_attempts=1"])
+    with caplog.at_level(logging.ERROR):
+        assert evaluate(espec) == 1
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lines == [f"the evaluate job failed: storage: list {bucket}/splats/test-00000.tar: EndpointConnectionError: "
+                     f'Could not connect to the endpoint URL: "{fault_proxy.url}/{bucket.removeprefix("s3://")}'
+                     '/splats/test-00000.tar"'], lines
