@@ -4,9 +4,6 @@ on one output."""
 import logging
 import os
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import boto3
 import pytest
@@ -21,7 +18,6 @@ from splatclip.platform.shards import read_samples
 from splatclip.platform.specs import FitSpec, StorageSpec
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 FAST = ["fit.gaussians=16", "fit.iterations=4", "fit.size=32", "fit.compile=false", "batch_size=1"]
 FAULTS = [Fault(kind, 0.06, seconds=0.05) for kind in ("slowdown", "error500", "reset_before", "reset_after",
                                                        "truncate", "delay")]
@@ -50,6 +46,15 @@ def bucket(s3_endpoint, photos, request):
     return f"s3://{name}"
 
 
+@pytest.fixture(scope="module")
+def clean(ray_local, photos, tmp_path_factory):
+    """{shard name: bytes} of a clean local run: shards are reproducible, so an S3 output made
+    under faults must hold exactly these bytes."""
+    out = tmp_path_factory.mktemp("clean")
+    assert run(spec_for(f"{photos}/photos-{{00000..00001}}.tar", out, "")) == 0
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
 def shard_bytes(out: str, endpoint: str) -> dict[str, bytes]:
     spec = StorageSpec(endpoint_url=endpoint, region="us-east-1")
     return {name: storage.read_bytes(storage.join(out, name), spec)
@@ -57,13 +62,12 @@ def shard_bytes(out: str, endpoint: str) -> dict[str, bytes]:
 
 
 def test_faults_on_every_kind_of_request_leave_the_output_of_a_clean_run(ray_local, bucket, s3_endpoint,
-                                                                          fault_proxy):
+                                                                          fault_proxy, clean):
     src = f"{bucket}/src/photos-{{00000..00001}}.tar"
-    assert run(spec_for(src, f"{bucket}/clean", s3_endpoint)) == 0
     fault_proxy.set(*FAULTS)
     assert run(spec_for(src, f"{bucket}/faulty", fault_proxy.url, "ray.actors=2")) == 0
     assert set(fault_proxy.injected) == {f.kind for f in FAULTS}, fault_proxy.injected
-    clean, faulty = shard_bytes(f"{bucket}/clean", s3_endpoint), shard_bytes(f"{bucket}/faulty", s3_endpoint)
+    faulty = shard_bytes(f"{bucket}/faulty", s3_endpoint)
     assert sorted(clean) == ["photos-00000.tar", "photos-00001.tar"] and faulty == clean
     spec = StorageSpec(endpoint_url=s3_endpoint, region="us-east-1")
     keys = [s["__key__"] for name in faulty for s in read_samples(f"{bucket}/faulty/{name}", spec)]
@@ -72,14 +76,13 @@ def test_faults_on_every_kind_of_request_leave_the_output_of_a_clean_run(ray_loc
 
 
 def test_an_outage_mid_job_fails_it_in_one_line_and_a_rerun_finishes_it(ray_local, bucket, s3_endpoint,
-                                                                       fault_proxy, tmp_path, caplog):
+                                                                       fault_proxy, clean, tmp_path, caplog):
     """Every write of a part refused (storage down for writes once the job has started): exit 1, one
     error line naming the operation and the URL, the MLflow run FAILED, no shard visible; once
     storage is back the rerun completes with the clean run's bytes."""
     src = f"{bucket}/src/photos-{{00000..00001}}.tar"
     tracking = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.enabled=true", "tracking.experiment=outage"]
     fast_failing = ["storage.max_attempts=2", "storage.call_attempts=1"]
-    assert run(spec_for(src, f"{bucket}/clean", s3_endpoint)) == 0
     fault_proxy.set(Fault("error500", 1.0, method="PUT", key=r"/_parts/"))
     with caplog.at_level(logging.ERROR):
         assert run(spec_for(src, f"{bucket}/out", fault_proxy.url, *tracking, *fast_failing)) == 1
@@ -93,7 +96,7 @@ def test_an_outage_mid_job_fails_it_in_one_line_and_a_rerun_finishes_it(ray_loca
     assert [r.info.status for r in runs] == ["FAILED"]
     fault_proxy.set()
     assert run(spec_for(src, f"{bucket}/out", fault_proxy.url, *tracking)) == 0
-    assert shard_bytes(f"{bucket}/out", s3_endpoint) == shard_bytes(f"{bucket}/clean", s3_endpoint)
+    assert shard_bytes(f"{bucket}/out", s3_endpoint) == clean
 
 
 def test_storage_down_from_the_start_exits_1_naming_it(bucket, fault_proxy, caplog):
@@ -108,14 +111,13 @@ def test_storage_down_from_the_start_exits_1_naming_it(bucket, fault_proxy, capl
     assert sum(fault_proxy.requests.values()) <= 4, fault_proxy.requests
 
 
-def test_a_full_disk_fails_the_job_and_the_rerun_completes_it(ray_local, photos, tmp_path, caplog):
+def test_a_full_disk_fails_the_job_and_the_rerun_completes_it(ray_local, photos, clean, tmp_path, caplog):
     """The output on a 48 KiB tmpfs: the job stops with exit 1 naming the path and "no space", no
     partial shard visible; with the space back (a bigger mount), the rerun ends with the bytes of a
     clean run. Root only (mount)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     src = f"{photos}/photos-{{00000..00001}}.tar"
-    assert run(spec_for(src, tmp_path / "clean", "")) == 0
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], check=True)
@@ -126,36 +128,31 @@ def test_a_full_disk_fails_the_job_and_the_rerun_completes_it(ray_local, photos,
         assert lines and f"{disk}/out/" in lines[0], [r.getMessage() for r in caplog.records]
         tars = sorted(p.name for p in (disk / "out").glob("*.tar"))
         for name in tars:  # what is visible is whole
-            assert (disk / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+            assert (disk / "out" / name).read_bytes() == clean[name]
         assert not list((disk / "out").rglob(".*.part"))
         subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
         assert run(spec_for(src, disk / "out", "")) == 0
-        for name in ("photos-00000.tar", "photos-00001.tar"):
-            assert (disk / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+        assert {p.name: p.read_bytes() for p in sorted((disk / "out").glob("*.tar"))} == clean
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_a_second_job_on_a_running_jobs_output_refuses_naming_it(photos, tmp_path):
-    """Two fit jobs started on one output: the second exits 2 at once naming the first, which
-    finishes with the clean output; after it, a rerun on the output is admitted."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    sets = [f"--set={o}" for o in [*FAST, "tracking.enabled=false", "fit.iterations=60",
-                                    f"input={photos}/photos-{{00000..00001}}.tar", f"output={tmp_path / 'out'}"]]
-    cmd = [sys.executable, str(ROOT / "jobs" / "fit.py"), str(ROOT / "jobs/specs/fit.local.yaml"), *sets]
-    first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_a_second_job_on_a_running_jobs_output_refuses_naming_it(photos, tmp_path, caplog):
+    """The output's lease held as a running fit job holds it (this process, alive): a fit job on the
+    output exits 2 at once naming it and writes nothing; with the lease released it runs. (Jobs
+    starting at the same moment: test_storage_faults; a killed job's lease taken over by its
+    rerun: test_fit_job's killed-job test.)"""
+    from splatclip.platform.lease import Lease
+
+    out = tmp_path / "out"
+    first = Lease(str(out), StorageSpec(), "fit")
+    first.acquire()
     try:
-        deadline = time.time() + 600  # bounds a hang only
-        while not (tmp_path / "out" / "_lease.json").exists() and first.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-        assert f"another job is running on this output: {tmp_path}/out/_lease.json is held by the fit job" in second.stderr
-        assert f"(pid {first.pid})" in second.stderr
+        with caplog.at_level(logging.ERROR):
+            assert run(spec_for(f"{photos}/photos-{{00000..00001}}.tar", out, "")) == 2
+        assert (f"another job is running on this output: {out}/_lease.json is held by the fit job started "
+                in caplog.text) and f"(pid {os.getpid()})" in caplog.text
+        assert sorted(p.name for p in out.iterdir()) == ["_lease.json"]  # nothing else written
     finally:
-        out, _ = first.communicate(timeout=900)
-    assert first.returncode == 0, out[-3000:]
-    assert not (tmp_path / "out" / "_lease.json").exists()
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["photos-00000.tar", "photos-00001.tar"]
-    assert subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True).returncode == 0
+        first.release()
+    assert not (out / "_lease.json").exists()

@@ -71,7 +71,7 @@ def test_the_retry_policy_covers_each_fault(faulty, kind):
     test's bucket name is fixed, so its draws are the same in every run.)"""
     bucket, spec, proxy = faulty
     proxy.set(Fault(kind, 0.2, seconds=0.05))
-    for i in range(8):
+    for i in range(5):
         data = os.urandom(3000 + i)
         url = f"{bucket}/objects/{i}.bin"
         storage.write_bytes(url, data, spec)
@@ -79,9 +79,9 @@ def test_the_retry_policy_covers_each_fault(faulty, kind):
         with storage.open_read(url, spec) as f:
             assert f.read(100) + f.read() == data
         assert storage.exists(url, spec)
-    assert storage.listdir(f"{bucket}/objects", spec) == [f"{i}.bin" for i in range(8)]
-    found, missing = storage.list_shards(f"{bucket}/objects/{{0..8}}.bin", spec)
-    assert len(found) == 8 and missing == [f"{bucket}/objects/8.bin"]
+    assert storage.listdir(f"{bucket}/objects", spec) == [f"{i}.bin" for i in range(5)]
+    found, missing = storage.list_shards(f"{bucket}/objects/{{0..5}}.bin", spec)
+    assert len(found) == 5 and missing == [f"{bucket}/objects/5.bin"]
     storage.remove(f"{bucket}/objects/0.bin", spec)
     assert not storage.exists(f"{bucket}/objects/0.bin", spec)
     assert proxy.injected[kind] >= 3, proxy.injected
@@ -192,3 +192,29 @@ def test_a_lease_taken_under_faults_is_taken_once(faulty):
     for lease in leases:
         lease.release()
         assert not storage.exists(lease.url, spec)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_jobs_starting_at_the_same_moment_get_one_lease(faulty, tmp_path, where):
+    import threading
+
+    bucket, spec, _ = faulty
+    directory = str(tmp_path / "out") if where == "local" else f"{bucket}/out"
+    start, won, refused = threading.Barrier(4), [], []
+
+    def take():
+        lease = Lease(directory, spec, "fit", ttl=600)
+        start.wait()
+        try:
+            lease.acquire()
+            won.append(lease)
+        except LeaseHeld as err:
+            refused.append(str(err))
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == 3, (won, refused)
+    won[0].release()

@@ -405,7 +405,7 @@ def test_train_and_evaluate_under_storage_faults(digits, s3_bucket, fault_proxy,
 
 def test_train_storage_outage_fails_in_one_line_and_a_second_job_refuses(digits, s3_bucket, fault_proxy,
                                                                           tmp_path, caplog):
-    """Checkpoint uploads refused from the start: exit 1 within Ray Train's restarts, one error line
+    """Checkpoint uploads refused from the start: exit 1 (no restart allowed), one error line
     naming storage, the MLflow run FAILED. A run directory whose lease another job holds: exit 2
     naming that job, before anything is written."""
     import logging
@@ -417,7 +417,7 @@ def test_train_storage_outage_fails_in_one_line_and_a_second_job_refuses(digits,
     upload_splats(digits, bucket, clean_spec)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [*train_args(digits, "outage", uri, "stages=[{kind: distill, epochs: 1}]", "checkpoint_every=2"),
-            f"data={bucket}/splats/train-{{00000..00003}}.tar", f"storage_path={bucket}/runs", "max_failures=1",
+            f"data={bucket}/splats/train-{{00000..00003}}.tar", f"storage_path={bucket}/runs", "max_failures=0",
             f"storage.endpoint_url={fault_proxy.url}", "storage.region=us-east-1", "storage.max_attempts=2",
             "storage.call_attempts=1"]
     fault_proxy.set(Fault("error500", 1.0, method="PUT", key=r"/runs/outage/checkpoint_"))
