@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from splatclip.platform.runtime import free_port
+
 KINDS = ("slowdown", "error500", "reset_before", "reset_after", "truncate", "delay")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 ERRORS = {
@@ -66,12 +68,6 @@ def bucket_name(test_id: str) -> str:
     """A bucket name of a test's own, the same in every run: faults are decided by request path, so
     a fixed name makes a test's faults repeatable (a random one draws other faults each run)."""
     return f"t-{hashlib.sha256(test_id.encode()).hexdigest()[:20]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_moto(log: Path, timeout: float = 600) -> tuple[subprocess.Popen, str]:

@@ -108,7 +108,8 @@ class Job:
                 for line in problems:
                     log.error("%s", line)
                 return 2
-            lease = Lease(self.lease_dir(), self.spec.storage, self.name) if self.lease_dir() is not None else None
+            directory = self.lease_dir()
+            lease = Lease(directory, self.spec.storage, self.name) if directory is not None else None
             try:
                 if lease is not None:
                     lease.acquire()

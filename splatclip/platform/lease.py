@@ -135,8 +135,7 @@ class Lease:
             except FileNotFoundError:
                 return None, None
             return _parse(data), data
-        fs, path = storage.filesystem(self.url, self.spec)
-        bucket, key = path.split("/", 1)
+        fs, bucket, key = self._object()
         with storage.guarded("read", self.url):
             try:
                 resp = fs.call_s3("get_object", Bucket=bucket, Key=key)
@@ -169,16 +168,20 @@ class Lease:
                         if f.read() == self.version:
                             os.unlink(_local(self.url))
             return
-        fs, path = storage.filesystem(self.url, self.spec)
-        bucket, key = path.split("/", 1)
+        fs, bucket, key = self._object()
         with storage.guarded("remove", self.url), contextlib.suppress(FileNotFoundError, PermissionError):
             fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self.version)
+
+    def _object(self):
+        """(s3fs filesystem, bucket, key) of the lease on object storage."""
+        fs, path = storage.filesystem(self.url, self.spec)
+        bucket, key = path.split("/", 1)
+        return fs, bucket, key
 
     def _put(self, data: bytes, **condition) -> bool:
         """A conditional PUT: True when it was applied. A retried PUT whose first attempt was applied
         fails its condition; the stored record's token tells that case from another job's lease."""
-        fs, path = storage.filesystem(self.url, self.spec)
-        bucket, key = path.split("/", 1)
+        fs, bucket, key = self._object()
         with storage.guarded("write", self.url):
             try:
                 resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)

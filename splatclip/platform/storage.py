@@ -14,8 +14,8 @@ writes anywhere the job may write; the root itself may be a link (the user named
 Failures: every request to S3 is retried by botocore and s3fs as `StorageSpec` configures them
 (`storage_options`); nothing here retries again. What still fails leaves this module as a
 `StorageError` naming the operation and the URL (credentials redacted), never as a half-written
-file: a write is checked against the bytes given before it counts as done, and a whole read
-against the object's size. A missing file stays a FileNotFoundError (callers decide what that means).
+file: a write is checked against the bytes given before it counts as done, and a read against
+the object's size (a streamed one here, a whole one by the HTTP client's Content-Length check). A missing file stays a FileNotFoundError (callers decide what that means).
 """
 
 from __future__ import annotations
@@ -265,9 +265,11 @@ def exists(url: str, spec: StorageSpec | None = None) -> bool:
 
 
 def read_bytes(url: str, spec: StorageSpec | None = None) -> bytes:
-    """The whole object, checked against its size (a body that ended early is an error, not data)."""
-    with open_read(url, spec) as f:
-        return f.read()
+    """The whole object in one GET: a body shorter than its Content-Length is an error of the HTTP
+    client (retried by s3fs, then a StorageError), never short data."""
+    fs, path = filesystem(url, spec)
+    with guarded("read", url):
+        return fs.cat_file(path)
 
 
 def listdir(url: str, spec: StorageSpec | None = None) -> list[str]:
@@ -296,6 +298,15 @@ class _CheckedReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def readall(self) -> bytes:
+        """The rest in one read (not RawIOBase's 8 KiB at a time), checked against the size."""
+        with guarded("read", self.url):
+            data = self.f.read()
+        self.done += len(data)
+        if self.size is not None and self.done != self.size:
+            raise StorageError(f"read {redact(self.url)}: the data ended at byte {self.done} of {self.size}")
+        return data
 
     def readinto(self, buffer) -> int:
         with guarded("read", self.url):
@@ -331,14 +342,17 @@ def atomic_write(url: str, spec: StorageSpec | None = None, root: str | None = N
         check_no_links(url, root)
         tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.part")
         try:
-            with guarded("write", url):
+            with guarded("write", url):  # storage's own steps; an error of the caller's block stays its own
                 os.makedirs(directory, exist_ok=True)
                 check_no_links(tmp, root)
-                with open(tmp, "xb") as f:  # never an existing file (nor a link planted at that name)
-                    yield _Writes(f, url)
+                f = open(tmp, "xb")  # never an existing file (nor a link planted at that name)
+            with f:
+                yield _Writes(f, url)
+                with guarded("write", url):
                     f.flush()
                     os.fsync(f.fileno())
-                check_no_links(url, root)
+            check_no_links(url, root)
+            with guarded("write", url):
                 os.replace(tmp, os.path.join(directory, name))
         finally:
             if os.path.lexists(tmp) and not os.path.islink(tmp):
@@ -368,9 +382,6 @@ class _Writes:
     def write(self, data) -> int:
         with guarded("write", self.url):
             return self.f.write(data)
-
-    def tell(self) -> int:
-        return self.f.tell()
 
     def flush(self) -> None:
         with guarded("write", self.url):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -15,6 +16,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from faulty_s3 import Fault
+
 from splatclip import datasets, splats
 from splatclip.models.backbone import create, embed_images, input_size
 from splatclip.models.gsclip import from_open_clip
@@ -24,6 +27,7 @@ from splatclip.train import job as train
 from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, stream
 from splatclip.pipelines.evaluate import run as evaluate
 from splatclip.platform import storage
+from splatclip.platform.lease import Lease
 from splatclip.platform.shards import read_samples, write_shard
 from splatclip.platform.loader import load_spec
 from splatclip.platform.specs import EvalSpec, FitSpec, TrainSpec
@@ -366,7 +370,6 @@ def test_train_and_evaluate_under_storage_faults(digits, s3_bucket, fault_proxy,
     """Shards read, checkpoints written and restored, the model and the results written through S3
     that fails 6% of requests in each of six ways: the planned steps all done once (MLflow holds
     each step once), checkpoints readable, and the evaluate job's numbers those of a clean run."""
-    from faulty_s3 import Fault
 
     bucket, clean_spec = s3_bucket
     upload_splats(digits, bucket, clean_spec)
@@ -408,10 +411,6 @@ def test_train_storage_outage_fails_in_one_line_and_a_second_job_refuses(digits,
     """Checkpoint uploads refused from the start: exit 1 (no restart allowed), one error line
     naming storage, the MLflow run FAILED. A run directory whose lease another job holds: exit 2
     naming that job, before anything is written."""
-    import logging
-
-    from faulty_s3 import Fault
-    from splatclip.platform.lease import Lease
 
     bucket, clean_spec = s3_bucket
     upload_splats(digits, bucket, clean_spec)
