@@ -155,6 +155,24 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_cluster(args) -> int:
+    from splatclip.platform import local_cluster
+
+    if args.action == "down":
+        print(f"local cluster in {args.dir}: {local_cluster.down(args.dir)} processes ended")
+        return 0
+    try:
+        cluster = local_cluster.up(args.config, args.dir, args.idle_minutes) if args.action == "up" \
+            else local_cluster.load(args.dir)
+    except (OSError, RuntimeError, KeyError) as err:
+        print(f"splatclip cluster {args.action}: {err}", file=sys.stderr)
+        return 1
+    for key, value in cluster.env.items():
+        print(f"export {key}={value}")
+    print(f"# jobs: ray job submit --address {cluster.dashboard} --working-dir . -- python jobs/fit.py SPEC")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splatclip", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -191,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="IMAGE", help="write original | render | error heat map")
     p.add_argument("--backend", default="auto")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("cluster", help="run cluster.yaml's node types on this machine (Ray's fake multi-node "
+                       "autoscaler); `up` and `env` print the exports that point Ray at it")
+    p.add_argument("action", choices=["up", "env", "down"])
+    p.add_argument("--config", default="cluster.yaml", help="the cluster launcher config whose node types to run")
+    p.add_argument("--dir", default=".cluster", help="the local cluster's directory (state, logs, token)")
+    p.add_argument("--idle-minutes", type=float, default=0.1, help="a worker node idle this long is removed")
+    p.set_defaults(func=cmd_cluster)
     return parser
 
 

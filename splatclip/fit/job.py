@@ -28,7 +28,7 @@ from splatclip.fit.actor import FitActor
 from splatclip.fit.stages import decode_batch, read_shard
 from splatclip.pipelines.job import Job
 from splatclip.platform import lease, storage
-from splatclip.platform.runtime import actor_options, pool_size
+from splatclip.platform.runtime import actor_request, pool_size, ray_options
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import FitSpec
 from splatclip.platform.tracking import Tracker
@@ -152,30 +152,33 @@ class Progress:
 # its crop and PIL's copy). Their resources differ from the fitting actors' (Ray Data fuses stages
 # whose resources are equal), so decoding stays on CPU tasks that run on any node, CPU-only ones
 # included, beside the actors rather than inside them.
-DECODE_TASK = {"num_cpus": 0.5, "memory": 1 << 30}
+DECODE_TASK = {"CPU": 0.5, "memory": 1 << 30}
 IN_FLIGHT = 3  # batches per fitting actor: the one it fits and two waiting
 
 
-def build_dataset(spec: FitSpec, todo: list[str]):
+def build_dataset(spec: FitSpec, todo: list[str], actor: dict[str, float], decode: dict[str, float]):
+    """The pipeline over the shards to do; `actor` and `decode` are the fitting actors' and the
+    decode tasks' requests, as the cluster check fitted them."""
     import ray
 
     lo, hi = pool_size(spec.ray)
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=max(1, len(todo)))
     ds = ds.flat_map(read_shard, fn_kwargs={"spec": spec})
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.fit.size, "limits": spec.limits},
-                        batch_size=spec.batch_size, **DECODE_TASK)
+                        batch_size=spec.batch_size, **ray_options(decode))
     # The pool starts at `ray.actors` (never at one actor that the autoscaler grows slowly) and each
     # actor has IN_FLIGHT batches sent to it (one fitting, the rest waiting), so it never waits on
     # a decode task between batches, while no actor holds more than that.
     pool = ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=lo,
                                       max_tasks_in_flight_per_actor=IN_FLIGHT)
     return ds.map_batches(FitActor, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
-                          compute=pool, **actor_options(spec.ray))
+                          compute=pool, **ray_options(actor))
 
 
 class FitJob(Job):
     name = "fit"
     inputs = ("input",)
+    uses_ray = True
 
     def check(self) -> list[str]:
         spec, problems = self.spec, []
@@ -190,6 +193,16 @@ class FitJob(Job):
             if missing_weights(spec.teacher.pretrained):
                 problems.append(f"teacher.pretrained {spec.teacher.pretrained}: no such file")
         return problems or planted_links(spec, self.shard_list)
+
+    def requests(self) -> dict[str, dict[str, float]]:
+        return {"a fitting actor": actor_request(self.spec.ray), "a decode task": DECODE_TASK}
+
+    def cluster_paths(self) -> dict[str, str]:
+        spec = self.spec
+        paths = {"input": spec.input, "output": spec.output}
+        if spec.teacher is not None and spec.teacher.pretrained and os.path.exists(spec.teacher.pretrained):
+            paths["teacher.pretrained"] = spec.teacher.pretrained
+        return paths
 
     def lease_dir(self) -> str:
         return self.spec.output
@@ -213,7 +226,7 @@ class FitJob(Job):
         spec, shards = self.spec, self.shard_list
         progress = Progress(len(self.todo), tracker)
         if self.todo:
-            dataset = build_dataset(spec, self.todo)
+            dataset = build_dataset(spec, self.todo, self.placed["a fitting actor"], self.placed["a decode task"])
             for row in dataset.iter_rows():
                 progress.add(row)
             progress.report(final=True)

@@ -4,6 +4,9 @@ and what a failure leaves behind.
     Job(spec).run():
         the spec's input patterns resolved (`examples://SET/...` to the local example shards)
         check()          -> problems, one line each: exit 2 before anything is written or started
+        requests() and cluster_paths() checked against the cluster's node types (a job that uses
+                            Ray; joining its cluster): a request no node type can hold, or a local
+                            path on a cluster of several nodes, exit 2 (`placement`)
         the lease on lease_dir() taken (another job holding it: exit 2 naming that job), then
         prepare()        -> what the job writes before it starts (problems: exit 2)
         the MLflow run opened, or reopened from the run file a previous attempt wrote
@@ -24,9 +27,9 @@ import posixpath
 from pydantic import BaseModel
 
 from splatclip.datasets import resolve_example
-from splatclip.platform import storage
+from splatclip.platform import placement, storage
 from splatclip.platform.lease import Lease, LeaseHeld
-from splatclip.platform.runtime import init_ray
+from splatclip.platform.runtime import init_ray, joins_cluster, local_node_type
 from splatclip.platform.secrets import redact
 from splatclip.platform.tracking import Tracker
 
@@ -37,6 +40,7 @@ class Job:
     name: str  # the MLflow tag `splatclip.job`
     inputs: tuple[str, ...] = ()  # the spec's fields that name shard patterns
     system_metrics = True  # this process samples its machine into the run (the train driver leaves it to rank 0)
+    uses_ray = False  # its body starts Ray work (actors, tasks, a trainer)
 
     def __init__(self, spec: BaseModel):
         self.spec = spec
@@ -44,6 +48,32 @@ class Job:
     def check(self) -> list[str]:
         """What stops the job before it starts, one line each."""
         return []
+
+    def requests(self) -> dict[str, dict[str, float]]:
+        """What the job asks of Ray, by what asks it ("a fitting actor": {CPU, GPU, markers}). `place`
+        checks them and keeps them, fitted to the cluster, in `self.placed`."""
+        return {}
+
+    def cluster_paths(self) -> dict[str, str]:
+        """The spec's paths (field: URL) that every node reads or writes, not only this process."""
+        return {}
+
+    def place(self) -> list[str]:
+        """Check the job's requests and paths against the node types of the cluster it will run on;
+        problems as in `check`."""
+        ray_spec = self.spec.ray
+        if joins_cluster(ray_spec):
+            init_ray(ray_spec)
+            types, source = placement.cluster_node_types(ray_spec.autoscaler_config)
+        else:
+            types, source = [local_node_type(ray_spec)], "the local Ray this job starts"
+        log.info("node types (from %s): %s", source, "; ".join(f"{t.name} {placement.fmt(t.resources)}" for t in types))
+        self.placed, problems = {}, []
+        for what, request in self.requests().items():
+            self.placed[what], problem = placement.fit_request(what, request, types)
+            problems += [problem] if problem else []
+        return problems + placement.local_path_problems(self.cluster_paths(), types,
+                                                        self.spec.storage.shared_filesystem)
 
     def lease_dir(self) -> str | None:
         """The directory this job holds a lease on while it runs (None: none), so that a second job on
@@ -104,6 +134,8 @@ class Job:
     def run(self) -> int:
         try:
             problems = self.resolve_inputs() or self.check()
+            if not problems and self.uses_ray:
+                problems = self.place()
             if problems:
                 for line in problems:
                     log.error("%s", line)

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 
+from splatclip.platform.placement import NodeType
 from splatclip.platform.specs import RaySpec
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def actor_options(spec: RaySpec) -> dict:
-    """Resources for one actor of a pool: one GPU each on a cluster, a fraction of a CPU here."""
-    opts = {"num_cpus": spec.cpus_per_actor}
-    if spec.gpus_per_actor:
-        opts["num_gpus"] = spec.gpus_per_actor
+def actor_request(spec: RaySpec) -> dict[str, float]:
+    """What one actor of a pool (a fitting actor, a training worker) asks for: a GPU each and its
+    node type's marker on a cluster, a fraction of a CPU here."""
+    return {"CPU": spec.cpus_per_actor, "GPU": spec.gpus_per_actor, **spec.resources}
+
+
+def ray_options(request: dict[str, float]) -> dict:
+    """Ray's task and actor options (num_cpus, num_gpus, memory, resources) of a request."""
+    opts = {"num_cpus": request.get("CPU", 0.0)}
+    if request.get("GPU"):
+        opts["num_gpus"] = request["GPU"]
+    if request.get("memory"):
+        opts["memory"] = request["memory"]
+    custom = {k: v for k, v in request.items() if k not in ("CPU", "GPU", "memory")}
+    if custom:
+        opts["resources"] = custom
     return opts
+
+
+def joins_cluster(spec: RaySpec) -> bool:
+    """Whether init_ray joins a running cluster (else it starts a local Ray of one node)."""
+    import ray
+
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS") or spec.address)
+
+
+def local_node_type(spec: RaySpec) -> NodeType:
+    """The one node of the local Ray that init_ray starts: its logical CPUs, and the GPUs Ray finds."""
+    import torch
+
+    return NodeType("this machine (a local Ray)", {"CPU": float(local_cpus(spec)),
+                                                   "GPU": float(torch.cuda.device_count())}, 1)
 
 
 def pool_size(spec: RaySpec) -> tuple[int, int]:

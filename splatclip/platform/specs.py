@@ -56,6 +56,8 @@ class StorageSpec(Model):
     connect_timeout: float = Field(5.0, gt=0, le=300, description="Seconds to open a connection to storage.")
     read_timeout: float = Field(30.0, gt=0, le=3600, description="Seconds without a byte from storage before a "
                                 "request counts as failed (and is retried).")
+    shared_filesystem: bool = Field(False, description="Local paths are on a filesystem every Ray node mounts (NFS, "
+                                    "EFS); without it a job on a cluster of several nodes refuses local paths.")
 
 
 class TrackingSpec(Model):
@@ -81,6 +83,37 @@ class RaySpec(Model):
     max_actors: int | None = Field(None, ge=1, le=10_000, description="Autoscale the pool up to this size.")
     cpus_per_actor: float = Field(0.5, gt=0, le=1024)
     gpus_per_actor: float = Field(0.0, ge=0, le=64)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each actor asks for: "
+                                        "node markers that keep it on a node type (cluster.yaml); one that no node "
+                                        "type offers is dropped, so the spec also runs on a laptop.")
+    autoscaler_config: str | None = Field(None, description="The cluster's autoscaler config, whose node types the "
+                                          "job's requests are checked against before it starts; default "
+                                          "$SPLATCLIP_AUTOSCALER_CONFIG, else ~/ray_bootstrap_config.yaml (what `ray "
+                                          "up` writes on the head), else the nodes alive now.")
+
+    @model_validator(mode="after")
+    def _resources(self) -> "RaySpec":
+        bad = [k for k, v in self.resources.items() if k in ("CPU", "GPU", "memory") or not 0 < v <= 1e6]
+        if bad:
+            raise ValueError(f"resources: {', '.join(bad)}: custom resources only (cpus_per_actor, gpus_per_actor "
+                             "for CPU and GPU), each above 0")
+        return self
+
+
+# A token amount: the marker steers an actor to a node type; GPUs and CPUs decide how many share a node.
+MARKER = 0.001
+
+
+class FitRaySpec(RaySpec):
+    resources: dict[str, float] = Field(default_factory=lambda: {"fit_node": MARKER}, description="Custom Ray "
+                                        "resources each fitting actor asks for (cluster.yaml's fit_node keeps it "
+                                        "on fit_gpu nodes); one no node type offers is dropped.")
+
+
+class TrainRaySpec(RaySpec):
+    resources: dict[str, float] = Field(default_factory=lambda: {"train_node": MARKER}, description="Custom Ray "
+                                        "resources each training worker asks for (cluster.yaml's train_node keeps "
+                                        "it on train_gpu nodes); one no node type offers is dropped.")
 
 
 PIL_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb guard (Image.MAX_IMAGE_PIXELS)
@@ -154,7 +187,7 @@ class FitSpec(Model):
                             "(its shards are deleted first); without it such an output stops the job.")
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    ray: RaySpec = Field(default_factory=RaySpec)
+    ray: FitRaySpec = Field(default_factory=FitRaySpec)
 
 
 class ModelSpec(Model):
@@ -213,7 +246,7 @@ class TrainSpec(Model):
     limits: ShardLimits = Field(default_factory=ShardLimits)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    ray: RaySpec = Field(default_factory=RaySpec)
+    ray: TrainRaySpec = Field(default_factory=TrainRaySpec)
 
     @model_validator(mode="after")
     def _stages_and_teacher(self) -> "TrainSpec":

@@ -19,6 +19,7 @@ from splatclip.pipelines.samples import ShardSet, count_samples
 from splatclip.train.loop import train_loop
 from splatclip.train.state import run_dir
 from splatclip.platform import storage
+from splatclip.platform.runtime import actor_request
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import TrainSpec
 from splatclip.platform.tracking import Tracker, absolute_uri
@@ -75,20 +76,40 @@ def training_storage_failure(err: Exception, url: str) -> str | None:
     return None
 
 
-def make_trainer(spec: TrainSpec, config: dict):
-    """The TorchTrainer of a spec: its workers, their resources, the run's storage and restarts."""
+def cuda_on_workers(request: dict[str, float]) -> bool:
+    """Whether a process with a training worker's resources sees a CUDA device. A node's GPUs may be
+    logical only (a local cluster's, a misconfigured node): the process group then uses gloo and the
+    workers compute on the CPU, where NCCL would fail to start."""
+    import ray
+
+    from splatclip.platform.runtime import ray_options
+
+    @ray.remote(**ray_options(request))
+    def probe() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    return ray.get(probe.remote())
+
+
+def make_trainer(spec: TrainSpec, config: dict, request: dict[str, float]):
+    """The TorchTrainer of a spec: its workers, their resources (`request`, as the cluster check
+    fitted it), the run's storage and restarts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     path, fs = trainer_storage(spec)
-    resources = {"CPU": spec.ray.cpus_per_actor}
-    if spec.ray.gpus_per_actor:
-        resources["GPU"] = spec.ray.gpus_per_actor
+    gpus = request.get("GPU", 0) > 0
+    backend = "nccl" if gpus and cuda_on_workers(request) else "gloo"
+    if gpus and backend == "gloo":
+        log.warning("the training workers' GPUs are logical only (torch sees no CUDA device there): they train "
+                    "on the CPU")
     return TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=spec.ray.actors, use_gpu=spec.ray.gpus_per_actor > 0,
-                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=spec.ray.actors, use_gpu=gpus, resources_per_worker=request),
         run_config=RunConfig(name=spec.name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=spec.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -99,6 +120,7 @@ class TrainJob(Job):
     name = "train"
     inputs = ("data", "images", "eval_data")
     system_metrics = False  # rank 0 samples its own node; the driver only waits
+    uses_ray = True
 
     def check(self) -> list[str]:
         spec = self.spec = absolute_paths(self.spec)
@@ -125,6 +147,19 @@ class TrainJob(Job):
                             f"{shard_name(missing[0])} (a source shard must have its splat shard's name)")
         return {s: by_name[shard_name(s)] for s in self.shard_list if shard_name(s) in by_name}
 
+    def requests(self) -> dict[str, dict[str, float]]:
+        return {"a training worker": actor_request(self.spec.ray)}
+
+    def cluster_paths(self) -> dict[str, str]:
+        spec = self.spec
+        paths = {"data": spec.data, "images": spec.images, "eval_data": spec.eval_data,
+                 "storage_path": spec.storage_path, "model.pretrained": spec.model.pretrained,
+                 "teacher.pretrained": spec.teacher and spec.teacher.pretrained}
+        if spec.tracking.enabled and spec.tracking.uri.startswith("sqlite:///"):  # rank 0 logs from its node
+            paths["tracking.uri"] = spec.tracking.uri
+        weights = ("model.pretrained", "teacher.pretrained")  # a tag names no file
+        return {k: v for k, v in paths.items() if v and (k not in weights or os.path.exists(v))}
+
     def lease_dir(self) -> str:
         return run_dir(self.spec)
 
@@ -138,7 +173,8 @@ class TrainJob(Job):
         from ray.train import TrainingFailedError
 
         spec = self.spec
-        trainer = make_trainer(spec, {"spec": spec, "shards": self.data, "run_id": tracker.run_id})
+        trainer = make_trainer(spec, {"spec": spec, "shards": self.data, "run_id": tracker.run_id},
+                               self.placed["a training worker"])
         try:
             result = trainer.fit()
         except TrainingFailedError as err:  # a worker's error, after `max_failures` restarts

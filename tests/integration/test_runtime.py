@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray
 
-from splatclip.platform.runtime import actor_options, init_ray, local_cpus, pool_size
+from splatclip.platform.runtime import actor_request, init_ray, local_cpus, pool_size, ray_options
 from splatclip.platform.specs import RaySpec
 
 pytestmark = pytest.mark.integration
@@ -28,7 +28,7 @@ def test_actor_pool_with_fractional_cpus_does_not_starve_reads(ray_local):
     lo, hi = pool_size(spec)
     ds = ray_local.data.range(64, override_num_blocks=8).map_batches(
         Double, compute=ray_local.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        batch_size=8, **actor_options(spec),
+        batch_size=8, **ray_options(actor_request(spec)),
     )
     assert sorted(int(r["x"]) for r in ds.take_all()) == [2 * i for i in range(64)]
 
@@ -37,9 +37,12 @@ def test_resource_helpers():
     assert local_cpus(RaySpec()) == max(2, os.cpu_count())  # one 0.5-CPU actor and a read task
     assert local_cpus(RaySpec(actors=2, max_actors=6, cpus_per_actor=1)) >= 7  # the pool and a read task
     assert local_cpus(RaySpec(num_cpus=3)) == 3
-    assert actor_options(RaySpec(cpus_per_actor=0.25, gpus_per_actor=1)) == {"num_cpus": 0.25, "num_gpus": 1}
+    assert ray_options(actor_request(RaySpec(cpus_per_actor=0.25, gpus_per_actor=1))) == {"num_cpus": 0.25,
+                                                                                          "num_gpus": 1}
+    assert ray_options({"CPU": 4, "GPU": 1, "fit_node": 0.001, "memory": 5}) == {
+        "num_cpus": 4, "num_gpus": 1, "memory": 5, "resources": {"fit_node": 0.001}}
     assert pool_size(RaySpec(actors=2, max_actors=8)) == (2, 8)
-    assert np.isclose(actor_options(RaySpec())["num_cpus"], 0.5)
+    assert np.isclose(ray_options(actor_request(RaySpec()))["num_cpus"], 0.5)
 
 
 LOCAL_RAY_KNOWS_ITSELF = """
