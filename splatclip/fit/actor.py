@@ -44,9 +44,11 @@ class FitActor:
 
     def __call__(self, batch: dict) -> dict:
         """Fit a batch, write it as one part per shard it touches, commit the shards it completes.
-        Returns one row per part: shard, images, fitted, committed, and why a part was refused (a
-        link where it would be written) or ""."""
+        Returns one row per part: shard, images, fitted, committed, refitted (the batch was claimed
+        before: fitted twice), and why a part was refused (a link where it would be written) or ""."""
         n = len(batch["key"])
+        by_shard = {s: [i for i in range(n) if batch["shard"][i] == s] for s in dict.fromkeys(batch["shard"])}
+        refitted = {s: self._claim(s, [int(batch["index"][i]) for i in mine]) for s, mine in by_shard.items()}
         records = [{"index": int(batch["index"][i]), "total": int(batch["total"][i]), "key": batch["key"][i],
                     "error": batch["error"][i], "detail": batch["detail"][i], "notes": json.loads(batch["notes"][i]),
                     "meta": None} for i in range(n)]
@@ -82,9 +84,8 @@ class FitActor:
                     np.save(buf, embeddings[j], allow_pickle=False)
                     sample["teacher.npy"] = buf.getvalue()
                 samples[i] = sample
-        out = {"shard": [], "images": [], "fitted": [], "committed": [], "refused": []}
-        for shard in dict.fromkeys(batch["shard"]):
-            mine = [i for i in range(n) if batch["shard"][i] == shard]
+        out = {"shard": [], "images": [], "fitted": [], "committed": [], "refitted": [], "refused": []}
+        for shard, mine in by_shard.items():
             committed, refused = False, ""
             try:
                 parts.write_part(self.spec, shard, [records[i] for i in mine],
@@ -97,10 +98,17 @@ class FitActor:
             out["images"].append(len(mine))
             out["fitted"].append(0 if refused else sum(samples[i] is not None for i in mine))
             out["committed"].append(committed)
+            out["refitted"].append(refitted[shard])
             out["refused"].append(refused)
         return {"shard": np.array(out["shard"], dtype=object), "images": np.array(out["images"], np.int64),
                 "fitted": np.array(out["fitted"], np.int64), "committed": np.array(out["committed"], bool),
-                "refused": np.array(out["refused"], dtype=object)}
+                "refitted": np.array(out["refitted"], bool), "refused": np.array(out["refused"], dtype=object)}
+
+    def _claim(self, shard: str, indices: list[int]) -> bool:
+        try:
+            return parts.claim(self.spec, shard, [{"index": i} for i in indices])
+        except storage.LinkError:  # refused where the part would be written, below
+            return False
 
     def _teacher(self, images: torch.Tensor, fitted: list) -> list[np.ndarray | None]:
         """The teacher's float16 embedding of each fitted image (None where there is none or it is not

@@ -125,7 +125,7 @@ class Progress:
     def __init__(self, shards: int, tracker: Tracker, every: float = 10.0):
         self.shards, self.tracker, self.every = shards, tracker, every
         self.start = self.last = time.perf_counter()
-        self.parts = self.committed = self.images = self.fitted = 0
+        self.parts = self.committed = self.images = self.fitted = self.refitted = 0
         self.refused: set[str] = set()  # parts not written: a link where they would go
 
     def add(self, row: dict) -> None:
@@ -135,6 +135,7 @@ class Progress:
         self.committed += int(row["committed"])
         self.images += int(row["images"])
         self.fitted += int(row["fitted"])
+        self.refitted += int(row["refitted"])
         if time.perf_counter() - self.last >= self.every:
             self.report()
 
@@ -243,6 +244,7 @@ class FitJob(Job):
         summary = summarize(records, self.missing, unfinished, time.perf_counter() - self.start,
                             pool_size(spec.ray)[1])
         summary["images_this_run"] = progress.images
+        summary["batches_refitted"] = progress.refitted  # fitted twice: Ray resent them after losing an actor or node
         problems = over_budget(summary, spec) + sorted(progress.refused)
         summary["ok"] = not problems
         summary["problems"] = problems

@@ -1,6 +1,7 @@
 """The fit job's distributed commit: fitted rows are written where they are fitted, as parts, and a
 shard is committed whole once its parts cover every one of its samples.
 
+    OUTPUT/_parts/NAME/FIRST-LAST.claim  empty: the batch is being fitted (found again: fitted twice)
     OUTPUT/_parts/NAME/FIRST-LAST.tar    the fitted samples of one batch of one shard
     OUTPUT/_parts/NAME/FIRST-LAST.json   their records (key, error, notes, metrics); written after
                                          the tar, so a part exists once its JSON does
@@ -38,6 +39,16 @@ PART_EXTS = ("splats.npy", "json", "txt", "cls", "teacher.npy")
 def part_name(rows: list[dict]) -> str:
     indices = [r["index"] for r in rows]
     return f"{min(indices):08d}-{max(indices):08d}"
+
+
+def claim(spec: FitSpec, shard: str, rows: list[dict]) -> bool:
+    """Mark one batch's rows of one shard as being fitted (an empty `.claim` beside where its part
+    will go); returns whether it was marked before: Ray sent the batch again after losing the actor
+    (or the node) that had it, or a killed job had it when it stopped."""
+    url = storage.join(layout.parts_dir(spec.output, shard), part_name(rows) + ".claim")
+    again = storage.exists(url, spec.storage)
+    storage.write_bytes(url, b"", spec.storage, spec.output)
+    return again
 
 
 def write_part(spec: FitSpec, shard: str, rows: list[dict], samples: list[dict]) -> None:
@@ -110,7 +121,7 @@ def commit_if_complete(spec: FitSpec, shard: str, total: int) -> dict | None:
         raise
     directory = layout.parts_dir(spec.output, shard)
     for name in parts:
-        for ext in (".json", ".tar"):
+        for ext in (".json", ".tar", ".claim"):
             try:
                 storage.remove(storage.join(directory, name + ext), spec.storage, spec.output)
             except FileNotFoundError:

@@ -98,7 +98,7 @@ def report(summary: dict, spec: FitSpec, tracker: Tracker, shards: list[str]) ->
     """Print the summary; log it, and a contact sheet, to MLflow."""
     keys = ["images", "fitted", "failed", "psnr_mean", "psnr_p5", "psnr_p50", "psnr_p95", "splat_bytes",
             "source_bytes", "raw_bytes", "ratio_raw", "ratio_source", "images_per_second",
-            "images_per_second_per_actor", "wall_seconds"]
+            "images_per_second_per_actor", "wall_seconds", "batches_refitted"]
     print(f"fit summary for {spec.output}")
     for k in keys:
         v = summary[k]

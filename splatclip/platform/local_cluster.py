@@ -7,7 +7,8 @@ numbers that cost nothing here and decide what the autoscaler launches. GPUs are
 jobs see no CUDA device on these nodes and compute on the CPU. Each node gets a small object store
 (the machine's memory is shared by every node). Everything lives in one directory: the generated
 autoscaler config, Ray's session files and `cluster.json` (address, dashboard, the head's process
-ids), and `down` ends every process whose Ray session is that directory, by process id.
+ids, Ray's short session directory under /tmp), and `down` ends every process of that session, by
+process id.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,20 +46,17 @@ class LocalCluster:
     address: str  # the GCS, host:port (RAY_ADDRESS for drivers on this machine)
     dashboard: str  # http://127.0.0.1:PORT (`ray job submit --address`)
     config: str  # the autoscaler config it runs
+    tmpdir: str  # Ray's session files (short: Ray's socket paths must fit in 107 bytes)
 
     @property
     def env(self) -> dict[str, str]:
         """What a process needs to join this cluster, `ray job submit` included."""
-        return {"RAY_ADDRESS": self.address, "RAY_TMPDIR": ray_tmpdir(self.directory),
+        return {"RAY_ADDRESS": self.address, "RAY_TMPDIR": self.tmpdir,
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": token_path(self.directory), "SPLATCLIP_AUTOSCALER_CONFIG": self.config}
 
     def token(self) -> str:
         return Path(token_path(self.directory)).read_text().strip()
-
-
-def ray_tmpdir(directory: str) -> str:
-    return str(Path(directory).resolve() / "ray")
 
 
 def token_path(directory: str) -> str:
@@ -110,7 +110,8 @@ def up(cluster_yaml: str, directory: str, idle_minutes: float = 0.1, timeout: fl
            f"--num-cpus={head.get('CPU', 0)}", f"--num-gpus={head.get('GPU', 0)}",
            f"--object-store-memory={NODE_OBJECT_STORE}", f"--autoscaling-config={config_path}",
            "--disable-usage-stats"]
-    cluster = LocalCluster(str(root), address, f"http://127.0.0.1:{dashboard}", str(config_path))
+    cluster = LocalCluster(str(root), address, f"http://127.0.0.1:{dashboard}", str(config_path),
+                           tempfile.mkdtemp(prefix="splatclip-cluster-"))
     fd = os.open(token_path(str(root)), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
@@ -152,9 +153,13 @@ def load(directory: str) -> LocalCluster:
 
 
 def processes(directory: str) -> list[int]:
-    """Ids of the processes of this cluster: every process whose command line or environment names
-    its Ray directory (raylets, GCS, agents, workers, the autoscaler and the nodes it started)."""
-    tmp = ray_tmpdir(directory).encode()
+    """Ids of the processes of the local cluster in `directory`: every process whose command line or
+    environment names its Ray session directory (raylets, GCS, agents, workers, the autoscaler and
+    the nodes it started)."""
+    state = Path(directory).resolve() / STATE
+    if not state.exists():
+        return []
+    tmp = load(directory).tmpdir.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -168,8 +173,8 @@ def processes(directory: str) -> list[int]:
 
 
 def down(directory: str, grace: float = 10.0) -> int:
-    """End every process of the local cluster in `directory` (TERM, then KILL after `grace` s) and
-    forget it. Returns how many processes there were."""
+    """End every process of the local cluster in `directory` (TERM, then KILL after `grace` s),
+    remove its Ray session files and forget it. Returns how many processes there were."""
     pids = processes(directory)
     left = pids
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
@@ -184,7 +189,10 @@ def down(directory: str, grace: float = 10.0) -> int:
         left = [p for p in left if alive(p)]
         if not left:
             break
-    (Path(directory).resolve() / STATE).unlink(missing_ok=True)
+    state = Path(directory).resolve() / STATE
+    if state.exists():
+        shutil.rmtree(load(directory).tmpdir, ignore_errors=True)
+        state.unlink()
     return len(pids)
 
 
@@ -194,3 +202,49 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def type_of(resources: dict, config: dict) -> str:
+    """The node type of a node of this cluster, by its logical resources (CPU, GPU, markers)."""
+
+    def logical(res: dict) -> dict:
+        return {k: float(v) for k, v in res.items()
+                if not k.startswith("node:") and k not in ("memory", "object_store_memory") and float(v)}
+
+    mine = logical(resources)
+    for name, node in config["available_node_types"].items():
+        if logical(node.get("resources", {})) == mine:
+            return name
+    return "unknown"
+
+
+def nodes(cluster: LocalCluster) -> list[dict]:
+    """Every node the cluster has had, alive or dead: {id, state (ALIVE, DEAD), type}."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "list", "nodes", "--detail", "--format", "json",
+           "--limit", "10000", "--address", cluster.dashboard]
+    done = subprocess.run(cmd, env={**os.environ, **cluster.env}, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"ray list nodes failed: {done.stderr[-500:]}")
+    config = yaml.safe_load(Path(cluster.config).read_text())
+    return [{"id": n["node_id"], "state": n["state"], "type": type_of(n["resources_total"], config)}
+            for n in json.loads(done.stdout)]
+
+
+def kill_node(node_id: str) -> int:
+    """Lose a node the way a reclaimed spot instance does: SIGKILL to all of its processes (raylet,
+    agents, workers; the fake provider starts them with the node's id in their environment), object
+    store and all. Returns how many there were."""
+    mark = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}\0".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and mark in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)

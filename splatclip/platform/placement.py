@@ -69,7 +69,10 @@ def autoscaler_config_path(spec_value: str | None) -> str | None:
 
 
 def fmt(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) + "}"
+    """{CPU 8, GPU 1, fit_node 1}; memory in GiB (a node type's object store is left out)."""
+    shown = [f"{k} {v / 2**30:g} GiB" if k == "memory" else f"{k} {v:g}"
+             for k, v in sorted(resources.items()) if k != "object_store_memory"]
+    return "{" + ", ".join(shown) + "}"
 
 
 def fit_request(what: str, request: dict[str, float], types: list[NodeType]) -> tuple[dict[str, float], str | None]:

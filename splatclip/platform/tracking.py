@@ -59,9 +59,12 @@ PARENT_TAG, GROUP_TAG = "mlflow.parentRunId", "splatclip.group"  # MLflow nests 
 
 
 class Tracker:
-    def __init__(self, spec: TrackingSpec, job: str, rank: int = 0):
+    def __init__(self, spec: TrackingSpec, job: str, rank: int = 0, hold: bool = False):
+        """`hold`: queued metrics wait for `flush()` (a training loop's checkpoints), so a worker
+        restored from its last checkpoint never logs a step twice."""
         self.spec = spec
         self.job = job
+        self.hold = hold
         self.active = spec.enabled and rank == 0
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -191,15 +194,16 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Queue the metrics with their time and step; they are sent in one request once FLUSH_SECONDS
         have passed since the last one (or FLUSH_COUNT are queued), and when the run ends. A
-        training loop logs every step without paying a request (~20 ms on sqlite) per step, and
-        flushes before each checkpoint, so a killed job loses no metric of a step it will not redo."""
+        training loop holds them until each checkpoint (`hold`): it pays no request (~20 ms on
+        sqlite) per step, a killed job loses no metric of a step it will not redo, and a restored
+        one logs no step twice."""
         if not self.active:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        if len(self._pending) >= FLUSH_COUNT or time.monotonic() - self._sent >= FLUSH_SECONDS:
+        if not self.hold and (len(self._pending) >= FLUSH_COUNT or time.monotonic() - self._sent >= FLUSH_SECONDS):
             self.flush()
 
     def flush(self) -> None:

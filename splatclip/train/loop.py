@@ -3,7 +3,7 @@
 Each stage names an objective (`splatclip.models.objectives`); the loop draws batches from the
 ingest (`Ingest.batches`, decoded ahead of the step in loader processes), averages the trainable
 parameters' gradients over the workers with one all-reduce per optimizer step, logs every step to
-MLflow from rank 0, evaluates zero-shot every `eval_every` steps, and checkpoints its `TrainState`
+MLflow from rank 0 (sent with each checkpoint, so a restore logs no step twice), evaluates zero-shot every `eval_every` steps, and checkpoints its `TrainState`
 (`train_state`). Ray Train restores the latest checkpoint after a worker failure, and a rerun with
 the same name and storage path resumes it. Rank 0 writes the final model.
 """
@@ -106,7 +106,7 @@ class Loop:
             self.teacher.requires_grad_(False)
         self.state = TrainState()
         self.saved = self.restore()  # sets `state` when the run has a checkpoint
-        self.tracker = Tracker(spec.tracking, "train", self.rank)
+        self.tracker = Tracker(spec.tracking, "train", self.rank, hold=True)  # steps reach MLflow with checkpoints
         if self.tracker.active:
             self.state.run_id = self.tracker.start(spec, resume_run_id=run_id or self.state.run_id,
                                                    system_metrics=True)
@@ -160,7 +160,7 @@ class Loop:
                 self.tracker.log_metrics(self.evaluate(), step=self.state.step)
             last = self.state.stage_step == stage.total
             if self.state.step % self.spec.checkpoint_every == 0 or last:
-                self.tracker.flush()  # every step up to a checkpoint is in MLflow before the checkpoint exists
+                self.tracker.flush()  # the steps up to a checkpoint, and no later ones: a restore redoes those
                 self.checkpoint(stage, metrics, last)
         self.state = self.state.next_stage()
 
