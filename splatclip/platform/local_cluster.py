@@ -120,7 +120,8 @@ def up(cluster_yaml: str, directory: str, idle_minutes: float = 0.1, timeout: fl
            "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # `python` in a job: this environment's
-    env.pop("RAY_ADDRESS")  # the head starts the cluster; it joins none
+    # RAY_ADDRESS stays: every process of the cluster inherits its own cluster's address (Ray Train's
+    # placement group cleaner would otherwise pick whichever Ray on this machine started last)
     env.pop("RAY_AUTH_TOKEN", None)  # the cluster's token is its file's
     (root / STATE).write_text(json.dumps(asdict(cluster), indent=1))
     with open(root / "ray-start.log", "w") as out:

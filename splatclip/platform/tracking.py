@@ -206,6 +206,13 @@ class Tracker:
         if not self.hold and (len(self._pending) >= FLUSH_COUNT or time.monotonic() - self._sent >= FLUSH_SECONDS):
             self.flush()
 
+    def last_step(self, key: str) -> int:
+        """The latest step the run has for a metric (-1: none, or no run here)."""
+        if not self.active:
+            return -1
+        metrics = self.client.get_run(self.run_id).data.to_proto().metrics
+        return max((m.step for m in metrics if m.key == key), default=-1)
+
     def flush(self) -> None:
         """Send the queued metrics now."""
         if self.active and self._pending:

@@ -95,7 +95,8 @@ class Loop:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.share = WorkerShare(self.rank, self.world, spec.seed)
-        self.device = ray.train.torch.get_device()
+        # the GPU Ray assigned when torch sees one; a logical GPU alone (a local cluster's) trains on the CPU
+        self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(spec.seed)
         self.model = from_open_clip(spec.model.name, spec.model.pretrained, spec.model, spec.storage, self.device)
         self.teacher = None
@@ -111,6 +112,8 @@ class Loop:
             self.state.run_id = self.tracker.start(spec, resume_run_id=run_id or self.state.run_id,
                                                    system_metrics=True)
             self.tracker.log_params({"model.trainable_share": f"{self.model.trainable_share():.4f}"})
+        # steps a lost worker had logged (with the checkpoint it was writing when it went): not again
+        self.logged_through = self.tracker.last_step("lr") if self.saved is not None else -1
         self.skipped = Skipped()
         self.nonfinite_steps = 0
         self.poisoned = poisoned_batches(spec)
@@ -146,7 +149,7 @@ class Loop:
         if self.rank == 0:
             log.info("stage %d (%s): %d steps, %.2f%% of parameters train", stage.index, stage.spec.kind, stage.total,
                      100 * stage.trainable)
-        self.tracker.log_metrics({"trainable_share": stage.trainable}, step=self.state.step)
+        self.log({"trainable_share": stage.trainable})
         tick = time.perf_counter()
         while self.state.stage_step < stage.total:
             loss, waited = self.step(stage)
@@ -155,14 +158,19 @@ class Loop:
                        "samples_per_second": self.spec.batch_size * self.spec.grad_accum * self.world / elapsed,
                        "skipped_samples": sum(self.skipped.reasons.values()), "nonfinite_steps": self.nonfinite_steps,
                        "data_wait": waited, "data_wait_fraction": waited / elapsed}
-            self.tracker.log_metrics(metrics, step=self.state.step)
+            self.log(metrics)
             if self.spec.eval_data and self.state.step % self.spec.eval_every == 0 and self.rank == 0:
-                self.tracker.log_metrics(self.evaluate(), step=self.state.step)
+                self.log(self.evaluate())
             last = self.state.stage_step == stage.total
             if self.state.step % self.spec.checkpoint_every == 0 or last:
                 self.tracker.flush()  # the steps up to a checkpoint, and no later ones: a restore redoes those
                 self.checkpoint(stage, metrics, last)
         self.state = self.state.next_stage()
+
+    def log(self, metrics: dict) -> None:
+        """Metrics of the current step, unless MLflow has this step already (a restore redoes steps)."""
+        if self.state.step > self.logged_through:
+            self.tracker.log_metrics(metrics, step=self.state.step)
 
     def step(self, stage: Stage) -> tuple[float, float]:
         """One optimizer step over `grad_accum` batches: (the loss, seconds spent waiting for batches)."""
