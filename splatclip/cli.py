@@ -169,7 +169,7 @@ def cmd_cluster(args) -> int:
         return 1
     for key, value in cluster.env.items():
         print(f"export {key}={value}")
-    print(f"# jobs: ray job submit --address {cluster.dashboard} --working-dir . -- python jobs/fit.py SPEC")
+    print(f"# dashboard {cluster.dashboard}; jobs: ray job submit -- python $PWD/jobs/fit.py SPEC")
     return 0
 
 

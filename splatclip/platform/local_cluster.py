@@ -51,7 +51,7 @@ class LocalCluster:
     @property
     def env(self) -> dict[str, str]:
         """What a process needs to join this cluster, `ray job submit` included."""
-        return {"RAY_ADDRESS": self.address, "RAY_TMPDIR": self.tmpdir,
+        return {"RAY_ADDRESS": self.address, "RAY_API_SERVER_ADDRESS": self.dashboard, "RAY_TMPDIR": self.tmpdir,
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": token_path(self.directory), "SPLATCLIP_AUTOSCALER_CONFIG": self.config}
 
@@ -249,3 +249,19 @@ def kill_node(node_id: str) -> int:
         except ProcessLookupError:
             pass
     return len(pids)
+
+
+def submit(cluster: LocalCluster, script: str, args: list[str]) -> subprocess.Popen:
+    """`ray job submit` of a job script (its path: the nodes share this machine's disk and Python,
+    so nothing is uploaded) to the cluster's job API; the Popen tails the job's log until it ends
+    (stdout, stderr merged) and exits with the job's status."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard, "--",
+           "python", str(Path(script).resolve()), *args]
+    return subprocess.Popen(cmd, env={**os.environ, **cluster.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def alive_workers(cluster: LocalCluster, node_type: str | None = None) -> list[str]:
+    """Ids of the worker nodes alive now (of one type, or all)."""
+    return [n["id"] for n in nodes(cluster)
+            if n["state"] == "ALIVE" and n["type"] != HEAD_TYPE and node_type in (None, n["type"])]
