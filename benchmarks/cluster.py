@@ -4,8 +4,8 @@ computing on the CPU) with moto's S3 for storage, every job sent with `ray job s
 
 Runs, one after another, each from zero worker nodes:
   fit            the 8 example photos (4 shards), 2 fitting actors with a GPU each
-  fit, lost node the same into another output, a fit node killed (its whole process tree) as soon
-                 as the first batch is claimed
+  fit, lost node the same into another output, a fit node killed (its whole process tree) while
+                 its actor fits a batch (the batch's claim names the node)
   train          a tiny ViT on the fitted splats, 2 workers with a GPU each, checkpoints every 2
                  steps; its train node killed after the first checkpoint
 For each: the nodes launched by type, seconds from submit to the first fitted image (the first
@@ -15,6 +15,7 @@ part written) or the first checkpoint, seconds from the job's end until no worke
 
 import argparse
 import io
+import json
 import logging
 import os
 import sys
@@ -34,7 +35,7 @@ from faulty_s3 import start_moto  # noqa: E402
 from splatclip import datasets  # noqa: E402
 from splatclip.platform import local_cluster  # noqa: E402
 
-FIT = ["fit.gaussians=16", "fit.iterations=100", "fit.size=32", "fit.coarse=0", "fit.compile=false", "batch_size=1",
+FIT = ["fit.gaussians=16", "fit.iterations=300", "fit.size=32", "fit.coarse=0", "fit.compile=false", "batch_size=1",
        "tracking.enabled=false", "storage.region=us-east-1", "ray.actors=2", "ray.cpus_per_actor=1",
        "ray.gpus_per_actor=1"]
 SHARDS = "photos-{00000..00003}.tar"
@@ -50,34 +51,43 @@ class Bucket:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
+    def fitting_node(self, prefix: str) -> str | None:
+        """The node of an actor fitting a batch now: its claim written, its part not."""
+        keys = self.keys(prefix)
+        for key in keys:
+            if key.endswith(".claim") and key.removesuffix(".claim") + ".json" not in keys:
+                return json.loads(self.client.get_object(Bucket=self.name, Key=key)["Body"].read())["node"]
+        return None
+
     def shards(self, prefix: str) -> dict[str, bytes]:
         return {k: self.client.get_object(Bucket=self.name, Key=k)["Body"].read()
                 for k in self.keys(prefix) if k.endswith(".tar") and "/_parts/" not in k}
 
 
-def until(check, timeout: float, proc=None):
+def until(check, timeout: float):
     deadline = time.monotonic() + timeout
-    while not (found := check()):
-        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
-            return None
+    while not (found := check()) and time.monotonic() < deadline:
         time.sleep(0.5)
     return found
 
 
-def run_job(cluster, script: str, args: list[str], first, kill_type: str | None = None, kill_when=None) -> dict:
-    """Submit, note when `first()` holds, kill a node of `kill_type` once `kill_when()` holds, wait
-    for the end, then for the worker nodes to go."""
+def run_job(cluster, script: str, args: list[str], first, victim=None) -> dict:
+    """Submit, note when `first()` holds, kill the node `victim()` names once it names one, wait for
+    the end, then for the worker nodes to go."""
     before = {n["id"] for n in local_cluster.nodes(cluster)}
     start = time.monotonic()
     proc = local_cluster.submit(cluster, script, args)
     row = {"first": None, "killed": None}
-    if until(first, 900, proc):
-        row["first"] = time.monotonic() - start
-    if kill_type and until(kill_when, 900, proc):
-        victim = until(lambda: local_cluster.alive_workers(cluster, kill_type), 120)
-        if victim:
-            local_cluster.kill_node(victim[0])
-            row["killed"] = victim[0]
+    deadline = start + 900
+    while proc.poll() is None and time.monotonic() < deadline:
+        if row["first"] is None and first():
+            row["first"] = time.monotonic() - start
+        if victim is not None and row["killed"] is None and (node := victim()):
+            local_cluster.kill_node(node)
+            row["killed"] = node
+        if row["first"] is not None and (victim is None or row["killed"]):
+            break
+        time.sleep(0.1)
     log, _ = proc.communicate(timeout=1800)
     ended = time.monotonic()
     until(lambda: not local_cluster.alive_workers(cluster), 300)
@@ -115,8 +125,8 @@ def main():
             return lambda: [k for k in bucket.keys(f"{out}/_parts/") if k.endswith(".json")]
 
         rows = {"fit": run_job(cluster, fit_script, fit_args("clean"), part_written("clean"))}
-        rows["fit, lost node"] = run_job(cluster, fit_script, fit_args("lost"), part_written("lost"), "fit_gpu",
-                                         lambda: [k for k in bucket.keys("lost/_parts/") if k.endswith(".claim")])
+        rows["fit, lost node"] = run_job(cluster, fit_script, fit_args("lost"), part_written("lost"),
+                                         lambda: bucket.fitting_node("lost/_parts/"))
         clean, lost = bucket.shards("clean/"), bucket.shards("lost/")
         identical = len(clean) == 4 and {k.split("/", 1)[1]: v for k, v in clean.items()} == {
             k.split("/", 1)[1]: v for k, v in lost.items()}
@@ -132,8 +142,9 @@ def main():
                 "storage": {"endpoint_url": endpoint, "region": "us-east-1"}}
         (tmp / "train.yaml").write_text(yaml.safe_dump(spec))
         checkpoint = lambda: [k for k in bucket.keys("runs/bench/") if k.endswith("checkpoint_manager_snapshot.json")]  # noqa: E731
+        train_node = lambda: checkpoint() and (local_cluster.alive_workers(cluster, "train_gpu") or [None])[0]  # noqa: E731
         rows["train, lost node"] = run_job(cluster, str(ROOT / "jobs" / "train.py"), [str(tmp / "train.yaml")],
-                                           checkpoint, "train_gpu", checkpoint)
+                                           checkpoint, train_node)
         done = 0
         if "runs/bench/model.pt" in bucket.keys("runs/bench/"):
             body = bucket.client.get_object(Bucket=bucket.name, Key="runs/bench/model.pt")["Body"].read()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 
 import numpy as np
 import torch
@@ -105,8 +106,12 @@ class FitActor:
                 "refitted": np.array(out["refitted"], bool), "refused": np.array(out["refused"], dtype=object)}
 
     def _claim(self, shard: str, indices: list[int]) -> bool:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None  # None: called outside Ray
+        holder = {"node": node, "pid": os.getpid()}
         try:
-            return parts.claim(self.spec, shard, [{"index": i} for i in indices])
+            return parts.claim(self.spec, shard, [{"index": i} for i in indices], holder)
         except storage.LinkError:  # refused where the part would be written, below
             return False
 

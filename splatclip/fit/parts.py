@@ -1,7 +1,7 @@
 """The fit job's distributed commit: fitted rows are written where they are fitted, as parts, and a
 shard is committed whole once its parts cover every one of its samples.
 
-    OUTPUT/_parts/NAME/FIRST-LAST.claim  empty: the batch is being fitted (found again: fitted twice)
+    OUTPUT/_parts/NAME/FIRST-LAST.claim  who fits the batch (Ray node, pid); found again: fitted twice
     OUTPUT/_parts/NAME/FIRST-LAST.tar    the fitted samples of one batch of one shard
     OUTPUT/_parts/NAME/FIRST-LAST.json   their records (key, error, notes, metrics); written after
                                          the tar, so a part exists once its JSON does
@@ -41,13 +41,13 @@ def part_name(rows: list[dict]) -> str:
     return f"{min(indices):08d}-{max(indices):08d}"
 
 
-def claim(spec: FitSpec, shard: str, rows: list[dict]) -> bool:
-    """Mark one batch's rows of one shard as being fitted (an empty `.claim` beside where its part
-    will go); returns whether it was marked before: Ray sent the batch again after losing the actor
-    (or the node) that had it, or a killed job had it when it stopped."""
+def claim(spec: FitSpec, shard: str, rows: list[dict], holder: dict) -> bool:
+    """Mark one batch's rows of one shard as being fitted by `holder` (a `.claim` beside where its
+    part will go: the Ray node and process); returns whether it was marked before: Ray sent the
+    batch again after losing the actor (or the node) that had it, or a killed job had it."""
     url = storage.join(layout.parts_dir(spec.output, shard), part_name(rows) + ".claim")
     again = storage.exists(url, spec.storage)
-    storage.write_bytes(url, b"", spec.storage, spec.output)
+    storage.write_json(url, holder, spec.storage, spec.output)
     return again
 
 

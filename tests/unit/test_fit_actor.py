@@ -2,6 +2,7 @@
 in one optimizer step, written as a part, and the shard committed once its parts cover it."""
 
 import json
+import os
 
 from splatclip import splats
 from splatclip.fit.actor import FitActor
@@ -29,8 +30,13 @@ def test_a_batch_is_fitted_written_and_its_shard_committed(tmp_path):
     rows = read_shard({"shard": src}, spec)
     first = actor(decode_batch(columns(rows[:2]), spec.fit.size, spec.limits))
     assert first["images"].tolist() == [2] and first["fitted"].tolist() == [1] and not first["committed"][0]
-    assert sorted(p.name for p in (tmp_path / "out" / "_parts" / "src").iterdir()) == \
-        ["00000000-00000001.json", "00000000-00000001.tar"]
+    parts = tmp_path / "out" / "_parts" / "src"
+    assert sorted(p.name for p in parts.iterdir()) == \
+        ["00000000-00000001.claim", "00000000-00000001.json", "00000000-00000001.tar"]
+    assert json.loads((parts / "00000000-00000001.claim").read_text()) == {"node": None, "pid": os.getpid()}
+    assert first["refitted"].tolist() == [False]
+    again = actor(decode_batch(columns(rows[:2]), spec.fit.size, spec.limits))  # as Ray resends a lost actor's batch
+    assert again["refitted"].tolist() == [True] and again["fitted"].tolist() == [1]
     second = actor(decode_batch(columns(rows[2:]), spec.fit.size, spec.limits))
     assert second["committed"].tolist() == [True]
     assert not list((tmp_path / "out" / "_parts").glob("src/*"))  # the parts are removed once committed

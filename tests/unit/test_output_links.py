@@ -106,5 +106,6 @@ def test_links_planted_between_the_stages_are_refused_and_recorded(world, caplog
     assert "_stats is a symbolic link" in got["refused"][0] and not got["committed"][0]
     assert snapshot(tmp_path / "elsewhere") == before
     assert sorted(p.name for p in (out / "_parts" / "src").iterdir()) == [
-        "00000000-00000001.json", "00000000-00000001.tar", "00000002-00000002.json", "00000002-00000002.tar"]
+        "00000000-00000001.claim", "00000000-00000001.json", "00000000-00000001.tar", "00000002-00000002.claim",
+        "00000002-00000002.json", "00000002-00000002.tar"]
     assert not (out / "src.tar").exists()
