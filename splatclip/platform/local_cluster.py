@@ -173,7 +173,7 @@ def processes(directory: str) -> list[int]:
     return found
 
 
-def down(directory: str, grace: float = 10.0) -> int:
+def down(directory: str, grace: float = 3.0) -> int:
     """End every process of the local cluster in `directory` (TERM, then KILL after `grace` s),
     remove its Ray session files and forget it. Returns how many processes there were."""
     pids = processes(directory)
