@@ -195,8 +195,9 @@ class FitJob(Job):
                 problems.append(f"teacher.pretrained {spec.teacher.pretrained}: no such file")
         return problems or planted_links(spec, self.shard_list)
 
-    def requests(self) -> dict[str, dict[str, float]]:
-        return {"a fitting actor": actor_request(self.spec.ray), "a decode task": DECODE_TASK}
+    def requests(self) -> dict[str, tuple[dict[str, float], int]]:
+        return {"a fitting actor": (actor_request(self.spec.ray), pool_size(self.spec.ray)[0]),
+                "a decode task": (DECODE_TASK, 1)}
 
     def cluster_paths(self) -> dict[str, str]:
         spec = self.spec

@@ -49,9 +49,9 @@ class Job:
         """What stops the job before it starts, one line each."""
         return []
 
-    def requests(self) -> dict[str, dict[str, float]]:
-        """What the job asks of Ray, by what asks it ("a fitting actor": {CPU, GPU, markers}). `place`
-        checks them and keeps them, fitted to the cluster, in `self.placed`."""
+    def requests(self) -> dict[str, tuple[dict[str, float], int]]:
+        """What the job asks of Ray, by what asks it: ("a fitting actor": ({CPU, GPU, markers}, how
+        many at once)). `place` checks them and keeps them, fitted to the cluster, in `self.placed`."""
         return {}
 
     def cluster_paths(self) -> dict[str, str]:
@@ -69,8 +69,8 @@ class Job:
             types, source = [local_node_type(ray_spec)], "the local Ray this job starts"
         log.info("node types (from %s): %s", source, "; ".join(f"{t.name} {placement.fmt(t.resources)}" for t in types))
         self.placed, problems = {}, []
-        for what, request in self.requests().items():
-            self.placed[what], problem = placement.fit_request(what, request, types)
+        for what, (request, count) in self.requests().items():
+            self.placed[what], problem = placement.fit_request(what, request, types, count)
             problems += [problem] if problem else []
         return problems + placement.local_path_problems(self.cluster_paths(), types,
                                                         self.spec.storage.shared_filesystem)

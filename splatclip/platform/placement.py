@@ -75,9 +75,11 @@ def fmt(resources: dict[str, float]) -> str:
     return "{" + ", ".join(shown) + "}"
 
 
-def fit_request(what: str, request: dict[str, float], types: list[NodeType]) -> tuple[dict[str, float], str | None]:
+def fit_request(what: str, request: dict[str, float], types: list[NodeType],
+                count: int = 1) -> tuple[dict[str, float], str | None]:
     """(the request without node markers no type offers, a problem line or None). `what` names the
-    request ("a fitting actor"); amounts of 0 ask for nothing."""
+    request ("a fitting actor"), `count` how many must run at once (an actor pool's minimum, Ray
+    Train's workers); amounts of 0 ask for nothing."""
     request = {k: v for k, v in request.items() if v > 0}
     offered = {k for t in types for k in t.resources}
     request = {k: v for k, v in request.items() if k in STANDARD or k in MEASURED or k in offered}
@@ -88,10 +90,21 @@ def fit_request(what: str, request: dict[str, float], types: list[NodeType]) -> 
         return t.resources.get(key, 0.0) >= amount
 
     if any(all(holds(t, k, v) for k, v in request.items()) for t in types):
-        return request, None
+        fits = {t.name: t.max_nodes * per_node(t, request) for t in types}
+        if sum(fits.values()) >= count:
+            return request, None
+        held = "; ".join(f"{name} {n}" for name, n in fits.items() if n)
+        return request, (f"ray: {count} x {what} ({fmt(request)} each) must run at once, and the cluster's node "
+                         f"types hold at most {sum(fits.values())} ({held}, at their max_workers)")
     offers = "; ".join(f"{t.name} {fmt(t.resources)} lacks {', '.join(k for k, v in request.items() if not holds(t, k, v))}"
                        for t in types) or "there are no node types"
     return request, f"ray: {what} asks {fmt(request)}, and no node type can hold it: {offers}"
+
+
+def per_node(t: NodeType, request: dict[str, float]) -> int:
+    """How many of a request one node of a type holds."""
+    counts = [int(t.resources.get(k, 0.0) / v + 1e-9) for k, v in request.items() if k in t.resources or k not in MEASURED]
+    return min(counts, default=1_000_000)
 
 
 def multi_node(types: list[NodeType]) -> bool:

@@ -147,8 +147,8 @@ class TrainJob(Job):
                             f"{shard_name(missing[0])} (a source shard must have its splat shard's name)")
         return {s: by_name[shard_name(s)] for s in self.shard_list if shard_name(s) in by_name}
 
-    def requests(self) -> dict[str, dict[str, float]]:
-        return {"a training worker": actor_request(self.spec.ray)}
+    def requests(self) -> dict[str, tuple[dict[str, float], int]]:
+        return {"a training worker": (actor_request(self.spec.ray), self.spec.ray.actors)}
 
     def cluster_paths(self) -> dict[str, str]:
         spec = self.spec

@@ -65,6 +65,19 @@ def test_impossible_requests_name_resource_amount_and_node_types():
     assert problem is None
 
 
+def test_more_actors_than_the_node_types_can_ever_hold():
+    actor = {"CPU": 4, "GPU": 1, "fit_node": 0.001}
+    assert placement.fit_request("a fitting actor", actor, TYPES, 32)[1] is None  # 32 fit_gpu nodes
+    _, problem = placement.fit_request("a fitting actor", actor, TYPES, 33)
+    assert problem == ("ray: 33 x a fitting actor ({CPU 4, GPU 1, fit_node 0.001} each) must run at once, and the "
+                       "cluster's node types hold at most 32 (fit_gpu 32, at their max_workers)")
+    worker = {"CPU": 8, "GPU": 1, "train_node": 0.001}
+    assert placement.fit_request("a training worker", worker, TYPES, 32)[1] is None  # 4 nodes x 8 GPUs
+    assert "hold at most 32 (train_gpu 32" in placement.fit_request("a training worker", worker, TYPES, 40)[1]
+    laptop = [placement.NodeType("laptop", {"CPU": 4.0}, 1)]
+    assert placement.fit_request("a decode task", {"CPU": 0.5, "memory": 1 << 30}, laptop, 8)[1] is None
+
+
 def test_markers_no_node_type_offers_are_dropped():
     laptop = [placement.NodeType("laptop", {"CPU": 8.0, "GPU": 0.0}, 1)]
     kept, problem = placement.fit_request("a fitting actor", {"CPU": 0.5, "GPU": 0, "fit_node": 0.001}, laptop)
@@ -99,11 +112,11 @@ def test_local_paths_on_several_nodes(shared):
 
 def test_jobs_name_their_requests_and_paths(tmp_path):
     fit = FitJob(FitSpec(input="s3://b/in/{0..1}.tar", output=str(tmp_path), ray=GPU_FIT))
-    assert fit.requests()["a fitting actor"] == {"CPU": 4, "GPU": 1, "fit_node": 0.001}
+    assert fit.requests()["a fitting actor"] == ({"CPU": 4, "GPU": 1, "fit_node": 0.001}, 1)
     assert fit.cluster_paths() == {"input": "s3://b/in/{0..1}.tar", "output": str(tmp_path)}
     train = TrainJob(TrainSpec(data="s3://b/s/{0..1}.tar", storage_path="s3://b/runs",
                                tracking={"uri": "http://127.0.0.1:5000"}, model={"pretrained": "openai"}))
-    assert train.requests()["a training worker"] == {"CPU": 0.5, "GPU": 0.0, "train_node": 0.001}
+    assert train.requests()["a training worker"] == ({"CPU": 0.5, "GPU": 0.0, "train_node": 0.001}, 1)
     assert train.cluster_paths() == {"data": "s3://b/s/{0..1}.tar", "storage_path": "s3://b/runs"}
 
 
