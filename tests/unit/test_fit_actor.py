@@ -33,7 +33,8 @@ def test_a_batch_is_fitted_written_and_its_shard_committed(tmp_path):
     parts = tmp_path / "out" / "_parts" / "src"
     assert sorted(p.name for p in parts.iterdir()) == \
         ["00000000-00000001.claim", "00000000-00000001.json", "00000000-00000001.tar"]
-    assert json.loads((parts / "00000000-00000001.claim").read_text()) == {"node": None, "pid": os.getpid()}
+    holder = json.loads((parts / "00000000-00000001.claim").read_text())
+    assert set(holder) == {"node", "pid"} and holder["pid"] == os.getpid()  # node: None unless Ray runs here
     assert first["refitted"].tolist() == [False]
     again = actor(decode_batch(columns(rows[:2]), spec.fit.size, spec.limits))  # as Ray resends a lost actor's batch
     assert again["refitted"].tolist() == [True] and again["fitted"].tolist() == [1]
