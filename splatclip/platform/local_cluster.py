@@ -154,13 +154,15 @@ def load(directory: str) -> LocalCluster:
 
 
 def processes(directory: str) -> list[int]:
-    """Ids of the processes of the local cluster in `directory`: every process whose command line or
-    environment names its Ray session directory (raylets, GCS, agents, workers, the autoscaler and
-    the nodes it started)."""
+    """Ids of the processes of the local cluster in `directory` (none when none runs there)."""
     state = Path(directory).resolve() / STATE
-    if not state.exists():
-        return []
-    tmp = load(directory).tmpdir.encode()
+    return session_processes(load(directory).tmpdir) if state.exists() else []
+
+
+def session_processes(tmpdir: str) -> list[int]:
+    """Ids of every process whose command line or environment names a Ray session directory
+    (raylets, GCS, agents, workers, the autoscaler and the nodes it started)."""
+    tmp = tmpdir.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

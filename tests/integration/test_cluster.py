@@ -56,7 +56,7 @@ def cluster(s3_endpoint, tmp_path_factory):
         yield started
     finally:
         local_cluster.down(started.directory)
-        assert local_cluster.processes(started.directory) == []
+        assert local_cluster.session_processes(started.tmpdir) == []  # every process it started, ended
 
 
 @pytest.fixture(scope="module")
