@@ -111,8 +111,18 @@ def wait_for(what: str, check, timeout: float, proc=None, every: float = 0.5):
     return found
 
 
-def alive_workers(cluster, kind: str | None = None) -> list[str]:
-    return local_cluster.alive_workers(cluster, kind)
+def lose_node(proc, what: str, victim) -> tuple[str, str]:
+    """Kill the node `victim()` names once it names one, while the submitted job runs; (the node, the
+    job's log) once the job has ended with status 0."""
+    try:
+        node = wait_for(what, victim, 600, proc, every=0.1)
+        assert local_cluster.kill_node(node) > 0
+        log, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-5000:]
+    return node, log
 
 
 def fitting_node(endpoint: str, url: str) -> str | None:
@@ -153,7 +163,7 @@ def test_requests_no_node_type_can_meet_exit_2_at_once(cluster, bucket, s3_endpo
     assert local.returncode == 2
     assert "output: outputs/never is a local path, and this cluster has more than one node" in local.stderr
     assert not objects(s3_endpoint, f"{bucket}/never")
-    assert alive_workers(cluster) == []  # nothing was launched for them
+    assert local_cluster.alive_workers(cluster) == []  # nothing was launched for them
 
 
 @pytest.fixture(scope="module")
@@ -166,18 +176,11 @@ def fitted(cluster, bucket, s3_endpoint, ray_local, tmp_path_factory):
     assert fit_locally(load_spec(FitSpec, local_spec, [f"input={src}", f"output={reference}", *FIT,
                                                        "ray.cpus_per_actor=1", f"storage.endpoint_url={s3_endpoint}"])) == 0
     clean = {p.name: p.read_bytes() for p in sorted(reference.glob("*.tar"))}
-    assert alive_workers(cluster) == []
+    assert local_cluster.alive_workers(cluster) == []
     out = f"{bucket}/fitted"
     proc = submit(cluster, "fit.py", [f"input={src}", f"output={out}", *FIT, *GPU_ACTORS,
                                       f"storage.endpoint_url={s3_endpoint}"])
-    try:
-        victim = wait_for("a batch being fitted", lambda: fitting_node(s3_endpoint, out), 600, proc, every=0.1)
-        assert local_cluster.kill_node(victim) > 0
-        log, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, log[-5000:]
+    victim, log = lose_node(proc, "a batch being fitted", lambda: fitting_node(s3_endpoint, out))
     return log, out, clean, victim
 
 
@@ -195,7 +198,7 @@ def test_fit_job_launches_fit_nodes_survives_losing_one_and_scales_back(cluster,
     assert {n["type"] for n in nodes} <= {local_cluster.HEAD_TYPE, "fit_gpu", "decode_cpu"}
     assert [n["state"] for n in nodes if n["id"] == victim] == ["DEAD"]
     assert sum(n["type"] == "fit_gpu" for n in nodes) >= 3  # two for the pool, one in place of the lost one
-    wait_for("scale back to zero", lambda: alive_workers(cluster) == [], 180)
+    wait_for("scale back to zero", lambda: local_cluster.alive_workers(cluster) == [], 180)
 
 
 def test_train_job_launches_train_nodes_and_restores_after_losing_one(cluster, fitted, bucket, s3_endpoint,
@@ -208,16 +211,10 @@ def test_train_job_launches_train_nodes_and_restores_after_losing_one(cluster, f
     runs = f"{bucket}/runs"
     spec = train_spec(tmp_path / "train.yaml", f"{out}/{SHARDS}", runs, s3_endpoint, mlflow_server)
     proc = submit(cluster, "train.py", [], spec=spec)
-    try:
-        wait_for("checkpoint", lambda: [k for k in objects(s3_endpoint, f"{runs}/lost")
-                                        if k.endswith("checkpoint_manager_snapshot.json")], 300, proc)
-        victim = wait_for("train node", lambda: alive_workers(cluster, "train_gpu"), 60)[0]
-        assert local_cluster.kill_node(victim) > 0
-        log, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, log[-5000:]
+    checkpoint = lambda: [k for k in objects(s3_endpoint, f"{runs}/lost")  # noqa: E731
+                          if k.endswith("checkpoint_manager_snapshot.json")]
+    _, log = lose_node(proc, "a train node after a checkpoint",
+                       lambda: checkpoint() and (local_cluster.alive_workers(cluster, "train_gpu") or [None])[0])
     assert "GPUs are logical only" in log  # the workers trained on the CPU
     new = [n for n in local_cluster.nodes(cluster) if n["id"] not in before]
     assert {n["type"] for n in new} == {"train_gpu"} and len(new) >= 2  # the first, and the one in its place
