@@ -12,7 +12,7 @@ import yaml
 
 from splatclip.platform.loader import SpecError, load_spec
 from splatclip.platform.serialize import public_dict
-from splatclip.platform.specs import SPECS
+from splatclip.platform.specs import SPECS, FitParams
 
 log = logging.getLogger("splatclip")
 
@@ -70,7 +70,6 @@ def cmd_fit(args) -> int:
     from splatclip import splats
     from splatclip.fitting.fitter import fit_batch
     from splatclip.fitting.images import ImageError, load_file
-    from splatclip.platform.specs import FitParams
 
     try:
         cfg = FitParams(
@@ -196,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=["structured", "random"], default="structured")
     p.add_argument("--prune-tau", type=float, default=0.0)
     p.add_argument("--target-psnr", type=float, help="stop each image at this PSNR (dB); --iterations is a ceiling")
-    p.add_argument("--coarse", type=int, default=150, help="iterations at reduced size first, coarse to fine "
-                   "(at most half of --iterations; 0: none)")
+    p.add_argument("--coarse", type=int, default=FitParams.model_fields["coarse"].default, help="iterations at half "
+                   "size first, coarse to fine (at most five sixths of --iterations; 0: none)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slower steps, no warm-up)")
     p.set_defaults(func=cmd_fit)

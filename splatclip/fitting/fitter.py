@@ -3,9 +3,10 @@ with its own N Gaussians. The loss is a sum of per-image losses, so every image 
 path it would follow alone (Adam is elementwise).
 
 Two things spend the work where it pays (docs/method.md, 'Fitting'):
-- coarse to fine: the first `coarse` iterations (at most half of them) render at a quarter, then half
-  of the image's size (splats are resolution-independent; the target is box-averaged to the same size), so
-  the early steps, which move Gaussians across the image, cost a fraction of a full-size step;
+- coarse to fine: the first `coarse` iterations (at most five sixths of them) render at half the
+  image's size (splats are resolution-independent; the target is box-averaged to the same size), at
+  about a third of a full-size step's cost; the last steps at full size add the detail a half-size
+  image lacks;
 - per-image stopping: with `target_psnr`, an image that reaches it at full size leaves the batch
   (its parameters and its Adam state are cut out), so a batch's step costs what its unfinished images
   do; `iterations` is then a ceiling. An image's result is the one it would have alone.
@@ -31,8 +32,8 @@ from splatclip.splats import BYTES_PER_GAUSSIAN, Splats
 log = logging.getLogger(__name__)
 
 MIN_SCALE_PX = 0.1  # l11 and l22 never shrink below a tenth of a pixel
-MIN_COARSE_PX = 32  # a coarse level whose shorter side would be smaller is not used
-COARSE_LEVELS = (4, 2)  # the coarse phases' reductions, in order; each takes half of the coarse share
+MIN_COARSE_PX = 32  # no coarse phase where half the shorter side would be smaller
+COARSE_SHARE = 5 / 6  # at most this share of the iterations is coarse
 COARSE_CHECK = 10  # with a target, coarse steps render at full size (no gradient) every this many to look
 
 
@@ -48,19 +49,10 @@ def prune_steps(iterations: int) -> set[int]:
 
 
 def resolution_schedule(iterations: int, height: int, width: int, coarse: int) -> list[tuple[int, int, int]]:
-    """[(first iteration, height, width)] of each phase: `coarse` iterations (at most half of them) at
-    the reduced sizes of COARSE_LEVELS (equal shares; a level under MIN_COARSE_PX gives its share to
-    the next), then full size."""
-    phases, start = [], 0
-    levels = [f for f in COARSE_LEVELS if min(height, width) // f >= MIN_COARSE_PX]
-    share = min(coarse, iterations // 2) if levels else 0
-    for i, factor in enumerate(levels):
-        end = share * (i + 1) // len(levels)
-        if end > start:
-            phases.append((start, height // factor, width // factor))
-            start = end
-    phases.append((start, height, width))
-    return phases
+    """[(first iteration, height, width)] of each phase: `coarse` iterations (at most COARSE_SHARE of
+    them) at half size, unless that is under MIN_COARSE_PX, then full size."""
+    share = min(coarse, int(iterations * COARSE_SHARE)) if min(height, width) // 2 >= MIN_COARSE_PX else 0
+    return ([(0, height // 2, width // 2)] if share else []) + [(share, height, width)]
 
 
 class Batch:

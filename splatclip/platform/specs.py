@@ -160,9 +160,9 @@ class FitParams(Model):
     prune_tau: float = Field(0.0, ge=0, le=10, description="Luminance threshold; 0 disables pruning (paper: 0.05).")
     target_psnr: float | None = Field(None, gt=0, le=120, description="Stop an image once it reaches this PSNR (at "
                                       "full size); `iterations` is then a ceiling. A stopped image leaves the batch.")
-    coarse: int = Field(150, ge=0, le=1_000_000, description="Iterations rendered at reduced size before full size, "
-                        "coarse to fine (at most half of `iterations`): half of them at 1/4 of `size`, half at 1/2 (a "
-                        "level under 32 px is skipped); 0: every iteration at full size.")
+    coarse: int = Field(300, ge=0, le=1_000_000, description="Iterations rendered at half of `size` before full "
+                        "size, coarse to fine (at most five sixths of `iterations`; none where half the size is under "
+                        "32 px); 0: every iteration at full size.")
     backend: Backend = "auto"
     compile: bool = Field(True, description="Fuse the CPU renderer with torch.compile (about 30 s to compile).")
     seed: int = 0

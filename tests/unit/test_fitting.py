@@ -105,16 +105,17 @@ def test_ssim_of_identical_images_is_one(photos64):
     assert torch.all(ssim(photos64.flip(-1), photos64) < 0.9)
 
 
-def test_the_resolution_schedule_spends_the_coarse_share_at_reduced_sizes():
+def test_the_resolution_schedule_spends_the_coarse_share_at_half_size():
     from splatclip.fitting.fitter import resolution_schedule
 
-    assert resolution_schedule(300, 224, 224, 150) == [(0, 56, 56), (75, 112, 112), (150, 224, 224)]
-    assert resolution_schedule(2000, 224, 224, 150) == [(0, 56, 56), (75, 112, 112), (150, 224, 224)]
+    assert resolution_schedule(300, 224, 224, 300) == [(0, 112, 112), (250, 224, 224)]  # at most five sixths
+    assert resolution_schedule(2000, 224, 224, 300) == [(0, 112, 112), (300, 224, 224)]
     assert resolution_schedule(300, 224, 224, 0) == [(0, 224, 224)]
-    assert resolution_schedule(100, 224, 224, 150) == [(0, 56, 56), (25, 112, 112), (50, 224, 224)]  # at most half
-    assert resolution_schedule(100, 64, 64, 40) == [(0, 32, 32), (40, 64, 64)]  # 16 px is under the floor
-    assert resolution_schedule(40, 28, 28, 150) == [(0, 28, 28)]  # a digit has nothing to coarsen
-    assert resolution_schedule(7, 224, 224, 150) == [(0, 56, 56), (1, 112, 112), (3, 224, 224)]
+    assert resolution_schedule(100, 64, 64, 40) == [(0, 32, 32), (40, 64, 64)]
+    assert resolution_schedule(100, 62, 64, 40) == [(0, 62, 64)]  # 31 px is under the floor
+    assert resolution_schedule(40, 28, 28, 300) == [(0, 28, 28)]  # a digit has nothing to coarsen
+    assert resolution_schedule(7, 224, 224, 300) == [(0, 112, 112), (5, 224, 224)]
+    assert resolution_schedule(1, 224, 224, 300) == [(0, 224, 224)]  # a single step is at full size
 
 
 def rendered_sizes(monkeypatch) -> list[tuple[int, int, int]]:
