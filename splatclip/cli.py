@@ -154,6 +154,47 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_send(args) -> int:
+    """Fit each image on this machine, POST its splat file to the serve application, print the answer
+    and the bytes sent against the image's PNG and JPEG."""
+    from splatclip import splats
+    from splatclip.fitting.fitter import fit_batch
+    from splatclip.fitting.images import ImageError, load_file
+    from splatclip.serve.client import describe, encoded_sizes, post
+
+    try:
+        cfg = FitParams(gaussians=args.gaussians, iterations=args.iterations, size=args.size,
+                        target_psnr=args.target_psnr, compile=False)
+    except Exception as err:  # pydantic names the field
+        print(f"splatclip send: {err}", file=sys.stderr)
+        return 2
+    failed = 0
+    print(f"{'image':<24} {'PSNR':>9} {'sent':>7} {'PNG':>7} {'JPEG':>7} {'source':>8}  answer")
+    for path in args.images:
+        try:
+            image, source = load_file(path, cfg.size)
+        except (ImageError, OSError) as err:
+            print(f"splatclip send: {path}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        result = fit_batch(image[None], cfg)
+        data = splats.to_bytes(result.splats.encode(0))
+        try:
+            status, answer = post(args.url, data, timeout=args.timeout)
+        except OSError as err:  # refused, unreachable, timed out
+            print(f"splatclip send: {path}: {args.url}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        if status != 200:
+            print(f"splatclip send: {path}: HTTP {status}: {answer.get('error', answer)}", file=sys.stderr)
+            failed += 1
+            continue
+        sizes = encoded_sizes(image)
+        print(f"{Path(path).name[:24]:<24} {result.metrics[0]['psnr']:6.2f} dB {len(data):7d} {sizes['PNG']:7d} "
+              f"{sizes['JPEG']:7d} {source:8d}  {describe(answer)}")
+    return 1 if failed else 0
+
+
 def cmd_cluster(args) -> int:
     from splatclip.platform import local_cluster
 
@@ -200,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slower steps, no warm-up)")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("send", help="fit images here and send their splats to the serve application")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--url", required=True, help="the application's URL (jobs/serve.py prints it); a bearer token "
+                   "is read from $SPLATCLIP_SERVE_TOKEN")
+    p.add_argument("--gaussians", type=int, default=49, help="as many as the encoder was trained on")
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--target-psnr", type=float, help="stop fitting at this PSNR (dB); --iterations is a ceiling")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+    p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("render", help="render a splat file to PNG")
     p.add_argument("file")

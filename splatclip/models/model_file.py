@@ -30,14 +30,21 @@ def save_model(model: GSCLIP, url: str, model_spec: ModelSpec, step: int, seed: 
     return url
 
 
-def load_model(url: str, spec: StorageSpec | None = None, device="cpu") -> GSCLIP:
-    """A model written by `save_model`: the backbone rebuilt from its reference (name, pretrained
-    weights, and the seed, which reproduces a backbone that had no pretrained weights), then the
-    trained weights on top."""
+def read_payload(url: str, spec: StorageSpec | None = None, device="cpu") -> dict:
+    """The contents of a model file written by `save_model`."""
     payload = torch.load(io.BytesIO(storage.read_bytes(url, spec)), map_location=device, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{url}: not a splatclip model file")
-    model_spec = ModelSpec.model_validate(payload["model"])
+    return payload
+
+
+def load_model(url: str, spec: StorageSpec | None = None, device="cpu", reference: dict | None = None) -> GSCLIP:
+    """A model written by `save_model`: the backbone rebuilt from its reference (name, pretrained
+    weights, and the seed, which reproduces a backbone that had no pretrained weights), then the
+    trained weights on top. `reference`: fields of the reference replaced, such as the copies of the
+    backbone's config and weights an MLflow model carries ({"name": path, "pretrained": path})."""
+    payload = read_payload(url, spec, device)
+    model_spec = ModelSpec.model_validate({**payload["model"], **(reference or {})})
     torch.manual_seed(payload["seed"])
     model = from_open_clip(model_spec.name, model_spec.pretrained, model_spec, spec, device)
     missing, unexpected = model.load_state_dict(payload["weights"], strict=False)

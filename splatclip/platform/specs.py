@@ -11,6 +11,7 @@ a job starts with is something it can finish.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -60,6 +61,11 @@ class StorageSpec(Model):
                                     "EFS); without it a job on a cluster of several nodes refuses local paths.")
 
 
+# the field `tracking.register` shares its name with ABCMeta.register, which pydantic warns of; a spec
+# field is what it is meant to be
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingSpec" shadows', category=UserWarning)
+
+
 class TrackingSpec(Model):
     enabled: bool = True
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (a server or sqlite:///file).")
@@ -69,6 +75,10 @@ class TrackingSpec(Model):
     parent: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,127}$", description="Group the run "
                                "under a parent run of this name in the experiment (the newest one, made when there is "
                                "none), as `make demo` and the local specs group their jobs' runs.")
+    register: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Train: log the "
+                                 "trained splat encoder as an MLflow model that ranks the spec's `classes`, and "
+                                 "register it under this name (a new version each run); `jobs/serve.py` serves "
+                                 "models:/NAME/VERSION.")
     system_metrics: float = Field(10.0, ge=0, le=86_400, description="Seconds between samples of CPU, memory and "
                                   "GPU use (MLflow system metrics) where the job computes; 0 turns them off.")
 
@@ -271,4 +281,32 @@ class EvalSpec(Model):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
 
-SPECS: dict[str, type[Model]] = {"fit": FitSpec, "train": TrainSpec, "eval": EvalSpec}  # by job
+class BatchSpec(Model):
+    max_size: int = Field(32, ge=1, le=4096, description="Concurrent requests a replica embeds in one batch.")
+    wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a replica waits to fill a batch.")
+
+
+class ServeSpec(Model):
+    model: str = Field(..., min_length=1, description="The encoder: models:/NAME/VERSION (or models:/NAME@ALIAS) in "
+                       "the MLflow registry of `tracking.uri`, or a train run's model.pt (local or s3://).")
+    classes: str | None = Field(None, description="Class names to rank ('imagenet', 'digits' or a JSON list); default: "
+                                "a registered model's own, none for a model.pt (embeddings only).")
+    templates: str = Field("imagenet", description="Prompt templates for `classes` given here.")
+    top_k: int = Field(5, ge=1, le=1000, description="Classes in each answer.")
+    name: str = Field("splatclip", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="Serve application name.")
+    route: str = Field("/embed", pattern=r"^/[A-Za-z0-9_/-]{0,127}$", description="The URL path clients POST to.")
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0 for other machines).")
+    port: int = Field(8000, ge=1, le=65_535)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    max_body_bytes: int = Field(4 << 20, ge=1024, le=1 << 30, description="Larger request bodies get 413.")
+    token: SecretStr | None = Field(default_factory=_env_secret("SPLATCLIP_SERVE_TOKEN"), description="Clients send "
+                                    "`Authorization: Bearer TOKEN` (else 401); default $SPLATCLIP_SERVE_TOKEN; none: "
+                                    "open to whoever reaches the port.")
+    limits: ShardLimits = Field(default_factory=ShardLimits, description="`max_gaussians`: more in a request gets 413.")
+    ray: RaySpec = Field(default_factory=RaySpec, description="`actors`: replicas (autoscaled up to `max_actors`); "
+                         "`cpus_per_actor`, `gpus_per_actor`, `resources`: each replica's.")
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="`uri`: the registry `model` is read from.")
+
+
+SPECS: dict[str, type[Model]] = {"fit": FitSpec, "train": TrainSpec, "eval": EvalSpec, "serve": ServeSpec}  # by job

@@ -128,6 +128,9 @@ class TrainJob(Job):
         for weights in (spec.model.pretrained, spec.teacher and spec.teacher.pretrained):
             if missing_weights(weights):
                 problems.append(f"pretrained weights {weights}: no such file")
+        if spec.tracking.register and (spec.model.encoder != "splat" or not spec.tracking.enabled):
+            problems.append(f"tracking.register {spec.tracking.register}: registers a splat encoder in MLflow, and "
+                            f"this run {'trains an RGB model' if spec.tracking.enabled else 'has tracking off'}")
         self.shard_list = self.shards(spec.data, "training", problems)[0]
         self.sources = None
         if spec.images and self.shard_list:
@@ -184,7 +187,15 @@ class TrainJob(Job):
             else:
                 log.error("training failed: %s", err)
             return 1
-        print(f"trained {spec.name}: {result.metrics}; model at {storage.join(run_dir(spec), 'model.pt')}")
+        model = storage.join(run_dir(spec), "model.pt")
+        print(f"trained {spec.name}: {result.metrics}; model at {model}")
+        if tracker.active and spec.tracking.register:
+            from splatclip.serve.pyfunc import ARTIFACT, log_encoder
+
+            version = log_encoder(tracker.client, tracker.run_id, model, spec.classes,
+                                  spec.templates, spec.limits, spec.storage, spec.tracking.register)
+            print(f"MLflow model runs:/{tracker.run_id}/{ARTIFACT}, registered as "
+                  f"models:/{spec.tracking.register}/{version}")
         return 0
 
 

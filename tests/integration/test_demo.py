@@ -3,6 +3,7 @@ table agrees with the JSON results."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,25 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+REGISTERED = "splatclip-digits-g49"  # the demo's 49-Gaussian encoder in MLflow's model registry
+TOKEN = "serve-token-8c1f0e"  # never in the serve job's output
 
 
-def test_demo_small(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`make demo` at its small size: (its directory, the finished process)."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     root = tmp_path / "demo"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo" / "demo.py"), "--small", "--root", str(root)], env=env,
                           capture_output=True, text=True, timeout=1700, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc
+
+
+def test_demo_small(demo):
+    root, proc = demo
     pictures = ("contact_sheet.png", "accuracy_compression.png", "rate_distortion.png", "training_curves.png")
     for name in pictures:
         assert (root / "pictures" / name).stat().st_size > 1000, name
@@ -66,3 +77,96 @@ def test_demo_small(tmp_path):
     assert "zeroshot_top1" in runs["rgb-teacher"].data.metrics
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "pictures")} == {
         f"pictures/{name}" for name in pictures}
+    version = client.get_model_version(REGISTERED, "1")  # the 49-Gaussian encoder, in the model registry
+    assert version.run_id == runs["splat-encoder-g49"].info.run_id
+    assert f"models:/{REGISTERED}/1" in proc.stdout  # the closing lines say how to serve it
+
+
+def serve_job(root: Path, port: int, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "SPLATCLIP_SERVE_TOKEN": TOKEN}
+    env.pop("RAY_ADDRESS", None)
+    args = [f"model=models:/{REGISTERED}/1", f"tracking.uri=sqlite:///{root}/mlflow.db", f"port={port}",
+            "top_k=3", "limits.max_gaussians=100", "max_body_bytes=65536", "ray.num_cpus=2", *overrides]
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), *[f"--set={a}" for a in args]],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
+    """Until the application answers (a GET gets 405), or the job has exited."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.stdout.read()[-3000:]
+        try:
+            urllib.request.urlopen(url, timeout=5)
+        except urllib.error.HTTPError as err:
+            if err.code == 405:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not come up in {seconds} s")
+
+
+def test_serve_the_registered_encoder_answers_as_the_evaluate_job_and_refuses_bad_requests(demo):
+    import numpy as np
+
+    from splatclip import splats
+    from splatclip.datasets import DIGIT_CLASSES
+    from splatclip.platform.runtime import free_port
+    from splatclip.platform.shards import read_samples
+    from splatclip.serve.client import post
+
+    root, _ = demo
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/embed"
+    server = serve_job(root, port)
+    try:
+        wait_until_up(url, server)
+        # the splat files the fit job wrote for the held-out digits, each posted on its own
+        hits = total = 0
+        for shard in sorted((root / "splats" / "g49").glob("test-*.tar")):
+            for sample in read_samples(str(shard)):
+                status, answer = post(url, sample["splats.npy"], token=TOKEN)
+                assert status == 200, answer
+                assert len(answer["embedding"]) > 0 and len(answer["classes"]) == 3
+                hits += answer["classes"][0]["name"] == DIGIT_CLASSES[int(sample["cls"])]
+                total += 1
+        evaluation = json.loads((root / "eval" / "test-g49.json").read_text())
+        assert total == evaluation["splat"]["images"]
+        assert hits / total == pytest.approx(evaluation["splat"]["top1"], abs=1e-9)
+
+        good = bytes(sample["splats.npy"])
+        arr = splats.from_bytes(good)
+        nan = arr.copy()
+        nan[0, 0] = np.nan
+        nan_bytes = good[: len(good) - nan.nbytes] + nan.tobytes()  # the same header, a NaN in the values
+        many = splats.to_bytes(np.tile(arr, (101 // len(arr) + 1, 1))[:101])
+        for data, kwargs, status, words in [
+            (b"<html>not a splat file</html>", {}, 400, "not a splat file"),
+            (nan_bytes, {}, 400, "NaN"),
+            (many, {}, 413, "101 Gaussians; this encoder accepts at most 100"),
+            (good, {"content_type": "image/png"}, 415, "content type 'image/png'"),
+            (b"\0" * 100_000, {}, 413, "limit is 65536"),
+            (good, {"token": ""}, 401, "bearer token"),
+            (good, {"token": "wrong-token"}, 401, "bearer token"),
+        ]:
+            got, answer = post(url, data, **{"token": TOKEN, **kwargs})
+            assert got == status and words in answer["error"], (got, answer)
+        assert post(url, good, token=TOKEN)[0] == 200  # the replica goes on serving
+    finally:
+        server.send_signal(signal.SIGTERM)  # the job shuts Serve down, then its local Ray
+        try:
+            output, _ = server.communicate(timeout=120)
+        finally:
+            try:
+                os.killpg(server.pid, signal.SIGKILL)  # anything of its session left behind
+            except ProcessLookupError:
+                pass
+    assert server.returncode == 0, output[-3000:]
+    assert f"serving models:/{REGISTERED}/1 at {url}" in output and "stopped serving" in output
+    assert TOKEN not in output

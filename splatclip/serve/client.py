@@ -1,0 +1,57 @@
+"""The device side: post a splat file to the serve application, and what the same image costs as
+PNG or JPEG (the bytes the splats replace on the way to the cloud)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import torch
+
+TOKEN_ENV = "SPLATCLIP_SERVE_TOKEN"  # the bearer token, read from the environment (never an argument)
+JPEG_QUALITY = 90
+
+
+def post(url: str, data: bytes, token: str | None = None, timeout: float = 60.0,
+         content_type: str = "application/octet-stream") -> tuple[int, dict]:
+    """(HTTP status, the JSON answer) of POSTing `data` to `url`."""
+    headers = {"Content-Type": content_type}
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:  # a 4xx/5xx still carries the service's JSON
+        body = err.read()
+        try:
+            return err.code, json.loads(body)
+        except ValueError:
+            return err.code, {"error": body[:200].decode("utf-8", "replace")}
+
+
+def encoded_sizes(image: torch.Tensor) -> dict[str, int]:
+    """image [3, H, W] in [0, 1] -> bytes as PNG and as JPEG (quality JPEG_QUALITY)."""
+    from PIL import Image
+
+    from splatclip.pictures import to_uint8
+
+    picture = Image.fromarray(to_uint8(image))
+    sizes = {}
+    for fmt, options in (("PNG", {"optimize": True}), ("JPEG", {"quality": JPEG_QUALITY})):
+        buf = io.BytesIO()
+        picture.save(buf, fmt, **options)
+        sizes[fmt] = len(buf.getvalue())
+    return sizes
+
+
+def describe(answer: dict) -> str:
+    """One line of an answer: its top classes, or the embedding's size."""
+    if answer.get("classes"):
+        return ", ".join(f"{c['name']} {c['score']:.3f}" for c in answer["classes"])
+    return f"embedding of {len(answer.get('embedding', []))} numbers"
+
