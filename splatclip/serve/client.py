@@ -35,12 +35,15 @@ def post(url: str, data: bytes, token: str | None = None, timeout: float = 60.0,
 
 
 def encoded_sizes(image: torch.Tensor) -> dict[str, int]:
-    """image [3, H, W] in [0, 1] -> bytes as PNG and as JPEG (quality JPEG_QUALITY)."""
+    """image [3, H, W] in [0, 1] -> bytes as PNG and as JPEG (quality JPEG_QUALITY); a gray image
+    (three equal channels) is encoded as one channel, as a device would send it."""
     from PIL import Image
 
     from splatclip.pictures import to_uint8
 
-    picture = Image.fromarray(to_uint8(image))
+    pixels = to_uint8(image)  # [H, W, 3]
+    gray = (pixels == pixels[..., :1]).all()
+    picture = Image.fromarray(pixels[..., 0] if gray else pixels)
     sizes = {}
     for fmt, options in (("PNG", {"optimize": True}), ("JPEG", {"quality": JPEG_QUALITY})):
         buf = io.BytesIO()
