@@ -9,7 +9,9 @@ Two things spend the work where it pays (docs/method.md, 'Fitting'):
   image lacks;
 - per-image stopping: with `target_psnr`, an image that reaches it at full size leaves the batch
   (its parameters and its Adam state are cut out), so a batch's step costs what its unfinished images
-  do; `iterations` is then a ceiling. An image's result is the one it would have alone.
+  do; `iterations` is then a ceiling. While coarse, an image is looked at full size every
+  COARSE_CHECK steps once its half-size PSNR is near the target. An image's result is the one it
+  would have alone.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MIN_SCALE_PX = 0.1  # l11 and l22 never shrink below a tenth of a pixel
 MIN_COARSE_PX = 32  # no coarse phase where half the shorter side would be smaller
 COARSE_SHARE = 5 / 6  # at most this share of the iterations is coarse
 COARSE_CHECK = 10  # with a target, coarse steps render at full size (no gradient) every this many to look
+COARSE_NEAR_DB = 1.0  # at the images whose half-size PSNR is within this of the target (full size adds error)
 
 
 @dataclass
@@ -105,6 +108,23 @@ def stop(batch: Batch, rows: torch.Tensor, done: torch.Tensor, done_mask: torch.
     return batch
 
 
+def coarse_check(batch: Batch, err: torch.Tensor | None, cfg: FitParams, done: torch.Tensor,
+                 done_mask: torch.Tensor) -> Batch | None:
+    """While coarse, the images near the target (half-size PSNR within COARSE_NEAR_DB of it, from the
+    last step's `err` [b]; all of them before the first step) rendered at full size, where the target
+    is measured, and those at it stopped. Each image's look depends on itself alone."""
+    H, W = batch.images.shape[-2:]
+    with torch.no_grad():
+        near = torch.ones(len(batch.index), dtype=torch.bool, device=batch.images.device) if err is None else \
+            psnr_from_mse(err.detach()) >= cfg.target_psnr - COARSE_NEAR_DB  # [b]
+        if not near.any():
+            return batch
+        full = mse(render(batch.params[near], H, W, batch.mask[near], cfg.backend, cfg.compile), batch.images[near])
+        reached = torch.zeros_like(near)
+        reached[near] = psnr_from_mse(full) >= cfg.target_psnr
+    return stop(batch, reached, done, done_mask)
+
+
 def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, progress: bool = False) -> FitResult:
     """images [B, 3, H, W] in [0, 1] -> fitted splats and per-image metrics."""
     start = time.perf_counter()
@@ -123,12 +143,11 @@ def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, pro
     prune_at = prune_steps(cfg.iterations) if cfg.prune_tau > 0 else set()
     phases = resolution_schedule(cfg.iterations, H, W, cfg.coarse)
 
+    err = None  # [b] the last step's error, at the size it rendered
     for it in tqdm(range(cfg.iterations), disable=not progress, desc=f"fit {B}x{n}", unit="it"):
         h, w = next((h, w) for first, h, w in reversed(phases) if it >= first)
         if cfg.target_psnr is not None and (h, w) != (H, W) and it % COARSE_CHECK == 0:
-            with torch.no_grad():  # the target is a full-size PSNR: looked at now and then while coarse
-                err = mse(render(batch.params, H, W, batch.mask, cfg.backend, cfg.compile), batch.images)
-            batch = stop(batch, psnr_from_mse(err) >= cfg.target_psnr, done, done_mask)
+            batch = coarse_check(batch, err, cfg, done, done_mask)
         if batch is None:
             break
         target = batch.images if (h, w) == (H, W) else F.interpolate(batch.images, size=(h, w), mode="area")

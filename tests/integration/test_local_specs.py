@@ -65,3 +65,6 @@ def test_local_specs_chain_from_an_empty_directory(tmp_path):
     assert all(r.info.status == "FINISHED" for r in jobs)
     (evaluation,) = [r for r in jobs if r.data.tags["splatclip.job"] == "evaluate"]
     assert [a.path for a in client.list_artifacts(evaluation.info.run_id)] == ["digits.json"]
+    (registered,) = client.search_model_versions("name = 'splat-encoder-local'")  # what serve.local.yaml serves
+    (encoder,) = [r for r in jobs if r.info.run_id == registered.run_id]
+    assert encoder.data.tags["splatclip.job"] == "train" and registered.version == 1

@@ -43,15 +43,11 @@ def test_fit_with_a_missing_teacher_weights_file_exits_2_before_writing(tmp_path
     assert not (tmp_path / "out").exists() and "Ray instance" not in proc.stderr
 
 
-@pytest.mark.parametrize("model, words", [
-    ("models:/nobody-registered-this/1", "model models:/nobody-registered-this/1: not in the registry at sqlite:///"),
-    ("runs/nothing/model.pt", "runs/nothing/model.pt: no such model file"),
-    ("models:/name/v1", "expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS"),
-], ids=["unregistered", "no-file", "malformed"])
-def test_serve_given_a_model_it_cannot_find_exits_2_naming_it(tmp_path, model, words):
-    proc = subprocess.run([sys.executable, "jobs/serve.py", "jobs/specs/serve.local.yaml", "--set", f"model={model}",
-                           "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+
+def test_serve_given_a_model_not_in_the_registry_exits_2_naming_it(tmp_path):
+    proc = subprocess.run([sys.executable, "jobs/serve.py", "jobs/specs/serve.local.yaml", "--set",
+                           "model=models:/nobody-registered-this/1", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert words in proc.stderr
+    assert "model models:/nobody-registered-this/1: not in the registry at sqlite:///" in proc.stderr
     assert "Ray instance" not in proc.stderr and "Traceback" not in proc.stderr

@@ -162,3 +162,17 @@ def test_a_target_with_coarse_steps_never_moves_an_image_already_there(photos64)
     assert result.metrics[1]["iterations"] == 0  # the rocket starts above 24 dB at full size
     init = structured_init(photos64[[3]], 256, backend="torch").half().float()
     torch.testing.assert_close(result.splats.params[1], init[0])
+
+
+def test_while_coarse_only_images_near_the_target_are_looked_at_full_size_each_as_alone(photos64, monkeypatch):
+    calls = rendered_sizes(monkeypatch)
+    config = cfg(iterations=120, target_psnr=26.0, coarse=100)
+    together = fit_batch(photos64, config)
+    looks = [b for b, h, w in calls[1:-1] if (h, w) == (64, 64)][:9]  # after the first look, before the last render
+    assert any(0 < b < 4 for b in looks[:5]), looks  # looks at some images only, not the whole batch
+    steps = [m["iterations"] for m in together.metrics]
+    assert min(steps) < 100 < max(steps), steps  # some stop while coarse, some run on
+    for i in range(4):
+        alone = fit_batch(photos64[i : i + 1], config)
+        assert alone.metrics[0]["iterations"] == steps[i]
+        torch.testing.assert_close(together.splats.params[i], alone.splats.params[0], rtol=2e-3, atol=2e-3)

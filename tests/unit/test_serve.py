@@ -15,7 +15,8 @@ from splatclip import splats
 from splatclip.models.gsclip import from_open_clip
 from splatclip.models.model_file import load_model, save_model
 from splatclip.models.zeroshot import load_classes, load_templates
-from splatclip.platform.specs import ModelSpec, ShardLimits
+from splatclip.platform.specs import ModelSpec, ServeSpec, ShardLimits
+from splatclip.serve.deploy import absolute, model_problem
 from splatclip.serve.encoder import BadRequest, Encoder, parse
 from splatclip.serve.pyfunc import ARTIFACT, log_encoder
 
@@ -56,6 +57,18 @@ def test_a_bad_payload_is_refused_naming_what_is_wrong(payload, status, words):
     with pytest.raises(BadRequest) as refused:
         parse(payload, LIMITS)
     assert refused.value.status == status and words in str(refused.value)
+
+
+@pytest.mark.parametrize("model, words", [
+    ("runs/nothing/model.pt", "runs/nothing/model.pt: no such model file"),
+    ("models:/name/v1", "expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS"),
+    ("models:/nobody/latest", "models:/nobody/latest: not in the registry at sqlite:///"),
+    ("models:/nobody@champion", "models:/nobody@champion: not in the registry at sqlite:///"),
+], ids=["no-file", "malformed", "no-versions", "no-alias"])
+def test_the_serve_job_names_a_model_it_cannot_find(tmp_path, monkeypatch, model, words):
+    monkeypatch.chdir(tmp_path)
+    spec = absolute(ServeSpec(model=model, tracking={"uri": "sqlite:///mlflow.db"}))
+    assert words in model_problem(spec)
 
 
 def test_the_registered_model_loads_in_a_fresh_process_and_answers_as_the_encoder(tmp_path, monkeypatch):
