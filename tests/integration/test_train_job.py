@@ -277,7 +277,11 @@ def test_ray_job_submit_train_logs_to_mlflow_server(digits, ray_head, mlflow_ser
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     assert client.get_experiment_by_name("submitted").tags["mlflow.experimentKind"] == "custom_model_development"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"model"}
+    # the spec registers the encoder (tracking.register): through the server, as an MLflow model
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"model", "encoder"}
+    (version,) = [v for v in client.search_model_versions("name = 'splat-encoder-local'")
+                  if v.run_id == run.info.run_id]
+    assert version.source == f"runs:/{run.info.run_id}/encoder"
 
 
 def test_evaluate_matches_accuracy_by_hand(digits, tmp_path):
