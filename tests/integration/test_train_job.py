@@ -63,6 +63,7 @@ def digits(tmp_path_factory, ray_local):
 def train_args(root, name, tracking, *extra):
     return [f"data={root}/splats-train/train-{{00000..00003}}.tar", f"storage_path={root}/runs", f"name={name}",
             *MODEL, "model.pretrained=null", "images=null", "eval_data=null",  # the local spec's, for its own chain
+            "tracking.register=null",  # likewise (registering is the submitted job's test and the chain's)
             "batch_size=8", "ray.actors=2", "ray.cpus_per_actor=1", f"tracking.uri={tracking}",
             "tracking.experiment=train-tests", *extra]
 
@@ -260,7 +261,7 @@ def test_ray_job_submit_train_logs_to_mlflow_server(digits, ray_head, mlflow_ser
     address, env = ray_head
     args = train_args(digits, "submitted", mlflow_server, "stages=[{kind: contrastive, epochs: 1}]", "checkpoint_every=100",
                       "tracking.experiment=submitted", "tracking.run_name=submitted-run",
-                      "tracking.system_metrics=0.5")
+                      "tracking.system_metrics=0.5", "tracking.register=splat-encoder-local")
     result = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
          "--", "python", "jobs/train.py", "jobs/specs/train.local.yaml", *[f"--set={a}" for a in args]],
