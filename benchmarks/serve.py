@@ -21,15 +21,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from splatclip.platform.runtime import free_port
 from splatclip.platform.shards import read_samples
-from splatclip.serve.client import encoded_sizes, post
+from splatclip.serve.client import encoded_sizes, post, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "splatclip-digits-g49"  # what the demo registers
@@ -42,22 +40,6 @@ def start(root: Path, port: int) -> subprocess.Popen:
             "ray.num_cpus=3", "ray.cpus_per_actor=2", "batch.max_size=32"]
     return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), *[f"--set={a}" for a in args]], cwd=root,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        if server.poll() is not None:
-            raise SystemExit(f"the serve job exited with {server.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=5)
-        except urllib.error.HTTPError as err:
-            if err.code == 405:  # up: a GET is refused by the application itself
-                return time.perf_counter() - start
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} did not come up in {seconds} s")
 
 
 def level(url: str, payloads: list[bytes], clients: int, requests: int) -> dict:

@@ -64,12 +64,27 @@ def _batches(items: list, size: int):
         yield items[s : s + size]
 
 
+def load_images(command: str, paths: list[str], size: int) -> list[tuple]:
+    """(path, image [3, size, size], source bytes) of each image that loads; each that does not is
+    named on stderr."""
+    from splatclip.fitting.images import ImageError, load_file
+
+    loaded = []
+    for path in paths:
+        try:
+            image, nbytes = load_file(path, size)
+        except (ImageError, OSError) as err:
+            print(f"splatclip {command}: {path}: {err}", file=sys.stderr)
+            continue
+        loaded.append((Path(path), image, nbytes))
+    return loaded
+
+
 def cmd_fit(args) -> int:
     import torch
 
     from splatclip import splats
     from splatclip.fitting.fitter import fit_batch
-    from splatclip.fitting.images import ImageError, load_file
 
     try:
         cfg = FitParams(
@@ -88,15 +103,8 @@ def cmd_fit(args) -> int:
         return 2
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded, failed = [], 0
-    for path in args.images:
-        try:
-            image, nbytes = load_file(path, cfg.size)
-        except (ImageError, OSError) as err:
-            print(f"splatclip fit: {path}: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        loaded.append((Path(path), image, nbytes))
+    loaded = load_images("fit", args.images, cfg.size)
+    failed = len(args.images) - len(loaded)
     rows = []
     for batch in _batches(loaded, args.batch_size):
         images = torch.stack([b[1] for b in batch])
@@ -159,7 +167,6 @@ def cmd_send(args) -> int:
     and the bytes sent against the image's PNG and JPEG."""
     from splatclip import splats
     from splatclip.fitting.fitter import fit_batch
-    from splatclip.fitting.images import ImageError, load_file
     from splatclip.serve.client import describe, encoded_sizes, post
 
     try:
@@ -168,15 +175,10 @@ def cmd_send(args) -> int:
     except Exception as err:  # pydantic names the field
         print(f"splatclip send: {err}", file=sys.stderr)
         return 2
-    failed = 0
+    loaded = load_images("send", args.images, cfg.size)
+    failed = len(args.images) - len(loaded)
     print(f"{'image':<24} {'PSNR':>9} {'sent':>7} {'PNG':>7} {'JPEG':>7} {'source':>8}  answer")
-    for path in args.images:
-        try:
-            image, source = load_file(path, cfg.size)
-        except (ImageError, OSError) as err:
-            print(f"splatclip send: {path}: {err}", file=sys.stderr)
-            failed += 1
-            continue
+    for path, image, source in loaded:
         result = fit_batch(image[None], cfg)
         data = splats.to_bytes(result.splats.encode(0))
         try:
@@ -190,7 +192,7 @@ def cmd_send(args) -> int:
             failed += 1
             continue
         sizes = encoded_sizes(image)
-        print(f"{Path(path).name[:24]:<24} {result.metrics[0]['psnr']:6.2f} dB {len(data):7d} {sizes['PNG']:7d} "
+        print(f"{path.name[:24]:<24} {result.metrics[0]['psnr']:6.2f} dB {len(data):7d} {sizes['PNG']:7d} "
               f"{sizes['JPEG']:7d} {source:8d}  {describe(answer)}")
     return 1 if failed else 0
 

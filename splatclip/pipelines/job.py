@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from splatclip.datasets import resolve_example
 from splatclip.platform import placement, storage
 from splatclip.platform.lease import Lease, LeaseHeld
-from splatclip.platform.runtime import init_ray, joins_cluster, local_node_type
+from splatclip.platform.runtime import init_ray, node_types
 from splatclip.platform.secrets import redact
 from splatclip.platform.tracking import Tracker
 
@@ -61,12 +61,7 @@ class Job:
     def place(self) -> list[str]:
         """Check the job's requests and paths against the node types of the cluster it will run on;
         problems as in `check`."""
-        ray_spec = self.spec.ray
-        if joins_cluster(ray_spec):
-            init_ray(ray_spec)
-            types, source = placement.cluster_node_types(ray_spec.autoscaler_config)
-        else:
-            types, source = [local_node_type(ray_spec)], "the local Ray this job starts"
+        types, source = node_types(self.spec.ray)
         log.info("node types (from %s): %s", source, "; ".join(f"{t.name} {placement.fmt(t.resources)}" for t in types))
         self.placed, problems = {}, []
         for what, (request, count) in self.requests().items():

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 
+from splatclip.platform import placement
 from splatclip.platform.placement import NodeType
 from splatclip.platform.specs import RaySpec
 
@@ -127,3 +128,12 @@ def local_node_type(spec: RaySpec) -> NodeType:
 def pool_size(spec: RaySpec) -> tuple[int, int]:
     """(min, max) actors of an autoscaling pool."""
     return spec.actors, max(spec.actors, spec.max_actors or spec.actors)
+
+
+def node_types(spec: RaySpec) -> tuple[list[NodeType], str]:
+    """(the node types a job's requests must fit, where they came from): the cluster's, joined here,
+    or the one node of the local Ray the job will start."""
+    if joins_cluster(spec):
+        init_ray(spec)
+        return placement.cluster_node_types(spec.autoscaler_config)
+    return [local_node_type(spec)], "the local Ray this job starts"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -58,3 +60,20 @@ def describe(answer: dict) -> str:
         return ", ".join(f"{c['name']} {c['score']:.3f}" for c in answer["classes"])
     return f"embedding of {len(answer.get('embedding', []))} numbers"
 
+
+def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> float:
+    """Seconds until the application at `url` answers (a GET gets its 405); RuntimeError if the serve
+    job `server` exits first or `seconds` pass."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if server.poll() is not None:
+            raise RuntimeError(f"the serve job exited with {server.returncode} before {url} answered")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+        except urllib.error.HTTPError as err:
+            if err.code == 405:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")

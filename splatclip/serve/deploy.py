@@ -15,7 +15,7 @@ import signal
 import threading
 
 from splatclip.platform import placement, storage
-from splatclip.platform.runtime import actor_request, init_ray, joins_cluster, local_node_type
+from splatclip.platform.runtime import actor_request, init_ray, joins_cluster, node_types
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import ServeSpec
 from splatclip.platform.tracking import absolute_uri
@@ -71,11 +71,8 @@ def run(spec: ServeSpec) -> int:
         log.error("%s", problem)
         return 2
     joining = joins_cluster(spec.ray)
+    types, _ = node_types(spec.ray)
     init_ray(spec.ray)
-    if joining:
-        types, _ = placement.cluster_node_types(spec.ray.autoscaler_config)
-    else:
-        types = [local_node_type(spec.ray)]
     request, problem = placement.fit_request("a serve replica", actor_request(spec.ray), types, spec.ray.actors)
     if problem:
         log.error("%s", problem)

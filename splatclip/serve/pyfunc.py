@@ -64,13 +64,13 @@ def log_encoder(client, run_id: str, model_url: str, classes: str, templates: st
     from splatclip.models.model_file import read_payload
     from splatclip.models.zeroshot import load_classes
 
-    payload = read_payload(model_url, spec)
-    if payload["model"]["encoder"] != "splat":
-        raise ValueError(f"{model_url}: an RGB model; the MLflow model serves splat encoders")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         artifacts = {"model": tmp / "model.pt", "config": tmp / "config.json"}
-        artifacts["model"].write_bytes(storage.read_bytes(model_url, spec))
+        artifacts["model"].write_bytes(storage.read_bytes(model_url, spec))  # read once; the copy is local
+        payload = read_payload(str(artifacts["model"]))
+        if payload["model"]["encoder"] != "splat":
+            raise ValueError(f"{model_url}: an RGB model; the MLflow model serves splat encoders")
         name, pretrained = payload["model"]["name"], payload["model"]["pretrained"]
         if name.endswith(".json") and storage.exists(name, spec):  # a config file, not a model open_clip knows
             artifacts["backbone_config"] = tmp / posixpath.basename(name)  # open_clip names the model by its stem

@@ -92,26 +92,6 @@ def serve_job(root: Path, port: int, *overrides: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
-    """Until the application answers (a GET gets 405), or the job has exited."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert server.poll() is None, server.stdout.read()[-3000:]
-        try:
-            urllib.request.urlopen(url, timeout=5)
-        except urllib.error.HTTPError as err:
-            if err.code == 405:
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} did not come up in {seconds} s")
-
-
 def test_serve_the_registered_encoder_answers_as_the_evaluate_job_and_refuses_bad_requests(demo):
     import numpy as np
 
@@ -119,7 +99,7 @@ def test_serve_the_registered_encoder_answers_as_the_evaluate_job_and_refuses_ba
     from splatclip.datasets import DIGIT_CLASSES
     from splatclip.platform.runtime import free_port
     from splatclip.platform.shards import read_samples
-    from splatclip.serve.client import post
+    from splatclip.serve.client import post, wait_until_up
 
     root, _ = demo
     port = free_port()
