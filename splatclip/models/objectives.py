@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from splatclip.models.augment import Augment, augment_images, augment_splats, draw
 from splatclip.models.backbone import embed_images
 from splatclip.models.gsclip import GSCLIP
 from splatclip.models.losses import clip_loss, distill_loss
@@ -48,10 +49,31 @@ class Objective:
     def __call__(self, model: GSCLIP, batch: dict, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def option_problems(cls, settings: BaseModel, encoder: str, images: bool) -> list[str]:
+        """What valid settings cannot do with this encoder and data, one line each."""
+        return []
+
+
+AUGMENT = Field(None, description="Random transforms per sample (splatclip.models.augment.Augment: rotate, scale, "
+                "shift, blur, gain, stroke); on splats exact, never refitted.")
+
+
+def splat_augment_problems(augment: Augment | None) -> list[str]:
+    if augment is not None and augment.stroke > 0:
+        return ["options.augment.stroke: a change of stroke width has no exact form on splats; "
+                "it augments the RGB encoder's images only"]
+    return []
+
 
 class DistillSettings(NoSettings):
     normalize: bool = Field(True, description="Compare L2-normalized embeddings (the method's choice); false: "
                             "the raw embeddings, which also matches their norms.")
+    augment: Augment | None = AUGMENT
+
+
+class ContrastiveSettings(NoSettings):
+    augment: Augment | None = AUGMENT
 
 
 @register
@@ -64,10 +86,23 @@ class Distill(Objective):
     reads_images = True
     Settings = DistillSettings
 
+    @classmethod
+    def option_problems(cls, settings, encoder, images):
+        problems = splat_augment_problems(settings.augment)
+        if settings.augment is not None and not images:
+            problems.append("options.augment: the stored teacher embeddings are of the untransformed images; "
+                            "augmenting distillation needs the source images (`images:`), which the teacher "
+                            "embeds after the same transform as the splats")
+        return problems
+
     def __call__(self, model, batch, device):
         params, mask = batch["params"].to(device), batch["mask"].to(device)  # [b, N, 8], [b, N]
         if self.teacher is not None:
-            target = embed_images(self.teacher, batch["images"].to(device))  # [b, D]
+            images = batch["images"].to(device)  # [b, 3, S, S]
+            if self.settings.augment is not None:  # one transform for the student's splats and the teacher's image
+                d = draw(self.settings.augment, len(params), device)
+                params, images = augment_splats(params, d), augment_images(images, d)
+            target = embed_images(self.teacher, images)  # [b, D]
         elif "teacher" in batch:
             target = batch["teacher"].to(device)  # [b, D]
         else:
@@ -83,12 +118,24 @@ class Contrastive(Objective):
 
     name = "contrastive"
     global_batch = True
+    Settings = ContrastiveSettings
+
+    @classmethod
+    def option_problems(cls, settings, encoder, images):
+        return splat_augment_problems(settings.augment) if encoder == "splat" else []
 
     def __call__(self, model, batch, device):
+        augment = self.settings.augment
         if model.encoder == "splat":
-            image = model.encode_splats(batch["params"].to(device), batch["mask"].to(device))  # [b, D]
+            params = batch["params"].to(device)  # [b, N, 8]
+            if augment is not None:
+                params = augment_splats(params, draw(augment, len(params), device))
+            image = model.encode_splats(params, batch["mask"].to(device))  # [b, D]
         else:
-            image = model.encode_image(batch["images"].to(device))  # [b, D]
+            images = batch["images"].to(device)  # [b, 3, S, S]
+            if augment is not None:
+                images = augment_images(images, draw(augment, len(images), device))
+            image = model.encode_image(images)  # [b, D]
         text = model.encode_text(batch["tokens"].to(device))  # [b, D]
         return clip_loss(image, text, model.logit_scale, batch["positive_ids"])
 
@@ -113,12 +160,14 @@ def stage_problems(stages: list, encoder: str, images: bool) -> list[str]:
             problems.append(f"stages.{i}.kind: {kind} trains the {' or '.join(OBJECTIVES[kind].encoders)} encoder, "
                             f"not {encoder}")
         try:
-            settings(kind, stage.options)
+            options = settings(kind, stage.options)
         except ValidationError as err:
             for e in err.errors():
                 where = ".".join(str(p) for p in e["loc"])
                 problems.append(f"stages.{i}.options.{where}: {e['msg']} ({kind} takes "
                                 f"{', '.join(OBJECTIVES[kind].Settings.model_fields) or 'no options'})")
+            continue
+        problems += [f"stages.{i}.{line}" for line in OBJECTIVES[kind].option_problems(options, encoder, images)]
     if images and not any(kind in OBJECTIVES and OBJECTIVES[kind].reads_images for kind in kinds):
         readers = ", ".join(sorted(name for name, cls in OBJECTIVES.items() if cls.reads_images))
         problems.append(f"images: no stage reads the source images (objectives that do: {readers})")

@@ -26,9 +26,24 @@ def test_a_stage_sets_its_objectives_own_settings_and_nothing_else():
     assert settings("distill", {}).normalize and not settings("distill", {"normalize": False}).normalize
     assert stage_problems(stages("distill", distill={"normalize": False}), "splat", False) == []
     assert stage_problems(stages("distill", distill={"normalise": False}), "splat", False) == [
-        "stages.0.options.normalise: Extra inputs are not permitted (distill takes normalize)"]
+        "stages.0.options.normalise: Extra inputs are not permitted (distill takes normalize, augment)"]
     assert stage_problems(stages("contrastive", contrastive={"temperature": 0.1}), "splat", False) == [
-        "stages.0.options.temperature: Extra inputs are not permitted (contrastive takes no options)"]
+        "stages.0.options.temperature: Extra inputs are not permitted (contrastive takes augment)"]
+
+
+def test_augmentation_is_refused_where_it_would_not_be_exact_or_paired():
+    augment = {"augment": {"rotate": 10, "blur": 0.02}}
+    assert stage_problems(stages("distill", distill=augment), "splat", True) == []
+    assert stage_problems(stages("contrastive", contrastive=augment), "splat", False) == []
+    assert stage_problems(stages("distill", distill=augment), "splat", False) == [
+        "stages.0.options.augment: the stored teacher embeddings are of the untransformed images; augmenting "
+        "distillation needs the source images (`images:`), which the teacher embeds after the same transform as "
+        "the splats"]
+    stroke = {"augment": {"stroke": 0.04}}
+    assert stage_problems(stages("contrastive", contrastive=stroke), "rgb", False) == []
+    assert stage_problems(stages("contrastive", contrastive=stroke), "splat", False) == [
+        "stages.0.options.augment.stroke: a change of stroke width has no exact form on splats; it augments the "
+        "RGB encoder's images only"]
 
 
 def test_a_new_objective_is_one_registered_class():
@@ -79,3 +94,27 @@ def test_the_objectives_are_the_losses_they_name():
                          model.logit_scale, data["positive_ids"])
         assert torch.allclose(OBJECTIVES["contrastive"]()(model, data, cpu), want)
     assert OBJECTIVES["contrastive"].global_batch and not OBJECTIVES["distill"].global_batch
+
+
+def test_augmented_distillation_shows_the_teacher_the_splats_transform():
+    """One draw per batch moves the student's splats and the teacher's source images alike."""
+    from splatclip.models.augment import Augment, augment_images, augment_splats, draw
+    from splatclip.models.backbone import embed_images
+
+    torch.manual_seed(0)
+    spec = ModelSpec(name="demo-vit", latents=4, resampler_layers=1, resampler_width=32, fourier_bands=2)
+    model, teacher = from_open_clip("demo-vit", None, spec), from_open_clip("demo-vit", None, spec).clip
+    model.eval(), teacher.eval()
+    data = batch()
+    data["images"] = torch.rand(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    augment = Augment(rotate=30, shift=0.1, blur=0.05, gain=(0.5, 1.5))
+    objective = OBJECTIVES["distill"](settings("distill", {"augment": augment.model_dump()}), teacher)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        loss = objective(model, data, torch.device("cpu"))
+        torch.manual_seed(7)
+        d = draw(augment, 4)
+        want = distill_loss(model.splat_features(augment_splats(data["params"], d), data["mask"]),
+                            embed_images(teacher, augment_images(data["images"], d)))
+        plain = OBJECTIVES["distill"](settings("distill", {}), teacher)(model, data, torch.device("cpu"))
+    assert torch.allclose(loss, want) and not torch.allclose(loss, plain)

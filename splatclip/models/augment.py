@@ -1,0 +1,96 @@
+"""Random augmentation for a training stage (`stages.N.options.augment`): on images for the RGB
+encoder, exactly on splats for the splat encoder (`splatclip.warps`), and on both at once when a
+frozen teacher embeds the source image of each splat sample, so that student and teacher see one
+transformed image (docs/method.md, 'Augmentation in splat space').
+
+Each sample draws its own rotation, zoom, shift, blur and gain (and, for images only, a change of
+stroke width) from torch's generator, which the train loop seeds and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from splatclip.warps import blur_images, blur_splats, gain_splats, warp_images, warp_splats
+
+
+class Augment(BaseModel):
+    """The ranges each sample's transform is drawn from; the defaults leave a sample as it is."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    rotate: float = Field(0.0, ge=0, le=180, description="Largest rotation, degrees either way.")
+    scale: tuple[float, float] = Field((1.0, 1.0), description="Range of the zoom about the center (log-uniform).")
+    shift: float = Field(0.0, ge=0, le=0.5, description="Largest shift in x and in y, a fraction of the image's side.")
+    blur: float = Field(0.0, ge=0, le=0.2, description="Largest Gaussian blur, sigma as a fraction of the image's "
+                        "side (uniform from 0).")
+    gain: tuple[float, float] = Field((1.0, 1.0), description="Range of the contrast gain: every color times it.")
+    stroke: float = Field(0.0, ge=0, le=0.2, description="Largest change of stroke width, a fraction of the image's "
+                          "side, thicker or thinner (dilation or erosion). Images only: it has no exact form on splats.")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for name in ("scale", "gain"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 4:
+                raise ValueError(f"{name} must be a range [low, high] with 0 < low <= high <= 4, got [{lo}, {hi}]")
+        return self
+
+
+@dataclass
+class Draw:
+    """One batch's transforms: A [b, 2, 2] and t [b, 2] (normalized coordinates), blur sigma [b] and
+    stroke radius [b] as fractions of the side, gain [b, 3]."""
+
+    A: torch.Tensor
+    t: torch.Tensor
+    sigma: torch.Tensor
+    gain: torch.Tensor
+    stroke: torch.Tensor
+
+
+def draw(settings: Augment, b: int, device=None) -> Draw:
+    """Each of b samples' transform, uniform within the settings' ranges."""
+    def uniform(lo: float, hi: float, *shape) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, *shape)
+
+    angle = uniform(-math.radians(settings.rotate), math.radians(settings.rotate))
+    zoom = torch.exp(uniform(*(math.log(v) for v in settings.scale)))
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    A = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [b, 2, 2]
+    t = uniform(-settings.shift, settings.shift, 2)  # [b, 2]
+    sigma, stroke = uniform(0, settings.blur), uniform(-settings.stroke, settings.stroke)
+    gain = uniform(*settings.gain)[:, None].expand(b, 3)  # [b, 3]: contrast, the same on every channel
+    return Draw(*(x.to(device) for x in (A, t, sigma, gain, stroke)))
+
+
+def stroke_width(images: torch.Tensor, radius_px: torch.Tensor) -> torch.Tensor:
+    """images [b, C, H, W], radius_px [b] (whole pixels, signed) -> dilated (> 0) or eroded (< 0) by a
+    square of that radius."""
+    out = images.clone()
+    for r in radius_px.unique().tolist():
+        if r == 0:
+            continue
+        rows = radius_px == r
+        k, x = 2 * abs(r) + 1, images[rows]
+        out[rows] = F.max_pool2d(x, k, 1, abs(r)) if r > 0 else -F.max_pool2d(-x, k, 1, abs(r))
+    return out
+
+
+def augment_images(images: torch.Tensor, d: Draw) -> torch.Tensor:
+    """images [b, C, S, S] in [0, 1] -> stroke width, then warp, blur and gain (as on splats)."""
+    side = images.shape[-1]
+    images = stroke_width(images, torch.round(d.stroke * side).long())
+    images = blur_images(warp_images(images, d.A, d.t), d.sigma * side)
+    return images * d.gain[:, :, None, None]
+
+
+def augment_splats(params: torch.Tensor, d: Draw) -> torch.Tensor:
+    """params [b, N, 8] -> warp, blur and gain, exactly (stroke width is not drawn for splats)."""
+    params = blur_splats(warp_splats(params, d.A, d.t), d.sigma, 1, 1)  # sigma in normalized units
+    return gain_splats(params, d.gain)

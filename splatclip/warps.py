@@ -1,0 +1,89 @@
+"""Image transforms done exactly on splats, each beside its image-space twin.
+
+A splat image is a sum of Gaussians, so some image transforms have an exact form on its parameters
+(docs/method.md, 'Augmentation in splat space'); nothing is refitted:
+
+- an affine map of the plane, p -> A (p - c) + c + t (c the image's center): each mean moves the same
+  way and each covariance becomes A Sigma A^T (its Cholesky factor in closed form);
+- a blur by an isotropic Gaussian of s pixels: Sigma + s^2 I, the color scaled by
+  sqrt(det Sigma / det(Sigma + s^2 I)) (a Gaussian convolved with a normalized Gaussian);
+- a gain per channel: the colors scaled (the renderer is linear in them).
+
+The twins (`warp_images`, `blur_images`, colors times the gain) do the same to a rendered or source
+image by resampling, so a model and a teacher can be shown one transformed image. Rendering the
+transformed splats equals transforming the render up to the resampling error and the renderer's
+cut-off at 3 sigma (tests/unit/test_warps.py). Positions are normalized ([0, 1] across the width and
+the height), so a rotation in pixels is `affine_normalized`'s conjugation of it by the image size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def affine_normalized(A_pix: torch.Tensor, t_pix: torch.Tensor, height: int, width: int):
+    """A map in pixels (A_pix [b, 2, 2] about the image center, t_pix [b, 2] in pixels, x then y)
+    -> the same map in normalized coordinates: (A [b, 2, 2], t [b, 2])."""
+    size = A_pix.new_tensor([width, height])  # [2]
+    A = A_pix * size[None, None, :] / size[None, :, None]  # D^-1 A_pix D, D = diag(W, H)
+    return A, t_pix / size
+
+
+def warp_splats(params: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """params [b, N, 8] -> the splats of the image warped by p -> A (p - 0.5) + 0.5 + t (normalized)."""
+    mean = params[..., 0:2] - 0.5  # [b, N, 2]
+    moved = torch.einsum("bij,bnj->bni", A, mean) + 0.5 + t[:, None, :]
+    l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]  # [b, N] each
+    a = A[:, None]  # [b, 1, 2, 2]
+    # M = A L, L = [[l11, 0], [l21, l22]]; the new factor is the Cholesky factor of M M^T
+    m11, m12 = a[..., 0, 0] * l11 + a[..., 0, 1] * l21, a[..., 0, 1] * l22
+    m21, m22 = a[..., 1, 0] * l11 + a[..., 1, 1] * l21, a[..., 1, 1] * l22
+    n11 = torch.sqrt(m11 * m11 + m12 * m12)
+    n21 = (m21 * m11 + m22 * m12) / n11
+    n22 = torch.abs(m11 * m22 - m12 * m21) / n11
+    return torch.cat([moved, torch.stack([n11, n21, n22], -1), params[..., 5:8]], -1)
+
+
+def warp_images(images: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """images [b, C, H, W] -> warped by the same map as `warp_splats` (bilinear; black outside)."""
+    inv = torch.linalg.inv(A)  # [b, 2, 2]
+    # grid_sample's coordinates are u = 2p - 1 (align_corners=False): output u' reads input A^-1 (u' - 2t)
+    theta = torch.cat([inv, -2 * torch.einsum("bij,bj->bi", inv, t)[..., None]], -1)  # [b, 2, 3]
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def blur_splats(params: torch.Tensor, sigma_px: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """params [b, N, 8], sigma_px [b] -> the splats of the image blurred by a Gaussian of sigma_px pixels."""
+    l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]  # [b, N]
+    sx, sy = (sigma_px / width)[:, None] ** 2, (sigma_px / height)[:, None] ** 2  # [b, 1]
+    s11, s21, s22 = l11 * l11 + sx, l11 * l21, l21 * l21 + l22 * l22 + sy  # Sigma + s^2 I
+    n11 = torch.sqrt(s11)
+    n21 = s21 / n11
+    n22 = torch.sqrt(s22 - n21 * n21)
+    gain = torch.abs(l11 * l22) / (n11 * n22)  # sqrt(det Sigma / det Sigma')
+    return torch.cat([params[..., 0:2], torch.stack([n11, n21, n22], -1), params[..., 5:8] * gain[..., None]], -1)
+
+
+def blur_images(images: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
+    """images [b, C, H, W], sigma_px [b] -> each blurred by a normalized Gaussian (zero outside the
+    frame, as a splat image's surroundings are for a digit); sigma 0 leaves an image as it is."""
+    b, c, h, w = images.shape
+    radius = max(1, math.ceil(3 * float(sigma_px.max())))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)  # [K]
+    s = sigma_px.to(images.dtype).clamp(min=1e-6)[:, None]
+    kernel = torch.exp(-0.5 * (x[None, :] / s) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)  # [b, K]; sigma ~0: a unit impulse
+    flat = images.reshape(1, b * c, h, w)
+    k = kernel.repeat_interleave(c, 0)  # [b C, K]
+    flat = F.conv2d(flat, k[:, None, None, :], padding=(0, radius), groups=b * c)
+    flat = F.conv2d(flat, k[:, None, :, None], padding=(radius, 0), groups=b * c)
+    return flat.reshape(b, c, h, w)
+
+
+def gain_splats(params: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """params [b, N, 8], gain [b, 3] -> the colors scaled per channel."""
+    return torch.cat([params[..., :5], params[..., 5:8] * gain[:, None, :]], -1)

@@ -1,0 +1,106 @@
+"""Transforms on splats against the same transforms on their renders (splatclip.warps), and the
+augmentation built on them (splatclip.models.augment)."""
+
+import math
+
+import pytest
+import torch
+
+from splatclip.cuda.dense import render_dense
+from splatclip.models.augment import Augment, augment_images, augment_splats, draw, stroke_width
+from splatclip.warps import affine_normalized, blur_images, blur_splats, gain_splats, warp_images, warp_splats
+
+
+def splats(b, n, h, w, seed=0):
+    """Gaussians of 2-5 pixels a side, sheared, well inside the frame, positive colors."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(b, n, 8, generator=g)
+    p[..., 0:2] = 0.3 + 0.4 * p[..., 0:2]
+    p[..., 2] = (2 + 3 * p[..., 2]) / w
+    p[..., 4] = (2 + 3 * p[..., 4]) / h
+    p[..., 3] = (p[..., 3] - 0.5) * 4 / h
+    p[..., 5:8] *= 0.6
+    return p
+
+
+def random_affine(b, h, w, seed=1):
+    """Rotations up to 30 degrees either way, zooms 0.8-1.25, shifts up to 3 pixels, in pixels."""
+    g = torch.Generator().manual_seed(seed)
+    angle = (torch.rand(b, generator=g) - 0.5) * math.radians(60)
+    zoom = 0.8 + 0.45 * torch.rand(b, generator=g)
+    A = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)], -2)
+    return affine_normalized(A * zoom[:, None, None], (torch.rand(b, 2, generator=g) - 0.5) * 6, h, w)
+
+
+@pytest.mark.parametrize("h,w", [(48, 48), (40, 56)])
+def test_warped_splats_render_as_the_warped_render(h, w):
+    p = splats(8, 20, h, w)
+    A, t = random_affine(8, h, w)
+    exact = render_dense(warp_splats(p, A, t), h, w)
+    resampled = warp_images(render_dense(p, h, w), A, t)
+    err = (exact - resampled).abs()
+    peak = exact.amax()
+    assert err.mean() < 2e-3 * peak and err.max() < 0.04 * peak  # bilinear resampling, the 3-sigma cut-off
+    # moving the means alone (covariances kept) is far off: the comparison can fail
+    means_only = render_dense(torch.cat([warp_splats(p, A, t)[..., :2], p[..., 2:]], -1), h, w)
+    assert (means_only - resampled).abs().mean() > 10 * err.mean()
+
+
+def test_the_identity_and_a_quarter_turn_are_exact_on_the_parameters():
+    p = splats(2, 5, 32, 32)
+    eye = torch.eye(2).expand(2, 2, 2)
+    torch.testing.assert_close(warp_splats(p, eye, torch.zeros(2, 2)), p)
+    turn = torch.tensor([[0.0, -1.0], [1.0, 0.0]]).expand(2, 2, 2)
+    twice = warp_splats(warp_splats(p, turn, torch.zeros(2, 2)), turn, torch.zeros(2, 2))
+    flipped = render_dense(twice, 32, 32)
+    torch.testing.assert_close(flipped, render_dense(p, 32, 32).flip(-1, -2), atol=1e-5, rtol=0)
+
+
+def test_blurred_splats_render_as_the_blurred_render():
+    h = w = 48
+    p = splats(6, 20, h, w, seed=3)
+    sigma = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+    exact = render_dense(blur_splats(p, sigma, h, w), h, w)
+    resampled = blur_images(render_dense(p, h, w), sigma)
+    assert (exact - resampled).abs().max() < 0.01 * exact.amax()
+    torch.testing.assert_close(blur_splats(p, torch.zeros(6), h, w), p)
+    assert (render_dense(p, h, w) - resampled)[2:].abs().amax((1, 2, 3)).min() > 0.05 * exact.amax()
+
+
+def test_a_gain_scales_the_render():
+    p = splats(2, 10, 24, 24)
+    gain = torch.tensor([[0.5, 1.0, 2.0], [1.5, 1.5, 1.5]])
+    torch.testing.assert_close(render_dense(gain_splats(p, gain), 24, 24),
+                               render_dense(p, 24, 24) * gain[:, :, None, None], atol=1e-6, rtol=1e-5)
+
+
+def test_augmenting_splats_and_images_with_one_draw_keeps_them_one_image():
+    h = w = 48
+    p = splats(6, 20, h, w, seed=5)
+    settings = Augment(rotate=20, scale=(0.85, 1.15), shift=0.06, blur=0.03, gain=(0.7, 1.3))
+    torch.manual_seed(0)
+    d = draw(settings, 6)
+    exact = render_dense(augment_splats(p, d), h, w)
+    resampled = augment_images(render_dense(p, h, w), d)
+    assert (exact - resampled).abs().mean() < 3e-3 * exact.amax()
+    assert (exact - render_dense(p, h, w)).abs().mean() > 10 * (exact - resampled).abs().mean()  # it did change
+    # the defaults transform nothing
+    plain = draw(Augment(), 6)
+    torch.testing.assert_close(augment_splats(p, plain), p)
+
+
+def test_stroke_width_thickens_and_thins_lines():
+    image = torch.zeros(2, 1, 9, 9)
+    image[:, :, 2:7, 4] = 1.0  # a one-pixel vertical line
+    out = stroke_width(image, torch.tensor([1, -1]))
+    assert out[0, 0, 4].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]  # three pixels wide
+    assert out[1].sum() == 0  # eroded away
+
+
+def test_augment_settings_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="scale must be a range"):
+        Augment(scale=(1.2, 0.8))
+    with pytest.raises(ValueError):
+        Augment(rotate=float("nan"))
+    with pytest.raises(ValueError):
+        Augment(zoom=2)
