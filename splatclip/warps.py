@@ -7,7 +7,10 @@ A splat image is a sum of Gaussians, so some image transforms have an exact form
   way and each covariance becomes A Sigma A^T (its Cholesky factor in closed form);
 - a blur by an isotropic Gaussian of s pixels: Sigma + s^2 I, the color scaled by
   sqrt(det Sigma / det(Sigma + s^2 I)) (a Gaussian convolved with a normalized Gaussian);
-- a gain per channel: the colors scaled (the renderer is linear in them).
+- a gain per channel: the colors scaled (the renderer is linear in them);
+- moving and scaling an image so its ink is centered with a given spread (`canonical_splats`): the
+  ink's centroid and second moments are sums over the Gaussians (each one's mass is its mean color
+  times 2 pi |l11 l22|), so no render is needed to find the map.
 
 The twins (`warp_images`, `blur_images`, colors times the gain) do the same to a rendered or source
 image by resampling, so a model and a teacher can be shown one transformed image. Rendering the
@@ -87,3 +90,52 @@ def blur_images(images: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
 def gain_splats(params: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """params [b, N, 8], gain [b, 3] -> the colors scaled per channel."""
     return torch.cat([params[..., :5], params[..., 5:8] * gain[:, None, :]], -1)
+
+
+def moments_splats(params: torch.Tensor, mask: torch.Tensor | None = None):
+    """params [b, N, 8], mask [b, N] -> the ink's (mass [b], centroid [b, 2], spread [b]) in normalized
+    coordinates, spread = sqrt of the mean of the two axes' variances. A Gaussian's ink is its mean
+    color times its integral, 2 pi |l11 l22| (the 3-sigma cut-off drops 1.1% of it)."""
+    l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]
+    w = params[..., 5:8].mean(-1) * 2 * math.pi * torch.abs(l11 * l22)  # [b, N]
+    if mask is not None:
+        w = w * mask
+    total = w.sum(1)  # [b]
+    safe = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
+    mu = (w[..., None] * params[..., 0:2]).sum(1) / safe[:, None]  # [b, 2]
+    d = params[..., 0:2] - mu[:, None]  # [b, N, 2]
+    var = (w * (l11 * l11 + l21 * l21 + l22 * l22 + (d * d).sum(-1))).sum(1) / safe  # trace of the covariance
+    return total, mu, torch.sqrt((var / 2).clamp_min(0))
+
+
+def moments_images(images: torch.Tensor):
+    """images [b, C, H, W] -> the same moments of the mean over channels, each pixel's ink at its center."""
+    h, w = images.shape[-2:]
+    m = images.mean(1)  # [b, H, W]
+    ys = (torch.arange(h, dtype=images.dtype, device=images.device) + 0.5) / h
+    xs = (torch.arange(w, dtype=images.dtype, device=images.device) + 0.5) / w
+    total = m.sum((1, 2))
+    safe = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
+    cx, cy = (m * xs).sum((1, 2)) / safe, (m * ys[:, None]).sum((1, 2)) / safe
+    var = (m * ((xs - cx[:, None, None]) ** 2 + (ys[:, None] - cy[:, None, None]) ** 2)).sum((1, 2)) / safe
+    return total, torch.stack([cx, cy], -1), torch.sqrt((var / 2).clamp_min(0))
+
+
+def canonical_map(total: torch.Tensor, mu: torch.Tensor, spread: torch.Tensor, target: float):
+    """The map taking an image with these moments to its ink centered at spread `target`: (A, t). An
+    image with no ink (or a negative total) keeps its place; the zoom stays within [1/4, 4]."""
+    usable = (total > 1e-6) & (spread > 1e-4)
+    zoom = torch.where(usable, target / spread.clamp_min(1e-4), torch.ones_like(spread)).clamp(0.25, 4.0)
+    A = torch.eye(2, dtype=mu.dtype, device=mu.device) * zoom[:, None, None]  # [b, 2, 2]
+    t = torch.where(usable[:, None], -zoom[:, None] * (mu - 0.5), torch.zeros_like(mu))
+    return A, t
+
+
+def canonical_splats(params: torch.Tensor, mask: torch.Tensor | None, target: float) -> torch.Tensor:
+    """params [b, N, 8] moved and scaled so that their ink is centered with spread `target`."""
+    return warp_splats(params, *canonical_map(*moments_splats(params, mask), target))
+
+
+def canonical_images(images: torch.Tensor, target: float) -> torch.Tensor:
+    """images [b, C, H, W] moved and scaled so that their ink is centered with spread `target`."""
+    return warp_images(images, *canonical_map(*moments_images(images), target))

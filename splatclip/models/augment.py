@@ -32,6 +32,7 @@ class Augment(BaseModel):
     gain: tuple[float, float] = Field((1.0, 1.0), description="Range of the contrast gain: every color times it.")
     stroke: float = Field(0.0, ge=0, le=0.2, description="Largest change of stroke width, a fraction of the image's "
                           "side, thicker or thinner (dilation or erosion). Images only: it has no exact form on splats.")
+    share: float = Field(1.0, ge=0, le=1, description="The share of samples transformed; the others pass as they are.")
 
     @model_validator(mode="after")
     def _ranges(self):
@@ -65,7 +66,9 @@ def draw(settings: Augment, b: int, device=None) -> Draw:
     A = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [b, 2, 2]
     t = uniform(-settings.shift, settings.shift, 2)  # [b, 2]
     sigma, stroke = uniform(0, settings.blur), uniform(-settings.stroke, settings.stroke)
-    gain = uniform(*settings.gain)[:, None].expand(b, 3)  # [b, 3]: contrast, the same on every channel
+    gain = uniform(*settings.gain)[:, None].repeat(1, 3)  # [b, 3]: contrast, the same on every channel
+    kept = torch.rand(b) >= settings.share  # [b]: these pass as they are
+    A[kept], t[kept], sigma[kept], gain[kept], stroke[kept] = torch.eye(2), 0.0, 0.0, 1.0, 0.0
     return Draw(*(x.to(device) for x in (A, t, sigma, gain, stroke)))
 
 

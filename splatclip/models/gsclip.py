@@ -21,6 +21,7 @@ from splatclip.models.backbone import create, normalize_images
 from splatclip.models.resampler import PerceiverResampler
 from splatclip.models.stem import SplatStem
 from splatclip.platform.specs import ModelSpec, StorageSpec
+from splatclip.warps import canonical_images, canonical_splats
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class GSCLIP(nn.Module):
         self.clip = clip
         self.tokenizer = tokenizer
         self.encoder = spec.encoder
+        self.canonical_spread = spec.canonical_spread
         width = clip.visual.class_embedding.shape[-1]
         self.splat = (
             GSEncoder(width, spec.latents, spec.resampler_layers, spec.fourier_bands, spec.resampler_width)
@@ -68,14 +70,20 @@ class GSCLIP(nn.Module):
         """params [B, N, 8], mask [B, N] (True: live) -> image embedding [B, D] (not normalized)."""
         if mask is None:
             mask = torch.ones(params.shape[:2], dtype=torch.bool, device=params.device)
+        if self.canonical_spread is not None:
+            params = canonical_splats(params, mask, self.canonical_spread)
         return through_vit(self.clip.visual, self.splat(params, mask))
 
     def encode_splats(self, params, mask=None):
         return F.normalize(self.splat_features(params, mask), dim=-1)
 
+    def view(self, images):
+        """images [B, 3, H, W] as this model is shown them (centered and zoomed with `canonical_spread`)."""
+        return images if self.canonical_spread is None else canonical_images(images, self.canonical_spread)
+
     def encode_image(self, images):
         """images [B, 3, H, W] in [0, 1] through the RGB tower."""
-        return F.normalize(self.clip.encode_image(normalize_images(self.clip, images)), dim=-1)
+        return F.normalize(self.clip.encode_image(normalize_images(self.clip, self.view(images))), dim=-1)
 
     def encode_text(self, tokens):
         return F.normalize(self.clip.encode_text(tokens), dim=-1)

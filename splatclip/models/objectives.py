@@ -102,7 +102,7 @@ class Distill(Objective):
             if self.settings.augment is not None:  # one transform for the student's splats and the teacher's image
                 d = draw(self.settings.augment, len(params), device)
                 params, images = augment_splats(params, d), augment_images(images, d)
-            target = embed_images(self.teacher, images)  # [b, D]
+            target = embed_images(self.teacher, model.view(images))  # [b, D]: the image as the student sees it
         elif "teacher" in batch:
             target = batch["teacher"].to(device)  # [b, D]
         else:

@@ -209,6 +209,11 @@ class ModelSpec(Model):
     resampler_layers: int = Field(4, ge=1, le=64)
     resampler_width: int = Field(448, ge=8, le=16_384, description="Width inside the resampler (projected to the ViT's).")
     fourier_bands: int = Field(8, ge=1, le=64)
+    canonical_spread: float | None = Field(
+        None, gt=0, le=0.5, description="Show the model each image (or splat set) moved and zoomed so that its ink is "
+        "centered with this spread (the rms distance from the centroid along an axis, in image sides; 0.17 for "
+        "MNIST's digits): for centered objects on a dark ground, such as digits. Exact on splats, from their "
+        "moments. None: inputs as they are.")
 
 
 class StageSpec(Model):

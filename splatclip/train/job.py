@@ -12,7 +12,7 @@ import logging
 import os
 
 from splatclip.models.backbone import missing_weights
-from splatclip.models.objectives import stage_problems
+from splatclip.models.objectives import OBJECTIVES, stage_problems
 from splatclip.pipelines.job import Job
 from splatclip.pipelines.layout import shard_name
 from splatclip.pipelines.samples import ShardSet, count_samples
@@ -125,6 +125,10 @@ class TrainJob(Job):
     def check(self) -> list[str]:
         spec = self.spec = absolute_paths(self.spec)
         problems = stage_problems(spec.stages, spec.model.encoder, spec.images is not None)
+        if spec.model.canonical_spread is not None and spec.images is None and any(
+                stage.kind in OBJECTIVES and OBJECTIVES[stage.kind].reads_images for stage in spec.stages):
+            problems.append("model.canonical_spread: stored teacher embeddings are of the images as they are, not "
+                            "centered; set images, so that the teacher embeds each image as the model sees it")
         for weights in (spec.model.pretrained, spec.teacher and spec.teacher.pretrained):
             if missing_weights(weights):
                 problems.append(f"pretrained weights {weights}: no such file")

@@ -84,9 +84,12 @@ def test_augmenting_splats_and_images_with_one_draw_keeps_them_one_image():
     resampled = augment_images(render_dense(p, h, w), d)
     assert (exact - resampled).abs().mean() < 3e-3 * exact.amax()
     assert (exact - render_dense(p, h, w)).abs().mean() > 10 * (exact - resampled).abs().mean()  # it did change
-    # the defaults transform nothing
-    plain = draw(Augment(), 6)
-    torch.testing.assert_close(augment_splats(p, plain), p)
+    # the defaults transform nothing, nor does a share of 0; a share of 1/2 about half the samples
+    for plain in (draw(Augment(), 6), draw(settings.model_copy(update={"share": 0.0}), 6)):
+        torch.testing.assert_close(augment_splats(p, plain), p)
+    half = draw(settings.model_copy(update={"share": 0.5}), 1000)
+    kept = (half.A == torch.eye(2)).all(-1).all(-1) & (half.t == 0).all(-1) & (half.sigma == 0) & (half.gain == 1).all(-1)
+    assert 400 < kept.sum() < 600
 
 
 def test_stroke_width_thickens_and_thins_lines():
@@ -105,3 +108,49 @@ def test_augment_settings_refuse_what_they_cannot_do():
         Augment(rotate=float("nan"))
     with pytest.raises(ValueError):
         Augment(zoom=2)
+
+
+def test_the_moments_of_splats_are_the_moments_of_their_render():
+    from splatclip.warps import moments_images, moments_splats
+
+    h = w = 64
+    p = splats(6, 20, h, w, seed=9)
+    mask = torch.rand(6, 20, generator=torch.Generator().manual_seed(2)) > 0.3
+    got, want = moments_splats(p, mask), moments_images(render_dense(p, h, w, mask))
+    torch.testing.assert_close(got[1], want[1], atol=2e-3, rtol=0)  # centroid
+    torch.testing.assert_close(got[2], want[2], atol=0, rtol=0.03)  # spread (the cut-off trims the tails)
+    torch.testing.assert_close(got[0] * h * w, want[0], atol=0, rtol=0.03)  # ink, in pixels
+
+
+def test_canonical_splats_render_as_the_canonical_render():
+    from splatclip.warps import canonical_images, canonical_splats, moments_images
+
+    h = w = 48
+    p = splats(6, 20, h, w, seed=4)
+    A, t = random_affine(6, h, w, seed=5)  # the same ink, moved, turned and zoomed
+    moved = warp_splats(p, A, t)
+    exact = render_dense(canonical_splats(moved, None, 0.12), h, w)
+    resampled = canonical_images(render_dense(moved, h, w), 0.12)
+    assert (exact - resampled).abs().mean() < 5e-3 * exact.amax()
+    _, mu, spread = moments_images(exact)
+    torch.testing.assert_close(mu, torch.full_like(mu, 0.5), atol=5e-3, rtol=0)
+    torch.testing.assert_close(spread, torch.full_like(spread, 0.12), atol=0, rtol=0.05)
+    # an empty image stays as it is
+    empty = torch.zeros(1, 3, 8, 8)
+    torch.testing.assert_close(canonical_images(empty, 0.12), empty)
+
+
+def test_a_model_with_a_canonical_spread_does_not_see_where_the_ink_is():
+    from splatclip.models.gsclip import from_open_clip
+    from splatclip.platform.specs import ModelSpec
+
+    torch.manual_seed(0)
+    spec = ModelSpec(name="demo-vit", latents=4, resampler_layers=1, resampler_width=32, fourier_bands=2,
+                     canonical_spread=0.15)
+    model = from_open_clip("demo-vit", None, spec).eval()
+    p = splats(2, 12, 28, 28, seed=6)
+    moved = warp_splats(p, torch.eye(2).expand(2, 2, 2) * 0.8, torch.tensor([[0.1, -0.05], [-0.08, 0.02]]))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_splats(moved), model.encode_splats(p), atol=1e-4, rtol=0)
+        plain = from_open_clip("demo-vit", None, spec.model_copy(update={"canonical_spread": None})).eval()
+        assert (plain.encode_splats(moved) - plain.encode_splats(p)).abs().max() > 1e-2
