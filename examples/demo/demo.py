@@ -86,7 +86,8 @@ def small_overrides(counts: dict[str, int], samples: dict[str, int]) -> dict[str
 
     return {
         "teacher": [f"data={data('train')}", f"eval_data={data('test')}",
-                    f"stages.0.epochs={epochs(6, samples['train'], 64)}"],
+                    f"stages.0.epochs={epochs(6, samples['train'], 64)}",
+                    f"stages.1.epochs={epochs(6, samples['train'], 64)}"],
         "fit-digits": ["fit.iterations=20", "fit.compile=false"],
         "fit-photos": ["fit.iterations=20", "fit.compile=false"],
         "student": [f"stages.0.epochs={epochs(2, samples['student'], 128)}",
@@ -188,7 +189,8 @@ class Demo:
 
     def pattern(self, *names: str) -> str:
         """The brace pattern of the shards of data sets `names` (under data/, splats/gN/ ...)."""
-        return "{" + ",".join(shards(s, self.counts[s]) for s in names) + "}.tar"
+        parts = [shards(s, self.counts[s]) for s in names]
+        return (parts[0] if len(parts) == 1 else "{" + ",".join(parts) + "}") + ".tar"  # {x} alone is no group
 
     def data(self) -> None:
         self.counts, self.samples = make_data(self.root, self.size, self.sets)
