@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ from splatclip import datasets, shifted
 from splatclip.fit.job import run as fit
 from splatclip.pipelines.evaluate import run as evaluate
 from splatclip.platform.loader import load_spec
+from splatclip.platform.progress import clock
 from splatclip.platform.runtime import init_ray
 from splatclip.platform.shards import read_samples
 from splatclip.platform.specs import EvalSpec, FitSpec, RaySpec, TrainSpec
@@ -129,20 +131,41 @@ def make_data(root: Path, size: str, sets) -> tuple[dict[str, int], dict[str, in
     return counts, samples
 
 
-class Stages:
+class Stages(logging.Handler):
     """One line per stage on the terminal; everything a stage prints (the jobs' reports, Ray's
-    driver and worker output, which Ray forwards to this process) goes to ROOT/logs/NAME.log."""
+    driver and worker output, which Ray forwards to this process) goes to ROOT/logs/NAME.log. On a
+    terminal, the stage's line shows the running job's progress (`splatclip.platform.progress`) as it
+    goes: what is done of how much, the rate and the time left."""
 
-    def __init__(self, root: Path, total: int):
+    def __init__(self, root: Path, total: int, live: bool | None = None):
+        super().__init__(logging.DEBUG)
         self.logs, self.total, self.done = root / "logs", total, 0
         self.logs.mkdir(parents=True, exist_ok=True)
         self.start = time.perf_counter()
         self.terminal = os.fdopen(os.dup(1), "w", buffering=1)
+        self.line, self.drawn = "", 0.0
+        self.live = self.terminal.isatty() if live is None else live  # a file or pipe: finished lines only
+        if self.live:
+            progress = logging.getLogger("splatclip.progress")
+            progress.setLevel(logging.DEBUG)
+            progress.addHandler(self)
+            progress.propagate = False  # its lines are the terminal's, not the stage logs'
+
+    def emit(self, record: logging.LogRecord) -> None:
+        p = getattr(record, "progress", None)
+        if p is None or time.perf_counter() - self.drawn < 0.5 and p["done"] < p["total"]:
+            return
+        self.drawn = time.perf_counter()
+        status = f"{p['job']} {p['done']:.0f}/{p['total']} {p['unit']}, {p['rate']:.2f}/s, {clock(p['left'])} left"
+        width = shutil.get_terminal_size().columns - 1  # one row, which \r returns to the start of
+        line = self.line + status if len(self.line + status) <= width else f"[{self.done}/{self.total}] {status}"
+        self.terminal.write("\r" + line[:width] + "\x1b[K")
 
     @contextlib.contextmanager
     def stage(self, name: str, what: str):
         self.done += 1
-        self.terminal.write(f"[{self.done}/{self.total}] {what} ... ")
+        self.line = f"[{self.done}/{self.total}] {what} ... "
+        self.terminal.write(self.line)
         self.terminal.flush()
         began = time.perf_counter()
         sys.stdout.flush(), sys.stderr.flush()
@@ -155,10 +178,20 @@ class Stages:
                 sys.stdout.flush(), sys.stderr.flush()
                 os.dup2(saved[0], 1), os.dup2(saved[1], 2)
                 os.close(saved[0]), os.close(saved[1])
-        self.terminal.write(f"{time.perf_counter() - began:.0f} s (log: {self.logs.name}/{name}.log)\n")
+        end = f"{time.perf_counter() - began:.0f} s (log: {self.logs.name}/{name}.log)"
+        self.terminal.write(f"\r{self.line}{end}\x1b[K\n" if self.drawn else end + "\n")
+        self.drawn = 0.0
 
     def say(self, line: str) -> None:
         self.terminal.write(line + "\n")
+
+    def close(self) -> None:
+        if self.live:
+            progress = logging.getLogger("splatclip.progress")
+            progress.removeHandler(self)
+            progress.setLevel(logging.NOTSET)
+            progress.propagate = True
+        super().close()
 
 
 def quiet_ray() -> None:
@@ -258,6 +291,7 @@ class Demo:
             plots.curves(self.root, names, pics / "training_curves.png")
         png_bytes = float(np.mean([len(s["png"]) for s in read_samples(str(self.root / "data" / "test-00000.tar"))]))
         table = final_table(results, png_bytes, time.perf_counter() - start, stages.say)
+        stages.close()
         (self.root / "results.json").write_text(json.dumps({**table, "rate_distortion": rd}, indent=2))
         self.log_summary(table, pics)
         return table

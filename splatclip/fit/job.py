@@ -28,6 +28,7 @@ from splatclip.fit.actor import FitActor
 from splatclip.fit.stages import decode_batch, read_shard
 from splatclip.pipelines.job import Job
 from splatclip.platform import lease, storage
+from splatclip.platform.progress import Meter
 from splatclip.platform.runtime import actor_request, pool_size, ray_options
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import FitSpec
@@ -119,11 +120,13 @@ def prepare_output(spec: FitSpec, shards: list[str]) -> list[str]:
 
 
 class Progress:
-    """What a user watches while the job runs: parts written, shards committed, images done and the
-    rate, in the log (every `every` seconds) and as MLflow metrics."""
+    """What a user watches while the job runs: shards committed out of those to do, images done and
+    the rate (`platform.progress`: a line in the log every `every` seconds), and the same as MLflow
+    metrics."""
 
     def __init__(self, shards: int, tracker: Tracker, every: float = 10.0):
-        self.shards, self.tracker, self.every = shards, tracker, every
+        self.tracker, self.every = tracker, every
+        self.meter = Meter("fit", "shards", shards, every)
         self.start = self.last = time.perf_counter()
         self.parts = self.committed = self.images = self.fitted = self.refitted = 0
         self.refused: set[str] = set()  # parts not written: a link where they would go
@@ -136,16 +139,22 @@ class Progress:
         self.images += int(row["images"])
         self.fitted += int(row["fitted"])
         self.refitted += int(row["refitted"])
+        self.meter.update(self.committed, self.note())
         if time.perf_counter() - self.last >= self.every:
             self.report()
 
+    def note(self) -> str:
+        return f"{self.images} images done ({self.fitted} fitted), {self.rate():.1f} images/s"
+
+    def rate(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
     def report(self, final: bool = False) -> None:
         self.last = time.perf_counter()
-        rate = self.images / max(self.last - self.start, 1e-9)
-        log.info("%s%d of %d shards committed, %d images done (%d fitted), %.1f images/s",
-                 "done: " if final else "", self.committed, self.shards, self.images, self.fitted, rate)
+        if final:
+            log.info("done: %d of %d shards committed, %s", self.committed, self.meter.total, self.note())
         self.tracker.log_metrics({"progress/shards_committed": self.committed, "progress/images_done": self.images,
-                                  "progress/images_fitted": self.fitted, "progress/images_per_second": rate},
+                                  "progress/images_fitted": self.fitted, "progress/images_per_second": self.rate()},
                                  step=self.parts)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 
 from splatclip.models.backbone import missing_weights
 from splatclip.models.objectives import OBJECTIVES, stage_problems
@@ -19,6 +20,7 @@ from splatclip.pipelines.samples import ShardSet, count_samples
 from splatclip.train.loop import train_loop
 from splatclip.train.state import run_dir
 from splatclip.platform import storage
+from splatclip.platform.progress import Meter
 from splatclip.platform.runtime import actor_request
 from splatclip.platform.secrets import redact
 from splatclip.platform.specs import TrainSpec
@@ -180,10 +182,11 @@ class TrainJob(Job):
         from ray.train import TrainingFailedError
 
         spec = self.spec
-        trainer = make_trainer(spec, {"spec": spec, "shards": self.data, "run_id": tracker.run_id},
-                               self.placed["a training worker"])
         try:
-            result = trainer.fit()
+            with Watch() as progress:
+                trainer = make_trainer(spec, {"spec": spec, "shards": self.data, "run_id": tracker.run_id,
+                                              "progress": progress.queue}, self.placed["a training worker"])
+                result = trainer.fit()
         except TrainingFailedError as err:  # a worker's error, after `max_failures` restarts
             failure = training_storage_failure(err, run_dir(spec))
             if failure:
@@ -201,6 +204,44 @@ class TrainJob(Job):
             print(f"MLflow model runs:/{tracker.run_id}/{ARTIFACT}, registered as "
                   f"models:/{spec.tracking.register}/{version}")
         return 0
+
+
+class Watch:
+    """The driver's view of the steps while Ray Train runs: rank 0 puts (step, total steps) on a
+    queue (a Ray actor that needs no CPU, on the driver's node, which lives as long as the driver); a
+    thread here feeds them to a progress `Meter`."""
+
+    def __enter__(self) -> "Watch":
+        import ray
+        from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name="train-progress", daemon=True)
+        self.thread.start()
+        return self
+
+    def watch(self) -> None:
+        from ray.util.queue import Empty
+
+        meter = None
+        while not self.stop.is_set():
+            try:
+                done, total = self.queue.get(timeout=1.0)
+            except Empty:
+                continue
+            except Exception as err:  # noqa: BLE001 - the queue's actor lost: no progress line, training goes on
+                log.warning("no progress line any more: %s", err)
+                return
+            meter = meter or Meter("train", "steps", total)
+            meter.update(done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.queue.shutdown()
 
 
 def run(spec: TrainSpec) -> int:

@@ -79,15 +79,14 @@ class Stage:
         self.trainable = loop.model.set_trainable(self.spec.unfreeze_blocks)
         self.params = [p for p in loop.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=self.spec.lr, weight_decay=spec.weight_decay)
-        per_epoch = steps_per_epoch(loop.shards, loop.share, 0, spec.batch_size)
-        self.total = max(1, math.ceil(self.spec.epochs * per_epoch / spec.grad_accum))
+        self.total = loop.totals[index]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(self.spec.warmup_steps, self.total))
 
 
 class Loop:
     """One worker's training, from the spec and the driver's listing of the shards."""
 
-    def __init__(self, spec: TrainSpec, shards: ShardSet, run_id: str | None):
+    def __init__(self, spec: TrainSpec, shards: ShardSet, run_id: str | None, progress=None):
         import ray.train
         import ray.train.torch
 
@@ -95,6 +94,10 @@ class Loop:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.share = WorkerShare(self.rank, self.world, spec.seed)
+        per_epoch = steps_per_epoch(shards, self.share, 0, spec.batch_size)
+        self.totals = [max(1, math.ceil(s.epochs * per_epoch / spec.grad_accum)) for s in spec.stages]  # steps
+        self.progress = progress if self.rank == 0 else None  # the driver's queue of (step, total steps)
+        self.told = 0.0  # when the driver last heard of a step
         # the GPU Ray assigned when torch sees one; a logical GPU alone (a local cluster's) trains on the CPU
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(spec.seed)
@@ -162,10 +165,23 @@ class Loop:
             if self.spec.eval_data and self.state.step % self.spec.eval_every == 0 and self.rank == 0:
                 self.log(self.evaluate())
             last = self.state.stage_step == stage.total
+            self.tell(last)
             if self.state.step % self.spec.checkpoint_every == 0 or last:
                 self.tracker.flush()  # the steps up to a checkpoint, and no later ones: a restore redoes those
                 self.checkpoint(stage, metrics, last)
         self.state = self.state.next_stage()
+
+    def tell(self, last: bool) -> None:
+        """Rank 0: the step to the driver's progress line, at most once a second; a driver that cannot
+        hear (gone, or its queue's actor lost) costs the training nothing."""
+        if self.progress is None or not (last or time.perf_counter() - self.told >= 1.0):
+            return
+        self.told = time.perf_counter()
+        try:
+            self.progress.put_nowait((self.state.step, sum(self.totals)))
+        except Exception as err:  # noqa: BLE001 - progress is for a watcher, never a reason to stop
+            log.warning("progress is not reported any more: %s", err)
+            self.progress = None
 
     def log(self, metrics: dict) -> None:
         """Metrics of the current step, unless MLflow has this step already (a restore redoes steps)."""
@@ -251,5 +267,6 @@ class Loop:
 
 def train_loop(config: dict) -> None:
     """Ray Train's entry point on every worker: `config` holds the spec, the shards (a ShardSet: their
-    sample counts and source image shards included) and the MLflow run the driver opened."""
-    Loop(config["spec"], config["shards"], config["run_id"]).run()
+    sample counts and source image shards included), the MLflow run the driver opened and the queue
+    of the driver's progress line."""
+    Loop(config["spec"], config["shards"], config["run_id"], config["progress"]).run()

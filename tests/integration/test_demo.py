@@ -2,6 +2,7 @@
 table agrees with the JSON results."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -158,3 +159,27 @@ def test_serve_the_registered_encoder_answers_as_the_evaluate_job_and_refuses_ba
     assert server.returncode == 0, output[-3000:]
     assert f"serving models:/{REGISTERED}/1 at {url}" in output and "stopped serving" in output
     assert TOKEN not in output
+
+
+def test_a_stage_line_shows_the_running_jobs_progress(tmp_path, capfd, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "demo"))
+    from demo import Stages
+
+    from splatclip.platform.progress import Meter
+
+    stages = Stages(tmp_path, 2, live=True)
+    try:
+        with stages.stage("teacher", "training the teacher"):
+            meter = Meter("train", "steps", 4)
+            for step in (1, 2, 4):
+                meter.update(step)
+        with stages.stage("quiet", "a stage without a meter"):
+            pass
+    finally:
+        stages.close()
+    assert logging.getLogger("splatclip.progress").propagate  # as it was: the job's lines reach its log again
+    out = capfd.readouterr().out
+    # the line redrawn in place (\r, the rest of the row cleared), then finished with the stage's time
+    assert "\r[1/2] training the teacher ... train 4/4 steps, " in out and "0 s left\x1b[K" in out
+    assert out.endswith("\n[2/2] a stage without a meter ... 0 s (log: logs/quiet.log)\n")
+    assert "\r[1/2] training the teacher ... 0 s (log: logs/teacher.log)\x1b[K\n" in out

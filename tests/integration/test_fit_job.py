@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -43,11 +44,15 @@ def keys_of(url, spec=None):
     return [s["__key__"] for s in read_samples(url, spec)]
 
 
-def test_fit_pipeline_local(ray_local, photo_shards, tmp_path):
+def test_fit_pipeline_local(ray_local, photo_shards, tmp_path, caplog):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = spec_for(f"{photo_shards}/photos-{{00000..00002}}.tar", tmp_path / "out", "tracking.enabled=true",
                     f"tracking.uri={uri}", "tracking.experiment=fit-tests")
-    assert run(spec) == 0
+    with caplog.at_level(logging.DEBUG, logger="splatclip.progress"):
+        assert run(spec) == 0
+    progress = [r.progress for r in caplog.records if r.name == "splatclip.progress"]
+    assert progress[-1]["done"] == progress[-1]["total"] == 3 and progress[-1]["unit"] == "shards"
+    assert "images done" in progress[-1]["note"]
     out = tmp_path / "out"
     for i, names in enumerate([datasets.PHOTOS[:3], datasets.PHOTOS[3:6], datasets.PHOTOS[6:]]):
         samples = list(read_samples(str(out / f"photos-{i:05d}.tar")))

@@ -68,11 +68,16 @@ def train_args(root, name, tracking, *extra):
             "tracking.experiment=train-tests", *extra]
 
 
-def test_two_workers_learn_and_checkpoint(digits, tmp_path):
+def test_two_workers_learn_and_checkpoint(digits, tmp_path, caplog):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = load_spec(TrainSpec, SPEC, train_args(digits, "learn", uri, "stages=[{kind: distill, epochs: 5, lr: 0.003}]",
                                                  "checkpoint_every=10"))
-    assert train.run(spec) == 0
+    with caplog.at_level(logging.DEBUG, logger="splatclip.progress"):
+        assert train.run(spec) == 0
+    # the driver heard rank 0's steps as they went (at most one a second), the last one with certainty
+    steps = [r.progress for r in caplog.records if r.name == "splatclip.progress"]
+    assert steps and steps[-1]["done"] == steps[-1]["total"] == 30 and steps[-1]["unit"] == "steps"
+    assert [s["done"] for s in steps] == sorted(s["done"] for s in steps)
     run_dir = digits / "runs" / "learn"
     run_id = json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"]
     losses = [m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss/distill")]
