@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	-$(BIN)/python -m splatclip.cuda.aot  # the CPU renderer's kernels, compiled once (where it fails: eager)
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -15,13 +15,19 @@ iterations (of 300, 320, ... 500) at which this checkout equals REV's PSNR at 30
 a fit to 28 dB with that count as the ceiling (`splatclip fit --target-psnr 28 --iterations N`).
 Each row is fitted in a fresh process after a warm-up fit (torch.compile's one-off cost is not
 counted). --against REV measures the same rows with the code of git revision REV (exported to a
-temporary directory), interleaved with this checkout's, and prints both side by side.
+temporary directory), interleaved with this checkout's, and prints both side by side, then times the
+whole `splatclip fit` command of each revision on the photos (written as PNG files): REV at 300
+iterations, this checkout at the equal-PSNR count, plain and with --target-psnr 28, each command run
+twice in a row (its first run pays what that revision pays once: torch.compile's cache, or this
+checkout's compiled kernels when set-up has not built them). --cli N prints only that table, with N
+iterations for this checkout.
 """
 
 import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -104,6 +110,52 @@ def wall_row(tree: Path, names, size: int, n: int, iterations: int, target: floa
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def cli_run(tree: Path, photos: list[Path], n: int, iterations: int, size: int, target: float | None = None):
+    """(mean PSNR, wall seconds) of one `splatclip fit` command of the code in `tree`, start to exit."""
+    extra = ["--target-psnr", str(target)] if target else []
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-c", "import sys; from splatclip.cli import main; sys.exit(main())", "fit",
+                   *map(str, photos), "--gaussians", str(n), "--iterations", str(iterations), "--size", str(size),
+                   "-o", out, *extra]
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True,
+                              text=True)
+        seconds = time.perf_counter() - start
+    psnrs = [float(m.group(1)) for m in re.finditer(r"^\S+\s+([0-9.]+) dB", done.stdout, re.MULTILINE)]
+    if done.returncode or len(psnrs) != len(photos):
+        raise SystemExit(f"splatclip fit failed in {tree}:\n{done.stdout[-1000:]}{done.stderr[-2000:]}")
+    return sum(psnrs) / len(psnrs), seconds
+
+
+def cli_table(before: Path | None, rev: str | None, names, size: int, n: int, iterations: int):
+    """The whole command, each run twice in a row: REV at 300 iterations, this checkout at `iterations`."""
+    from skimage import data
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = []
+        for name in names:
+            image = getattr(data, name)()
+            photos.append(Path(tmp) / f"{name}.png")
+            Image.fromarray(image[0] if isinstance(image, tuple) else image).save(photos[-1])
+        print(f"\nsplatclip fit PHOTOS --gaussians {n} --size {size}: the whole command (start-up, loading, "
+              f"compiled kernels, fitting, writing), {len(names)} photos as PNG, each command run twice in a row")
+        print(f"{'revision':<10} {'options':<36} {'PSNR dB':>7} {'first s':>8} {'again s':>8} {'s/img':>6}")
+        rows = ([(rev, before, 300, None)] if before else []) + [
+            ("this", ROOT, iterations, None), ("this", ROOT, iterations, CAPPED_TARGET)]
+        again = {}
+        for label, tree, its, target in rows:
+            (_, first), (psnr, seconds) = (cli_run(tree, photos, n, its, size, target) for _ in range(2))
+            again[label, target] = seconds
+            options = f"--iterations {its}" + (f" --target-psnr {target:g}" if target else "")
+            print(f"{label:<10} {options:<36} {psnr:>7.2f} {first:>8.1f} {seconds:>8.1f} {seconds / len(names):>6.2f}",
+                  flush=True)
+        if before:
+            print(f"whole command at equal PSNR (second runs): {rev} {again[rev, None]:.1f} s, this checkout "
+                  f"{again['this', None]:.1f} s: {again[rev, None] / again['this', None]:.2f}x; to "
+                  f"{CAPPED_TARGET:g} dB: {again[rev, None] / again['this', CAPPED_TARGET]:.2f}x", flush=True)
+
+
 def wall_time(args, names):
     n = int(args.gaussians.split(",")[0])
     print(f"PSNR against wall time: {len(names)} photos ({', '.join(names)}) at {args.size}x{args.size} in one "
@@ -136,6 +188,7 @@ def wall_time(args, names):
             print(f"target {CAPPED_TARGET:g} dB with {its} iterations as the ceiling: {capped['seconds']:.2f} s/img, "
                   f"{capped['psnr']:.2f} dB, {capped['reached']} of {len(names)} reached it; before: 300 iterations "
                   f"in {old['seconds']:.2f} s/img", flush=True)
+            cli_table(before, args.against, names, args.size, n, its)
         print(f"\nto a target PSNR (ceiling {TARGET_CEILING} iterations): seconds per image until each image reached "
               f"it or the ceiling; reached = images at the target, of {len(names)}")
         if before:
@@ -163,8 +216,14 @@ def main():
     ap.add_argument("--prune-tau", type=float, default=0.0)
     ap.add_argument("--wall-time", action="store_true", help="the PSNR-against-wall-time table instead")
     ap.add_argument("--against", metavar="REV", help="with --wall-time: also measure git revision REV")
+    ap.add_argument("--cli", type=int, metavar="N", help="only the whole-command table, this checkout at N "
+                    "iterations (and --against REV at 300)")
     args = ap.parse_args()
     names = args.photos.split(",")
+    if args.cli:
+        with tempfile.TemporaryDirectory() as tmp:
+            before = export(args.against, tmp) if args.against else None
+            return cli_table(before, args.against, names, args.size, int(args.gaussians.split(",")[0]), args.cli)
     (wall_time if args.wall_time else quality)(args, names)
 
 

@@ -171,7 +171,7 @@ def cmd_send(args) -> int:
 
     try:
         cfg = FitParams(gaussians=args.gaussians, iterations=args.iterations, size=args.size,
-                        target_psnr=args.target_psnr, compile=False)
+                        target_psnr=args.target_psnr)
     except Exception as err:  # pydantic names the field
         print(f"splatclip send: {err}", file=sys.stderr)
         return 2
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coarse", type=int, default=FitParams.model_fields["coarse"].default, help="iterations at half "
                    "size first, coarse to fine (at most five sixths of --iterations; 0: none)")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slower steps, no warm-up)")
+    p.add_argument("--no-compile", action="store_true", help="render eagerly, without the kernels compiled for this machine (slower steps)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("send", help="fit images here and send their splats to the serve application")

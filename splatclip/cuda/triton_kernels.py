@@ -3,7 +3,7 @@
 The forward loops over ALL Gaussians binned to its tile, CHUNK at a time (there is no cap on how
 many a tile may hold), and accumulates the TILE x TILE pixels of the tile. The backward recomputes
 the weights chunk by chunk, reduces each Gaussian's gradient over the tile's pixels and adds it into
-the per-Gaussian gradients atomically. The math is `tiled.pair_grads`, term for term.
+the per-Gaussian gradients atomically. The math is `pairs.pair_grads`, term for term.
 
 Each kernel's launch (`KERNELS`) is sized to the register file: a program holds a [CHUNK, TILE^2]
 block of every intermediate spread over its warps' threads, so CHUNK x TILE^2 / (32 x warps) values

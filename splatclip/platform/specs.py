@@ -174,7 +174,8 @@ class FitParams(Model):
                         "size, coarse to fine (at most five sixths of `iterations`; none where half the size is under "
                         "32 px); 0: every iteration at full size.")
     backend: Backend = "auto"
-    compile: bool = Field(True, description="Fuse the CPU renderer with torch.compile (about 30 s to compile).")
+    compile: bool = Field(True, description="Run the CPU renderer's kernels compiled for the machine (built once into "
+                          "$SPLATCLIP_KERNELS, about 30-60 s, then loaded in milliseconds); false: eagerly.")
     seed: int = 0
 
 

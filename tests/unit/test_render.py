@@ -92,16 +92,6 @@ def test_tile_boxes_skip_outside_and_masked():
     assert count.tolist() == [[0, 0]]
 
 
-def test_compiled_tiled_matches_eager():
-    p = random_splats(2, 300, seed=11, dtype=torch.float32).requires_grad_()
-    eager = render(p, 40, 56, backend="torch")
-    fused = render(p, 40, 56, backend="torch", compile=True)
-    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
-    g1, = torch.autograd.grad(eager.square().sum(), p)
-    g2, = torch.autograd.grad(fused.square().sum(), p)
-    torch.testing.assert_close(g2, g1, rtol=1e-3, atol=1e-3 * g1.abs().max().item())
-
-
 def test_backend_choice():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
