@@ -1,12 +1,13 @@
-"""The tiled CPU renderer's two pair kernels (`splatclip.cuda.pairs`) compiled ahead of time for this
-machine with AOTInductor: built once, then loaded by every process in milliseconds.
+"""The tiled CPU renderer's three pair kernels (`splatclip.cuda.pairs`: binning's test of candidate
+pairs, the pairs' colors, their gradient) compiled ahead of time for this machine with AOTInductor:
+built once, then loaded by every process in milliseconds.
 
 torch.compile traces and looks its kernels up again in every process (about 5 s before the first step
 with a warm cache, 20-35 s with a cold one); for `splatclip fit` on a few photos, or a fitting actor
 that starts on a fresh node, that was a large part of the wall time. Here each kernel is exported
-once with a dynamic number of pairs and tiles and compiled to a shared library in a package under
+once with a dynamic number of pairs, tiles and Gaussians and compiled to a shared library in a package under
 `$SPLATCLIP_KERNELS` (default ~/.cache/splatclip/kernels), in a folder named for torch's version, the
-CPU's vector capability and the kernels' source, so a change to any of them builds anew. The first
+CPU's vector capability and the kernels' source (this file's too), so a change to any of them builds anew. The first
 process that needs them builds them under a file lock (the fitting actors of one node build once) and
 moves the folder into place whole; `python -m splatclip.cuda.aot` builds them ahead (set-up, a
 cluster node's set-up commands). Where they cannot be built or loaded the renderer runs the same math
@@ -31,8 +32,13 @@ from splatclip.cuda import pairs
 from splatclip.cuda.contract import CUTOFF
 
 log = logging.getLogger(__name__)
-NAMES = ("pair_colors", "pair_backward")
-MIN_ROWS = 2  # export treats sizes 0 and 1 as constants: fewer pairs or tiles run eagerly
+NAMES = ("pair_keys", "pair_colors", "pair_backward")
+MIN_ROWS = 2  # export treats sizes 0 and 1 as constants: fewer pairs, tiles or Gaussians run eagerly
+
+
+class _Keys(torch.nn.Module):
+    def forward(self, p, gaussian, start, tx0, ty0, span, grid):
+        return pairs.pair_keys(p, gaussian, start, tx0, ty0, span, grid)
 
 
 class _Colors(torch.nn.Module):
@@ -50,32 +56,47 @@ def kernels_root() -> Path:
 
 
 def package_dir() -> Path:
-    """Where this torch, CPU and kernel source keep their packages."""
-    text = "\n".join([torch.__version__, torch.backends.cpu.get_cpu_capability(), repr(CUTOFF), inspect.getsource(pairs)])
+    """Where this torch, CPU and kernel source (the math, and how it is exported) keep their packages."""
+    text = "\n".join([torch.__version__, torch.backends.cpu.get_cpu_capability(), repr(CUTOFF),
+                      inspect.getsource(pairs), Path(__file__).read_text()])
     return kernels_root() / f"cpu-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def _programs():
-    """The two kernels exported at example inputs (2 images of 4 x 3 tiles), pairs and tiles dynamic."""
-    tiles_x, tiles, B, P = 3, 12, 2, 40
+    """The kernels exported at example inputs (2 images of 4 x 3 tiles), their sizes dynamic."""
+    tiles_x, tiles, B, P, N = 3, 12, 2, 40, 5
+    p = torch.rand(B * N, 8)  # [M, 8]
+    count = torch.randint(1, 4, (B * N,))  # [M] candidates per Gaussian
+    gaussian = torch.repeat_interleave(torch.arange(B * N), count)  # [P0]
+    start = torch.cumsum(count, 0) - count  # [M]
+    # [M] the boxes' first tiles; every input its own tensor (export takes one passed twice, or two views
+    # of one, to be one input)
+    tx0, ty0 = torch.randint(0, 2, (B * N,)), torch.randint(0, 2, (B * N,))
+    grid = torch.tensor([pairs.TILE, tiles_x * pairs.TILE, 4 * pairs.TILE, tiles_x, tiles, N])
+    n_gaussians, n_candidates = torch.export.Dim("gaussians", min=MIN_ROWS), torch.export.Dim("candidates", min=MIN_ROWS)
+    yield NAMES[0], torch.export.export(
+        _Keys(), (p, gaussian, start, tx0, ty0, count.clone(), grid),
+        dynamic_shapes=({0: n_gaussians}, {0: n_candidates}, {0: n_gaussians}, {0: n_gaussians}, {0: n_gaussians},
+                        {0: n_gaussians}, None))
     cols = torch.rand(8, P) + 0.1  # [8, P]
     key = torch.randint(0, B * tiles, (P,))  # [P]
     grad_tiles = torch.rand(B * tiles, 3, pairs.TILE * pairs.TILE)  # [B * tiles, 3, TILE^2]
     geom = torch.tensor([tiles_x, tiles, 4 * pairs.TILE, tiles_x * pairs.TILE])
     n_pairs, n_tiles = torch.export.Dim("pairs", min=MIN_ROWS), torch.export.Dim("tiles", min=MIN_ROWS)
-    yield NAMES[0], torch.export.export(_Colors(), (cols, key, geom), dynamic_shapes=({1: n_pairs}, {0: n_pairs}, None))
-    yield NAMES[1], torch.export.export(_Backward(), (cols, key, grad_tiles, geom),
+    yield NAMES[1], torch.export.export(_Colors(), (cols, key, geom), dynamic_shapes=({1: n_pairs}, {0: n_pairs}, None))
+    yield NAMES[2], torch.export.export(_Backward(), (cols, key, grad_tiles, geom),
                                         dynamic_shapes=({1: n_pairs}, {0: n_pairs}, {0: n_tiles}, None))
 
 
 def build(directory: Path) -> None:
-    """Export and compile both kernels into `directory` (about a minute on 2 cores)."""
+    """Export and compile the kernels into `directory` (about a minute on 2 cores)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, program in _programs():
         torch._inductor.aoti_compile_and_package(program, package_path=str(directory / f"{name}.pt2"))
 
 
 class Kernels(NamedTuple):
+    pair_keys: object  # (p, gaussian, start, tx0, ty0, span, grid) -> keep [P0], key [P0]
     colors: object  # (cols, key, geom) -> [P, 3 TILE^2]
     backward: object  # (cols, key, grad_tiles, geom) -> [P, 8]
 
@@ -131,8 +152,8 @@ def load() -> Kernels | None:
 
 
 def applies(cols, rows: int) -> bool:
-    """Whether the compiled kernels take these inputs: float32 on the CPU, at least MIN_ROWS pairs and
-    `rows` (pairs or tiles) at least MIN_ROWS."""
+    """Whether the compiled kernels take these inputs: cols [8, P] float32 on the CPU with P and `rows`
+    (the other dynamic size: tiles, candidates) at least MIN_ROWS."""
     return cols.device.type == "cpu" and cols.dtype == torch.float32 and min(cols.shape[1], rows) >= MIN_ROWS
 
 

@@ -4,7 +4,7 @@ Sort-based and made of tensor ops only, so the same code bins on GPU and CPU. Ea
 pair gets the key image * tiles + tile; sorted by key, the pairs of one tile are contiguous and
 `offsets[key] : offsets[key + 1]` lists them. The boxes are conservative by a thousandth of a pixel;
 then a pair is kept only where the Gaussian's 3-sigma ellipse reaches the rectangle of the tile's
-pixel centers (`ellipse_reaches`: an elongated or tilted Gaussian's box holds many tiles its ellipse
+pixel centers (`pairs.ellipse_reaches`: an elongated or tilted Gaussian's box holds many tiles its ellipse
 misses, and every pair kept costs a tile's worth of work). The exact cut-off is applied per pixel by
 the renderers.
 """
@@ -13,7 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-from splatclip.cuda.contract import CUTOFF, SIGMAS, TILE
+from splatclip.cuda import aot
+from splatclip.cuda.contract import SIGMAS, TILE
+from splatclip.cuda.pairs import pair_keys
 
 _SLACK = 1e-3  # pixels
 
@@ -54,49 +56,23 @@ def tile_boxes(params, height: int, width: int, mask=None, tile: int = TILE):
     return tx0, tx1, ty0, ty1, count
 
 
-def ellipse_reaches(p, x0, x1, y0, y1):
-    """Whether q = 0.5 |L^-1 (point - mu)|^2 <= CUTOFF somewhere on the rectangle [x0, x1] x [y0, y1]
-    (normalized coordinates), for pairs: p [P, 5] (x, y, l11, l21, l22), bounds [P]. The minimum of
-    the convex q is 0 at the center when it lies inside, else on an edge, where it is a quadratic in
-    the position along the edge."""
-    x, y, l11, l21, l22 = p.unbind(-1)
-
-    def z(px, py):  # L^-1 (point - mu), as the renderers compute it
-        z1 = (px - x) / l11
-        return z1, (py - y - l21 * z1) / l22
-
-    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
-    least = torch.full_like(x, float("inf"))
-    for (ax, ay), (bx, by) in (((x0, y0), (x1, y0)), ((x0, y1), (x1, y1)), ((x0, y0), (x0, y1)), ((x1, y0), (x1, y1))):
-        a1, a2 = z(ax, ay)
-        b1, b2 = z(bx, by)
-        e1, e2 = b1 - a1, b2 - a2  # z is affine: z(a + t (b - a)) = z(a) + t (z(b) - z(a))
-        t = (-(a1 * e1 + a2 * e2) / (e1 * e1 + e2 * e2).clamp_min(1e-30)).clamp(0, 1)
-        least = torch.minimum(least, 0.5 * ((a1 + t * e1) ** 2 + (a2 + t * e2) ** 2))
-    return inside | (least <= CUTOFF * (1 + 1e-4))
-
-
-def bin_gaussians(params, height: int, width: int, mask=None, sort: bool = True, tile: int = TILE) -> Bins:
-    """params [B, N, 8] -> every (Gaussian, tile) pair whose 3-sigma box overlaps a tile x tile tile."""
+def bin_gaussians(params, height: int, width: int, mask=None, sort: bool = True, tile: int = TILE,
+                  compiled: bool = False) -> Bins:
+    """params [B, N, 8] -> every (Gaussian, tile) pair whose 3-sigma ellipse reaches a tile x tile tile;
+    `compiled`: the pairs' test in this machine's compiled kernel (`aot`) where it applies."""
     B, N, _ = params.shape
     tiles_y, tiles_x = tile_grid(height, width, tile)
     tiles = tiles_x * tiles_y
     with torch.no_grad():
         tx0, tx1, ty0, ty1, count = (t.reshape(-1) for t in tile_boxes(params, height, width, mask, tile))
         flat = torch.arange(B * N, device=params.device)
-        gaussian = torch.repeat_interleave(flat, count)  # [P]
-        start = torch.cumsum(count, 0) - count
-        k = torch.arange(gaussian.numel(), device=params.device) - start[gaussian]
-        span = (tx1 - tx0 + 1)[gaussian]
-        tx = tx0[gaussian] + k % span
-        ty = ty0[gaussian] + k // span
-        # the rectangle of the tile's pixel centers, normalized (the last tile may be cut by the image)
-        x0, y0 = (tx * tile + 0.5) / width, (ty * tile + 0.5) / height
-        x1 = ((tx * tile + tile).clamp(max=width) - 0.5) / width
-        y1 = ((ty * tile + tile).clamp(max=height) - 0.5) / height
-        keep = ellipse_reaches(params.detach().reshape(B * N, 8)[gaussian, :5], x0, x1, y0, y1)
-        gaussian, tx, ty = gaussian[keep], tx[keep], ty[keep]
-        key = (gaussian // N) * tiles + ty * tiles_x + tx
+        gaussian = torch.repeat_interleave(flat, count)  # [P0]: a candidate pair per tile of each box
+        start = torch.cumsum(count, 0) - count  # [B N]
+        grid = torch.tensor([tile, width, height, tiles_x, tiles, N])  # see pairs.pair_keys
+        p = params.detach().reshape(B * N, 8)
+        kernels = aot.load() if compiled and aot.applies(p.t(), len(gaussian)) else None
+        keep, key = (kernels.pair_keys if kernels else pair_keys)(p, gaussian, start, tx0, ty0, tx1 - tx0 + 1, grid)
+        gaussian, key = gaussian[keep], key[keep]
         if sort:
             key, order = torch.sort(key, stable=True)
             gaussian = gaussian[order]

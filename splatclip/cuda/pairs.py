@@ -1,6 +1,7 @@
-"""The tiled CPU renderer's per-pair math: each (Gaussian, tile) pair's colors at the tile's pixels and,
-written out by hand, their gradient. Pure functions of tensors only (the tile grid is a tensor too),
-so the same code runs eagerly and exports to a compiled kernel (`splatclip.cuda.aot`).
+"""Per (Gaussian, tile) pair math: which candidate pairs binning keeps, and for the tiled CPU renderer
+each pair's colors at the tile's pixels and, written out by hand, their gradient. Pure functions of
+tensors only (the tile grid is a tensor too), so the same code runs eagerly and exports to a compiled
+kernel (`splatclip.cuda.aot`).
 
 geom: int64 [4] (tiles_x, tiles, height, width): tiles across, tiles per image, image size in pixels.
 """
@@ -10,6 +11,48 @@ import torch
 from splatclip.cuda.contract import CUTOFF
 
 TILE = 8  # pixels a side (why 8, not the GPU kernels' 16: splatclip.cuda.tiled)
+
+
+def ellipse_reaches(p, x0, x1, y0, y1):
+    """Whether q = 0.5 |L^-1 (point - mu)|^2 <= CUTOFF somewhere on the rectangle [x0, x1] x [y0, y1]
+    (normalized coordinates), for pairs: p [P, 5] (x, y, l11, l21, l22), bounds [P]. The minimum of
+    the convex q is 0 at the center when it lies inside, else on an edge, where it is a quadratic in
+    the position along the edge."""
+    x, y, l11, l21, l22 = p.unbind(-1)
+
+    def z(px, py):  # L^-1 (point - mu), as the renderers compute it
+        z1 = (px - x) / l11
+        return z1, (py - y - l21 * z1) / l22
+
+    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    least = torch.full_like(x, float("inf"))
+    for (ax, ay), (bx, by) in (((x0, y0), (x1, y0)), ((x0, y1), (x1, y1)), ((x0, y0), (x0, y1)), ((x1, y0), (x1, y1))):
+        a1, a2 = z(ax, ay)
+        b1, b2 = z(bx, by)
+        e1, e2 = b1 - a1, b2 - a2  # z is affine: z(a + t (b - a)) = z(a) + t (z(b) - z(a))
+        t = (-(a1 * e1 + a2 * e2) / (e1 * e1 + e2 * e2).clamp_min(1e-30)).clamp(0, 1)
+        least = torch.minimum(least, 0.5 * ((a1 + t * e1) ** 2 + (a2 + t * e2) ** 2))
+    return inside | (least <= CUTOFF * (1 + 1e-4))
+
+
+def pair_keys(p, gaussian, start, tx0, ty0, span, grid):
+    """Binning's candidate pairs, one per tile of each Gaussian's box, tested against the ellipse.
+
+    p [M, 8] the batch's Gaussians (M = B N), gaussian [P0] each candidate's Gaussian (ascending, its
+    candidates consecutive), start [M] its first candidate, tx0 ty0 span [M] the box's first tile and
+    width in tiles; grid int64 [6] (tile, width, height, tiles_x, tiles, N) -> keep [P0] bool (the
+    3-sigma ellipse reaches the tile's pixel centers), key [P0] image * tiles + tile.
+    """
+    tile, width, height, tiles_x, tiles, n = grid.unbind()
+    k = torch.arange(gaussian.shape[0], device=gaussian.device) - start[gaussian]  # [P0] index in the box
+    along = span[gaussian]
+    tx, ty = tx0[gaussian] + k % along, ty0[gaussian] + k // along
+    # the rectangle of the tile's pixel centers, normalized (the last tile may be cut by the image)
+    x0, y0 = (tx * tile + 0.5) / width, (ty * tile + 0.5) / height
+    x1 = (torch.minimum(tx * tile + tile, width) - 0.5) / width
+    y1 = (torch.minimum(ty * tile + tile, height) - 0.5) / height
+    keep = ellipse_reaches(p[gaussian, :5], x0, x1, y0, y1)
+    return keep, (gaussian // n) * tiles + ty * tiles_x + tx
 
 
 def geometry(cols, key, geom):

@@ -34,7 +34,7 @@ class _TiledRender(torch.autograd.Function):
     @staticmethod
     def forward(ctx, params, mask, height: int, width: int, compiled: bool):
         B, N, _ = params.shape
-        bins = bin_gaussians(params, height, width, mask, sort=False, tile=TILE)
+        bins = bin_gaussians(params, height, width, mask, sort=False, tile=TILE, compiled=compiled)
         geom = torch.tensor([bins.tiles_x, bins.tiles_x * bins.tiles_y, height, width])  # see pairs
         cols = params.reshape(B * N, 8)[bins.gaussian].t().contiguous()  # [8, P]
         # the pairs' colors as rows [P, 3 TILE^2] (torch's CPU index_add_ of [P, 3, TILE^2] slices is 7x slower)

@@ -67,6 +67,7 @@ class Batch:
         cell = 1.0 / (n**0.5)  # a grid cell, in normalized units
         self.index = torch.arange(len(images), device=images.device)  # [b] into the caller's batch
         self.images = images  # [b, 3, H, W]
+        self.coarse: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> the images box-averaged to it
         self.mask = torch.ones(init.shape[:2], dtype=torch.bool, device=images.device)  # [b, N]
         self.leaves = [init[..., a:z].clone().requires_grad_() for a, z in ((0, 2), (2, 5), (5, 8))]
         self.opt = torch.optim.Adam([{"params": [leaf], "lr": lr} for leaf, lr in
@@ -75,6 +76,14 @@ class Batch:
     @property
     def params(self) -> torch.Tensor:
         return torch.cat(self.leaves, -1)  # [b, N, 8]
+
+    def target(self, h: int, w: int) -> torch.Tensor:
+        """The images at (h, w) [b, 3, h, w]: themselves at their size, box-averaged (once) below it."""
+        if (h, w) == tuple(self.images.shape[-2:]):
+            return self.images
+        if (h, w) not in self.coarse:
+            self.coarse[h, w] = F.interpolate(self.images, size=(h, w), mode="area")
+        return self.coarse[h, w]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only `rows` [b] bool go on: leaves and Adam's moments cut to them (elementwise, so the rows
@@ -89,6 +98,7 @@ class Batch:
                                   "exp_avg_sq": state["exp_avg_sq"][rows].clone()}
         self.leaves, self.opt = leaves, opt
         self.index, self.images, self.mask = self.index[rows], self.images[rows], self.mask[rows]
+        self.coarse = {size: images[rows] for size, images in self.coarse.items()}
 
 
 def record(batch: Batch, rows: torch.Tensor, done: torch.Tensor, done_mask: torch.Tensor) -> None:
@@ -150,9 +160,8 @@ def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, pro
             batch = coarse_check(batch, err, cfg, done, done_mask)
         if batch is None:
             break
-        target = batch.images if (h, w) == (H, W) else F.interpolate(batch.images, size=(h, w), mode="area")
         out = render(batch.params, h, w, batch.mask, cfg.backend, cfg.compile)
-        err = mse(out, target)  # [b]
+        err = mse(out, batch.target(h, w))  # [b]
         reached = torch.zeros_like(err, dtype=torch.bool)
         if cfg.target_psnr is not None and (h, w) == (H, W):  # the target is a full-size PSNR
             reached = psnr_from_mse(err.detach()) >= cfg.target_psnr

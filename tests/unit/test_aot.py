@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from splatclip.cuda import aot, render
+from splatclip.cuda.binning import bin_gaussians
 from tests_helpers import random_splats
 
 
@@ -42,6 +43,17 @@ def test_compiled_kernels_match_eager_values_and_gradients(kernels, B, N, H, W):
     g1, = torch.autograd.grad((eager * up).sum(), p)
     g2, = torch.autograd.grad((fused * up).sum(), p)
     torch.testing.assert_close(g2, g1, rtol=1e-3, atol=1e-4 * g1.abs().max().item())
+
+
+@pytest.mark.parametrize("tile", [8, 16])
+def test_compiled_binning_keeps_the_pairs_eager_binning_keeps(kernels, tile):
+    p = random_splats(3, 400, seed=tile, dtype=torch.float32)
+    mask = torch.rand(3, 400, generator=torch.Generator().manual_seed(4)) > 0.1
+    eager = bin_gaussians(p, 61, 75, mask, tile=tile)
+    fused = bin_gaussians(p, 61, 75, mask, tile=tile, compiled=True)
+    assert len(eager.key) > 1000
+    for a, b in zip(eager, fused):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
 def test_small_and_double_inputs_take_the_eager_path(kernels):
