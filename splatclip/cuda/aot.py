@@ -32,7 +32,7 @@ from splatclip.cuda import pairs
 from splatclip.cuda.contract import CUTOFF
 
 log = logging.getLogger(__name__)
-NAMES = ("pair_keys", "pair_colors", "pair_backward")
+NAMES = ("pair_keys", "tile_colors", "pair_backward")
 MIN_ROWS = 2  # export treats sizes 0 and 1 as constants: fewer pairs, tiles or Gaussians run eagerly
 
 
@@ -42,8 +42,8 @@ class _Keys(torch.nn.Module):
 
 
 class _Colors(torch.nn.Module):
-    def forward(self, cols, key, geom):
-        return pairs.pair_colors(cols, key, geom)
+    def forward(self, zeros, cols, key, geom):
+        return pairs.tile_colors(zeros, cols, key, geom)
 
 
 class _Backward(torch.nn.Module):
@@ -73,7 +73,8 @@ def _programs():
     # of one, to be one input)
     tx0, ty0 = torch.randint(0, 2, (B * N,)), torch.randint(0, 2, (B * N,))
     grid = torch.tensor([pairs.TILE, tiles_x * pairs.TILE, 4 * pairs.TILE, tiles_x, tiles, N])
-    n_gaussians, n_candidates = torch.export.Dim("gaussians", min=MIN_ROWS), torch.export.Dim("candidates", min=MIN_ROWS)
+    n_gaussians = torch.export.Dim("gaussians", min=MIN_ROWS)
+    n_candidates = torch.export.Dim("candidates", min=MIN_ROWS)
     yield NAMES[0], torch.export.export(
         _Keys(), (p, gaussian, start, tx0, ty0, count.clone(), grid),
         dynamic_shapes=({0: n_gaussians}, {0: n_candidates}, {0: n_gaussians}, {0: n_gaussians}, {0: n_gaussians},
@@ -83,9 +84,11 @@ def _programs():
     grad_tiles = torch.rand(B * tiles, 3, pairs.TILE * pairs.TILE)  # [B * tiles, 3, TILE^2]
     geom = torch.tensor([tiles_x, tiles, 4 * pairs.TILE, tiles_x * pairs.TILE])
     n_pairs, n_tiles = torch.export.Dim("pairs", min=MIN_ROWS), torch.export.Dim("tiles", min=MIN_ROWS)
-    yield NAMES[1], torch.export.export(_Colors(), (cols, key, geom), dynamic_shapes=({1: n_pairs}, {0: n_pairs}, None))
-    yield NAMES[2], torch.export.export(_Backward(), (cols, key, grad_tiles, geom),
-                                        dynamic_shapes=({1: n_pairs}, {0: n_pairs}, {0: n_tiles}, None))
+    yield NAMES[1], torch.export.export(
+        _Colors(), (torch.zeros(B * tiles, 3 * pairs.TILE ** 2), cols, key, geom),
+        dynamic_shapes=({0: n_tiles}, {1: n_pairs}, {0: n_pairs}, None))
+    yield NAMES[2], torch.export.export(
+        _Backward(), (cols, key, grad_tiles, geom), dynamic_shapes=({1: n_pairs}, {0: n_pairs}, {0: n_tiles}, None))
 
 
 def build(directory: Path) -> None:
@@ -97,7 +100,7 @@ def build(directory: Path) -> None:
 
 class Kernels(NamedTuple):
     pair_keys: object  # (p, gaussian, start, tx0, ty0, span, grid) -> keep [P0], key [P0]
-    colors: object  # (cols, key, geom) -> [P, 3 TILE^2]
+    colors: object  # (zeros, cols, key, geom) -> [B * tiles, 3 TILE^2]
     backward: object  # (cols, key, grad_tiles, geom) -> [P, 8]
 
 

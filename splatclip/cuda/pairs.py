@@ -101,3 +101,9 @@ def pair_backward(cols, key, grad_tiles, geom):
     -> the gradient of each pair's 8 parameters [P, 8]."""
     z1, z2, w = geometry(cols, key, geom)
     return pair_grads(cols, z1, z2, w, grad_tiles[key])
+
+
+def tile_colors(zeros, cols, key, geom):
+    """The pairs' colors added into their tiles: zeros [B * tiles, 3 TILE^2] -> the tiles' colors."""
+    return zeros.index_add(0, key, pair_colors(cols, key, geom))
+

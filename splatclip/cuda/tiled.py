@@ -17,17 +17,17 @@ import torch
 
 from splatclip.cuda import aot
 from splatclip.cuda.binning import bin_gaussians
-from splatclip.cuda.pairs import TILE, pair_backward, pair_colors
+from splatclip.cuda.pairs import TILE, pair_backward, tile_colors
 
 
-def _colors(cols, key, geom, compiled: bool):
-    kernels = aot.load() if compiled and aot.applies(cols, len(cols[0])) else None
-    return kernels.colors(cols, key, geom) if kernels else pair_colors(cols, key, geom)
+def _colors(zeros, cols, key, geom, compiled: bool):
+    kernels = aot.load() if compiled and aot.applies(cols, len(zeros)) else None
+    return (kernels.colors if kernels else tile_colors)(zeros, cols, key, geom)
 
 
 def _backward(cols, key, grad_tiles, geom, compiled: bool):
     kernels = aot.load() if compiled and aot.applies(cols, len(grad_tiles)) else None
-    return kernels.backward(cols, key, grad_tiles, geom) if kernels else pair_backward(cols, key, grad_tiles, geom)
+    return (kernels.backward if kernels else pair_backward)(cols, key, grad_tiles, geom)
 
 
 class _TiledRender(torch.autograd.Function):
@@ -37,9 +37,9 @@ class _TiledRender(torch.autograd.Function):
         bins = bin_gaussians(params, height, width, mask, sort=False, tile=TILE, compiled=compiled)
         geom = torch.tensor([bins.tiles_x, bins.tiles_x * bins.tiles_y, height, width])  # see pairs
         cols = params.reshape(B * N, 8)[bins.gaussian].t().contiguous()  # [8, P]
-        # the pairs' colors as rows [P, 3 TILE^2] (torch's CPU index_add_ of [P, 3, TILE^2] slices is 7x slower)
-        out = params.new_zeros(B * bins.tiles_x * bins.tiles_y, 3 * TILE * TILE)
-        out.index_add_(0, bins.key, _colors(cols, bins.key, geom, compiled))
+        # the tiles as rows [B * tiles, 3 TILE^2] (torch's CPU index_add_ of [P, 3, TILE^2] slices is 7x slower)
+        zeros = params.new_zeros(B * bins.tiles_x * bins.tiles_y, 3 * TILE * TILE)
+        out = _colors(zeros, cols, bins.key, geom, compiled)
         ctx.save_for_backward(params, bins.key, bins.gaussian, cols, geom)
         ctx.geometry = (bins.tiles_x, bins.tiles_y, height, width, compiled)
         out = out.view(B, bins.tiles_y, bins.tiles_x, 3, TILE, TILE).permute(0, 3, 1, 4, 2, 5)

@@ -89,12 +89,12 @@ def test_a_damaged_package_is_rebuilt(kernels, fresh_root, monkeypatch):
     monkeypatch.setenv("SPLATCLIP_KERNELS", str(fresh_root))
     target = aot.package_dir()
     shutil.copytree(source, target)
-    (target / "pair_backward.pt2").write_bytes(b"not a package")
+    (target / f"{aot.NAMES[-1]}.pt2").write_bytes(b"not a package")
     build, calls = copy_build(source)
     monkeypatch.setattr(aot, "build", build)
     loaded = aot.load()
     assert loaded is not None and len(calls) == 1
-    assert (target / "pair_backward.pt2").read_bytes() == (source / "pair_backward.pt2").read_bytes()
+    assert (target / f"{aot.NAMES[-1]}.pt2").read_bytes() == (source / f"{aot.NAMES[-1]}.pt2").read_bytes()
     assert not [p for p in fresh_root.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
