@@ -62,40 +62,37 @@ def package_dir() -> Path:
     return kernels_root() / f"cpu-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def _programs():
-    """The kernels exported at example inputs (2 images of 4 x 3 tiles), their sizes dynamic."""
+def _export(name: str):
+    """Kernel `name` exported at example inputs (2 images of 4 x 3 tiles, 5 Gaussians each), its sizes
+    dynamic."""
     tiles_x, tiles, B, P, N = 3, 12, 2, 40, 5
-    p = torch.rand(B * N, 8)  # [M, 8]
-    count = torch.randint(1, 4, (B * N,))  # [M] candidates per Gaussian
-    gaussian = torch.repeat_interleave(torch.arange(B * N), count)  # [P0]
-    start = torch.cumsum(count, 0) - count  # [M]
-    # [M] the boxes' first tiles; every input its own tensor (export takes one passed twice, or two views
-    # of one, to be one input)
-    tx0, ty0 = torch.randint(0, 2, (B * N,)), torch.randint(0, 2, (B * N,))
-    grid = torch.tensor([pairs.TILE, tiles_x * pairs.TILE, 4 * pairs.TILE, tiles_x, tiles, N])
-    n_gaussians = torch.export.Dim("gaussians", min=MIN_ROWS)
-    n_candidates = torch.export.Dim("candidates", min=MIN_ROWS)
-    yield NAMES[0], torch.export.export(
-        _Keys(), (p, gaussian, start, tx0, ty0, count.clone(), grid),
-        dynamic_shapes=({0: n_gaussians}, {0: n_candidates}, {0: n_gaussians}, {0: n_gaussians}, {0: n_gaussians},
-                        {0: n_gaussians}, None))
+    n_gaussians, n_candidates, n_pairs, n_tiles = (torch.export.Dim(size, min=MIN_ROWS)
+                                                   for size in ("gaussians", "candidates", "pairs", "tiles"))
+    if name == "pair_keys":
+        count = torch.randint(1, 4, (B * N,))  # [M] candidates per Gaussian
+        # every input its own tensor: export takes one passed twice, or two views of one, to be one input
+        args = (torch.rand(B * N, 8), torch.repeat_interleave(torch.arange(B * N), count),  # p [M, 8], gaussian [P0]
+                torch.cumsum(count, 0) - count, torch.randint(0, 2, (B * N,)), torch.randint(0, 2, (B * N,)), count,
+                torch.tensor([pairs.TILE, tiles_x * pairs.TILE, 4 * pairs.TILE, tiles_x, tiles, N]))
+        shapes = ({0: n_gaussians}, {0: n_candidates}, *[{0: n_gaussians}] * 4, None)
+        return torch.export.export(_Keys(), args, dynamic_shapes=shapes)
     cols = torch.rand(8, P) + 0.1  # [8, P]
     key = torch.randint(0, B * tiles, (P,))  # [P]
-    grad_tiles = torch.rand(B * tiles, 3, pairs.TILE * pairs.TILE)  # [B * tiles, 3, TILE^2]
     geom = torch.tensor([tiles_x, tiles, 4 * pairs.TILE, tiles_x * pairs.TILE])
-    n_pairs, n_tiles = torch.export.Dim("pairs", min=MIN_ROWS), torch.export.Dim("tiles", min=MIN_ROWS)
-    yield NAMES[1], torch.export.export(
-        _Colors(), (torch.zeros(B * tiles, 3 * pairs.TILE ** 2), cols, key, geom),
-        dynamic_shapes=({0: n_tiles}, {1: n_pairs}, {0: n_pairs}, None))
-    yield NAMES[2], torch.export.export(
-        _Backward(), (cols, key, grad_tiles, geom), dynamic_shapes=({1: n_pairs}, {0: n_pairs}, {0: n_tiles}, None))
+    if name == "tile_colors":
+        args = (torch.zeros(B * tiles, 3 * pairs.TILE ** 2), cols, key, geom)
+        return torch.export.export(_Colors(), args, dynamic_shapes=({0: n_tiles}, {1: n_pairs}, {0: n_pairs}, None))
+    grad_tiles = torch.rand(B * tiles, 3, pairs.TILE * pairs.TILE)  # [B * tiles, 3, TILE^2]
+    return torch.export.export(_Backward(), (cols, key, grad_tiles, geom),
+                               dynamic_shapes=({1: n_pairs}, {0: n_pairs}, {0: n_tiles}, None))
 
 
 def build(directory: Path) -> None:
-    """Export and compile the kernels into `directory` (about a minute on 2 cores)."""
+    """Export and compile the kernels into `directory` (about 45 s on 2 cores; one process per kernel
+    was no faster)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name, program in _programs():
-        torch._inductor.aoti_compile_and_package(program, package_path=str(directory / f"{name}.pt2"))
+    for name in NAMES:
+        torch._inductor.aoti_compile_and_package(_export(name), package_path=str(directory / f"{name}.pt2"))
 
 
 class Kernels(NamedTuple):

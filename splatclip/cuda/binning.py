@@ -69,7 +69,7 @@ def bin_gaussians(params, height: int, width: int, mask=None, sort: bool = True,
         gaussian = torch.repeat_interleave(flat, count)  # [P0]: a candidate pair per tile of each box
         start = torch.cumsum(count, 0) - count  # [B N]
         grid = torch.tensor([tile, width, height, tiles_x, tiles, N])  # see pairs.pair_keys
-        p = params.detach().reshape(B * N, 8)
+        p = params.detach().reshape(B * N, 8).contiguous()  # the compiled kernel reads rows of 8
         kernels = aot.load() if compiled and aot.applies(p.t(), len(gaussian)) else None
         keep, key = (kernels.pair_keys if kernels else pair_keys)(p, gaussian, start, tx0, ty0, tx1 - tx0 + 1, grid)
         gaussian, key = gaussian[keep], key[keep]

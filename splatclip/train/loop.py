@@ -86,7 +86,7 @@ class Stage:
 class Loop:
     """One worker's training, from the spec and the driver's listing of the shards."""
 
-    def __init__(self, spec: TrainSpec, shards: ShardSet, run_id: str | None, progress=None):
+    def __init__(self, spec: TrainSpec, shards: ShardSet, run_id: str | None, progress):
         import ray.train
         import ray.train.torch
 
