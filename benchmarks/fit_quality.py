@@ -13,7 +13,7 @@ target PSNR (26, 27, 28 dB, a ceiling of 1,000 iterations): seconds per image un
 reached the target or the ceiling, and how many reached it. With --against, also the fewest
 iterations (of 300, 320, ... 500) at which this checkout equals REV's PSNR at 300, and their time, and
 a fit to 28 dB with that count as the ceiling (`splatclip fit --target-psnr 28 --iterations N`).
-Each row is fitted in a fresh process after a warm-up fit (torch.compile's one-off cost is not
+Each row is fitted in a fresh process after a warm-up fit (loading or compiling the kernels is not
 counted). --against REV measures the same rows with the code of git revision REV (exported to a
 temporary directory), interleaved with this checkout's, and prints both side by side, then times the
 whole `splatclip fit` command of each revision on the photos (written as PNG files): REV at 300

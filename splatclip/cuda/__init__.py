@@ -17,7 +17,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def render(params, height: int, width: int, mask=None, backend: str = "auto", compile: bool = False):
     """params [B, N, 8] (x, y, l11, l21, l22, r, g, b), mask [B, N] or None -> [B, 3, H, W].
 
-    `compile` fuses the tiled torch renderer with torch.compile (the other backends ignore it)."""
+    `compile`: the tiled torch renderer runs its kernels compiled for this CPU (`aot`; the other backends
+    ignore it)."""
     if params.ndim != 3 or params.shape[-1] != 8:
         raise ValueError(f"params must be [B, N, 8], got {list(params.shape)}")
     name = resolve_backend(backend, params.device)
