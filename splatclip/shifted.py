@@ -21,9 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from splatclip.datasets import digit_sample, digits
+from splatclip.datasets import digit_sample, digits, stroke, zoom
 
-SUPERSAMPLE = 4  # stroke width changes in quarter pixels, on a 4x larger image
 # The transform of each kind at severities 1, 2, 3 (pixels of a 28x28 digit, degrees, zoom factors)
 SEVERITY = {
     "thicker": (0.5, 1.0, 1.5),  # stroke grows by this on each side
@@ -42,17 +41,6 @@ FONTS += ["STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STI
           "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf"]
 
 
-def stroke(image: np.ndarray, px: float) -> np.ndarray:
-    """uint8 [28, 28] with strokes grown (px > 0) or shrunk (px < 0) by |px| pixels on each side."""
-    big = ndimage.zoom(image.astype(np.float32), SUPERSAMPLE, order=1)
-    r = round(abs(px) * SUPERSAMPLE)
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = xx * xx + yy * yy <= r * r
-    big = ndimage.grey_dilation(big, footprint=disk) if px > 0 else ndimage.grey_erosion(big, footprint=disk)
-    small = big.reshape(28, SUPERSAMPLE, 28, SUPERSAMPLE).mean((1, 3))
-    return np.clip(small, 0, 255).round().astype(np.uint8)
-
-
 def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
     """One uint8 [28, 28] digit under `kind` at `severity` (1-3); the random part (a sign, a direction)
     from `rng`."""
@@ -66,8 +54,7 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
         angle = rng.uniform(0, 2 * math.pi)
         x = ndimage.shift(x, (amount * math.sin(angle), amount * math.cos(angle)), order=1)
     elif kind == "smaller":
-        c = 13.5  # the center of a 28-pixel side
-        x = ndimage.affine_transform(x, np.eye(2) / amount, offset=c - c / amount, order=1)
+        return zoom(image, amount)
     elif kind == "blurred":
         x = ndimage.gaussian_filter(x, amount)
     else:

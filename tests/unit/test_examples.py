@@ -1,8 +1,10 @@
 """Example data from installed packages behind `examples://`: written once on first use."""
 
+import io
 import json
 
 import pytest
+from PIL import Image
 
 from splatclip import datasets
 from splatclip.models.backbone import create, model_name
@@ -65,21 +67,36 @@ def test_packaged_model_configs_are_known_by_name():
         model_name("no-such-vit")
 
 
-def test_coarse_digits_are_other_digits_at_low_resolution_framed_like_sklearns():
+def test_varied_digits_are_the_same_digits_drawn_again_each_way_in_turn():
     import numpy as np
 
-    full = datasets.digits("train", limit=4, skip=10)
-    coarse = datasets.digits("train", limit=4, skip=10, coarse=True)
-    assert [s["__key__"].replace("mnist", "") for s in full] == [s["__key__"].replace("mnist8x8", "") for s in coarse]
-    assert [s["cls"] for s in full] == [s["cls"] for s in coarse]
+    def ink(sample) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(sample["png"])), np.float64)
+
+    full = datasets.digits("train", limit=8, skip=10)
+    varied = datasets.digits("train", limit=8, skip=10, varied=True)
+    views = list(datasets.RENDITIONS)
+    assert [json.loads(s["json"])["view"] for s in varied] == views + views
+    assert [s["__key__"] for s in varied] == [f"mnist-{v}-{s['__key__'][5:]}" for v, s in zip(views * 2, full)]
+    assert [s["cls"] for s in full] == [s["cls"] for s in varied]
     assert full[0]["__key__"] == datasets.digits("train", limit=11)[10]["__key__"]  # skip leaves out the first 10
-    assert json.loads(coarse[0]["json"])["view"] == "8x8" and "view" not in json.loads(full[0]["json"])
+    assert "view" not in json.loads(full[0]["json"])
+    assert varied[0]["png"] == datasets.digits("train", limit=8, skip=10, varied=True)[0]["png"]  # same arguments, same digits
+    for plain, other in zip(full, varied):
+        a, b = ink(plain), ink(other)
+        view = json.loads(other["json"])["view"]
+        if view == "small":  # the same ink in a smaller box: less of it
+            assert 0.15 * a.sum() < b.sum() < 0.8 * a.sum()
+        elif view == "heavy":
+            assert b.sum() > 1.2 * a.sum() and (b >= a - 8).all()  # more ink, none taken (to rounding)
+        elif view == "sharp":
+            assert set(np.unique(b)) <= {0.0, 255.0} and abs(b.sum() - a.sum()) < 0.5 * a.sum()
     # a solid 20x20 digit box stays solid and framed; a one-pixel stroke becomes a wider, fainter one
     solid = np.zeros((28, 28), np.uint8)
     solid[4:24, 4:24] = 255
     assert (datasets.coarsen(solid) == solid).all()
     stroke = np.zeros((28, 28), np.uint8)
     stroke[4:24, 14] = 255
-    low = datasets.coarsen(stroke)
+    low = datasets.coarsen(stroke)  # the 8x8 view
     assert low[:4].max() == 0 and low[24:].max() == 0 and low[:, :4].max() == 0
     assert (low > 0).sum() > 2 * (stroke > 0).sum() and low.max() < 255
