@@ -273,7 +273,7 @@ class Demo:
         quiet_ray()
         with stages.stage("data", "writing digit and photo shards, starting Ray"):
             self.data()
-        with stages.stage("teacher", f"training the RGB teacher on {self.samples['train']} digit images"):
+        with stages.stage("teacher", f"training the RGB teacher on {self.samples['train'] + self.samples['varied']} digit images"):
             self.teacher()
         with stages.stage("fit", f"fitting digits at {' and '.join(map(str, POINTS))} Gaussians, and photos"):
             self.fit()
