@@ -38,7 +38,7 @@ def contact_sheet(root: Path, points: tuple[int, ...]) -> np.ndarray:
 
 def accuracy_plot(results: dict, sets: dict[str, str], points: tuple[int, ...], path: Path) -> None:
     """Zero-shot top-1 against bytes per image: splats at each point, the RGB teacher at raw pixels."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for split, label in sets.items():
         xy = sorted((results[(split, n)]["compression"]["splat_bytes"], results[(split, n)]["splat"]["top1"])
                     for n in points if (split, n) in results)
@@ -51,7 +51,7 @@ def accuracy_plot(results: dict, sets: dict[str, str], points: tuple[int, ...], 
     ax.set_ylabel("zero-shot top-1")
     ax.set_ylim(0, 1)
     ax.set_title("Accuracy against compression")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the axes, not over the points
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
