@@ -110,11 +110,12 @@ def zoom(image: np.ndarray, factor: float) -> np.ndarray:
 # The ways a training digit is drawn again for `digits(varied=True)`, so that a model trained on them
 # has seen digits at other sizes, resolutions, weights and edges than MNIST's own, not the shifts it is
 # tested on (their ranges are drawn per digit): a coarse scan; a smaller digit (zoom 0.45-0.85); a
-# heavier pen (0.25-1.25 pixels more a side); hard, one-bit edges (ink where the gray passes 96-160).
+# heavier pen (0.5-2 pixels more a side: felt pens and bold type, whose strokes are two or three times
+# MNIST's); hard, one-bit edges (ink where the gray passes 96-160).
 RENDITIONS = {
     "8x8": lambda image, rng: coarsen(image),
     "small": lambda image, rng: zoom(image, rng.uniform(0.45, 0.85)),
-    "heavy": lambda image, rng: stroke(image, rng.uniform(0.25, 1.25)),
+    "heavy": lambda image, rng: stroke(image, rng.uniform(0.5, 2.0)),
     "sharp": lambda image, rng: np.where(image > rng.uniform(96, 160), 255, 0).astype(np.uint8),
 }
 

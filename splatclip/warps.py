@@ -8,8 +8,8 @@ A splat image is a sum of Gaussians, so some image transforms have an exact form
 - a blur by an isotropic Gaussian of s pixels: Sigma + s^2 I, the color scaled by
   sqrt(det Sigma / det(Sigma + s^2 I)) (a Gaussian convolved with a normalized Gaussian);
 - a gain per channel: the colors scaled (the renderer is linear in them);
-- moving and scaling an image so its ink is centered with a given spread (`canonical_splats`): the
-  ink's centroid and second moments are sums over the Gaussians (each one's mass is its mean color
+- moving and scaling an image so its ink is centered with a given spread along its major axis
+  (`canonical_splats`): the ink's centroid and second moments are sums over the Gaussians (each one's mass is its mean color
   times 2 pi |l11 l22|), so no render is needed to find the map.
 
 The twins (`warp_images`, `blur_images`, colors times the gain) do the same to a rendered or source
@@ -92,10 +92,18 @@ def gain_splats(params: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     return torch.cat([params[..., :5], params[..., 5:8] * gain[:, None, :]], -1)
 
 
+def major_spread(xx: torch.Tensor, xy: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+    """The ink's covariance [[xx, xy], [xy, yy]] -> its spread: the standard deviation along its major
+    axis (the square root of the larger eigenvalue), which a turn leaves as it is and which, as MNIST's
+    framing by the longer side, gives a thin 1 and a wide 0 one height."""
+    half = (xx + yy) / 2
+    return torch.sqrt((half + torch.sqrt(((xx - yy) / 2) ** 2 + xy * xy)).clamp_min(0))
+
+
 def moments_splats(params: torch.Tensor, mask: torch.Tensor | None = None):
     """params [b, N, 8], mask [b, N] -> the ink's (mass [b], centroid [b, 2], spread [b]) in normalized
-    coordinates, spread = sqrt of the mean of the two axes' variances. A Gaussian's ink is its mean
-    color times its integral, 2 pi |l11 l22| (the 3-sigma cut-off drops 1.1% of it)."""
+    coordinates (`major_spread`). A Gaussian's ink is its mean color times its integral,
+    2 pi |l11 l22| (the 3-sigma cut-off drops 1.1% of it); its own covariance adds to the spread."""
     l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]
     w = params[..., 5:8].mean(-1) * 2 * math.pi * torch.abs(l11 * l22)  # [b, N]
     if mask is not None:
@@ -104,8 +112,10 @@ def moments_splats(params: torch.Tensor, mask: torch.Tensor | None = None):
     safe = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
     mu = (w[..., None] * params[..., 0:2]).sum(1) / safe[:, None]  # [b, 2]
     d = params[..., 0:2] - mu[:, None]  # [b, N, 2]
-    var = (w * (l11 * l11 + l21 * l21 + l22 * l22 + (d * d).sum(-1))).sum(1) / safe  # trace of the covariance
-    return total, mu, torch.sqrt((var / 2).clamp_min(0))
+    xx = (w * (l11 * l11 + d[..., 0] ** 2)).sum(1) / safe
+    xy = (w * (l11 * l21 + d[..., 0] * d[..., 1])).sum(1) / safe
+    yy = (w * (l21 * l21 + l22 * l22 + d[..., 1] ** 2)).sum(1) / safe
+    return total, mu, major_spread(xx, xy, yy)
 
 
 def moments_images(images: torch.Tensor):
@@ -117,8 +127,9 @@ def moments_images(images: torch.Tensor):
     total = m.sum((1, 2))
     safe = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
     cx, cy = (m * xs).sum((1, 2)) / safe, (m * ys[:, None]).sum((1, 2)) / safe
-    var = (m * ((xs - cx[:, None, None]) ** 2 + (ys[:, None] - cy[:, None, None]) ** 2)).sum((1, 2)) / safe
-    return total, torch.stack([cx, cy], -1), torch.sqrt((var / 2).clamp_min(0))
+    dx, dy = xs - cx[:, None, None], ys[:, None] - cy[:, None, None]  # [b, 1, W], [b, H, 1]
+    xx, xy, yy = ((m * q).sum((1, 2)) / safe for q in (dx * dx, dx * dy, dy * dy))
+    return total, torch.stack([cx, cy], -1), major_spread(xx, xy, yy)
 
 
 def canonical_map(total: torch.Tensor, mu: torch.Tensor, spread: torch.Tensor, target: float):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from splatclip.cuda import render
-from splatclip.fitting.init import random_init, structured_init
+from splatclip.fitting.init import ink_init, random_init, structured_init
 from splatclip.fitting.metrics import mse, psnr, psnr_from_mse, ssim
 from splatclip.fitting.prune import prune_mask
 from splatclip.platform.specs import FitParams
@@ -143,6 +143,8 @@ def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, pro
     torch.manual_seed(cfg.seed)
     if cfg.init == "structured":
         init = structured_init(images, n, cfg.backend)
+    elif cfg.init == "ink":
+        init = ink_init(images, n, cfg.backend)
     else:
         init = random_init(images, n, cfg.seed)
     batch = Batch(init, images, cfg)

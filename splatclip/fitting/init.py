@@ -1,4 +1,5 @@
-"""Initial Gaussians for fitting: structured (a grid shaped like the image) or random."""
+"""Initial Gaussians for fitting: structured (a grid shaped like the image), ink (the same grid over
+the part of a black frame that holds the ink) or random."""
 
 from __future__ import annotations
 
@@ -56,6 +57,48 @@ def structured_init(images, n: int, backend: str = "auto"):
         spare[..., 2:5] *= 0.5
         spare[..., 5:8] = 0.0
         params = torch.cat([params, spare], 1)
+    return params
+
+
+INK = 0.1  # a pixel holds ink where a channel exceeds this (of 1)
+BORDER = 0.05  # the ink reaches the frame's border where more than this share of border pixels hold ink
+
+
+def ink_box(image: torch.Tensor, rows: int, cols: int) -> tuple[int, int, int, int]:
+    """image [3, H, W] -> (top, left, height, width) in pixels: the smallest box of the frame's aspect
+    ratio, one pixel wider than the ink on each side, that holds the image's ink, or the whole frame
+    where there is no ink, the ink reaches the border (no black ground), or the box would give grid
+    cells under a pixel (`rows` x `cols`)."""
+    _, H, W = image.shape
+    ink = image.amax(0) > INK  # [H, W]
+    border = torch.cat([ink[0], ink[-1], ink[:, 0], ink[:, -1]])
+    if not bool(ink.any()) or border.float().mean() > BORDER:
+        return 0, 0, H, W
+    ys, xs = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
+    top, bottom, left, right = int(ys.min()) - 1, int(ys.max()) + 2, int(xs.min()) - 1, int(xs.max()) + 2
+    scale = max((bottom - top) / H, (right - left) / W, rows / H, cols / W)  # of the frame, at its aspect
+    h, w = min(H, math.ceil(scale * H)), min(W, math.ceil(scale * W))
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    t, lft = min(max(0, round(cy - h / 2)), H - h), min(max(0, round(cx - w / 2)), W - w)
+    return t, lft, h, w
+
+
+def ink_init(images, n: int, backend: str = "auto"):
+    """images [B, 3, H, W] -> params [B, n, 8]: `structured_init` of each image's `ink_box`, placed
+    back in the frame, so that a digit drawn smaller or elsewhere on black gets the same grid on its
+    ink (nothing is spent on the empty ground around it)."""
+    B, _, H, W = images.shape
+    rows, cols = grid_shape(n, H, W)
+    boxes = [ink_box(image, rows, cols) for image in images]
+    params = images.new_zeros(B, n, 8)
+    for h, w in sorted({(h, w) for _, _, h, w in boxes}):
+        idx = [i for i, box in enumerate(boxes) if box[2:] == (h, w)]
+        crops = torch.stack([images[i, :, boxes[i][0] : boxes[i][0] + h, boxes[i][1] : boxes[i][1] + w] for i in idx])
+        p = structured_init(crops, n, backend)  # [b, n, 8] in the box's normalized coordinates
+        offset = images.new_tensor([[boxes[i][1] / W, boxes[i][0] / H] for i in idx])  # [b, 2] (x, y)
+        p[..., 0:2] = offset[:, None, :] + p[..., 0:2] * p.new_tensor([w / W, h / H])
+        p[..., 2], p[..., 3:5] = p[..., 2] * (w / W), p[..., 3:5] * (h / H)  # the Cholesky factor, x then y rows
+        params[idx] = p
     return params
 
 

@@ -162,7 +162,11 @@ class FitParams(Model):
     iterations: int = Field(2000, ge=0, le=1_000_000)
     size: int = Field(224, ge=16, le=4096, description="Images are center-cropped (a square of the short side) and "
                       "resized to size x size; at least 16 (SSIM's window).")
-    init: Literal["structured", "random"] = "structured"
+    init: Literal["structured", "ink", "random"] = Field("structured", description="structured: a grid of Gaussians "
+                                                         "over the frame, colored by its cells; ink: that grid over "
+                                                         "the box holding the ink of an image on black (digits, "
+                                                         "drawings), so a smaller digit gets as many Gaussians; "
+                                                         "random: uniform positions and colors.")
     lr_position: float = Field(0.04, gt=0, le=100, description="Adam learning rate for x, y, in grid cells per step.")
     lr_cholesky: float = Field(0.02, gt=0, le=100, description="Adam learning rate for l11, l21, l22, in grid cells.")
     lr_color: float = Field(0.01, gt=0, le=100)
@@ -212,7 +216,7 @@ class ModelSpec(Model):
     fourier_bands: int = Field(8, ge=1, le=64)
     canonical_spread: float | None = Field(
         None, gt=0, le=0.5, description="Show the model each image (or splat set) moved and zoomed so that its ink is "
-        "centered with this spread (the rms distance from the centroid along an axis, in image sides; 0.17 for "
+        "centered with this spread (the ink's standard deviation along its major axis, in image sides; 0.21 for "
         "MNIST's digits): for centered objects on a dark ground, such as digits. Exact on splats, from their "
         "moments. None: inputs as they are.")
 

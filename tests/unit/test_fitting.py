@@ -6,7 +6,7 @@ from skimage import data
 
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop
-from splatclip.fitting.init import grid_shape, random_init, structured_init
+from splatclip.fitting.init import grid_shape, ink_box, ink_init, random_init, structured_init
 from splatclip.fitting.metrics import psnr, ssim
 from splatclip.fitting.prune import luminance, prune_mask
 from splatclip.cuda import render
@@ -44,6 +44,28 @@ def test_spare_gaussians_start_invisible_on_busy_cells(photos64):
     params = structured_init(photos64[:1], 250, backend="torch")
     spare = params[0, 240:]
     assert torch.all(spare[:, 5:8] == 0) and torch.all(spare[:, 2] < params[0, 0, 2])
+
+
+def test_ink_init_lays_the_grid_over_the_ink_wherever_and_however_large_it_is(photos64):
+    digit = torch.zeros(1, 3, 28, 28)
+    digit[..., 6:22, 10:18] = 1.0  # ink in rows 6-21, columns 10-17
+    small = torch.zeros(1, 3, 28, 28)
+    small[..., 3:11, 15:19] = 1.0  # the same shape at half the size, elsewhere
+    assert ink_box(digit[0], 7, 7) == (5, 5, 18, 18)  # a square one pixel wider than the ink
+    assert ink_box(small[0], 7, 7) == (2, 12, 10, 10)
+    a, b = ink_init(torch.cat([digit, small]), 49, backend="torch")
+    box = lambda p: (p[:, 0].min(), p[:, 0].max(), p[:, 1].min(), p[:, 1].max())  # noqa: E731
+    assert 5 / 28 < box(a)[0] and box(a)[1] < 23 / 28 and 12 / 28 < box(b)[0] and box(b)[3] < 12 / 28
+    # the smaller digit's grid is the larger one's, scaled by the boxes' sides (10/18), colors alike
+    centered = lambda p, t, l, side: (p[:, 0:2] - p.new_tensor([l, t]) / 28) / (side / 28)  # noqa: E731
+    torch.testing.assert_close(centered(a, 5, 5, 18), centered(b, 2, 12, 10))
+    torch.testing.assert_close(a[:, 2:5] / 18, b[:, 2:5] / 10)
+    inked = lambda p: int((p[:, 5] > 0.1).sum())  # noqa: E731  (Gaussians that start with ink)
+    frame = structured_init(small, 49, backend="torch")[0]
+    assert inked(a) >= 21 and inked(b) >= 21 and inked(frame) <= 8, (inked(a), inked(b), inked(frame))
+    # photos (ink up to the border) and blank images keep the whole frame's grid
+    torch.testing.assert_close(ink_init(photos64, 250, backend="torch"), structured_init(photos64, 250, backend="torch"))
+    assert ink_box(torch.zeros(3, 28, 28), 7, 7) == (0, 0, 28, 28)
 
 
 def test_random_init_is_per_image_and_seeded(photos64):

@@ -122,6 +122,16 @@ def test_the_moments_of_splats_are_the_moments_of_their_render():
     torch.testing.assert_close(got[0] * h * w, want[0], atol=0, rtol=0.03)  # ink, in pixels
 
 
+def test_the_spread_is_along_the_major_axis_and_a_turn_keeps_it():
+    from splatclip.warps import moments_splats
+
+    bar = torch.tensor([[[0.5, 0.5, 0.02, 0.0, 0.2, 1.0, 1.0, 1.0]]])  # one tall, thin Gaussian: a 1
+    torch.testing.assert_close(moments_splats(bar)[2], torch.tensor([0.2]))  # its height, not the axes' mean
+    p = splats(4, 20, 28, 28, seed=3)
+    turn = torch.tensor([[math.cos(0.7), -math.sin(0.7)], [math.sin(0.7), math.cos(0.7)]]).expand(4, 2, 2)
+    torch.testing.assert_close(moments_splats(warp_splats(p, turn, torch.zeros(4, 2)))[2], moments_splats(p)[2])
+
+
 def test_canonical_splats_render_as_the_canonical_render():
     from splatclip.warps import canonical_images, canonical_splats, moments_images
 
