@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from splatclip.cuda import render
+from splatclip.warps import warp_splats
 
 
 def grid_shape(n: int, height: int, width: int) -> tuple[int, int]:
@@ -95,10 +96,11 @@ def ink_init(images, n: int, backend: str = "auto"):
         idx = [i for i, box in enumerate(boxes) if box[2:] == (h, w)]
         crops = torch.stack([images[i, :, boxes[i][0] : boxes[i][0] + h, boxes[i][1] : boxes[i][1] + w] for i in idx])
         p = structured_init(crops, n, backend)  # [b, n, 8] in the box's normalized coordinates
-        offset = images.new_tensor([[boxes[i][1] / W, boxes[i][0] / H] for i in idx])  # [b, 2] (x, y)
-        p[..., 0:2] = offset[:, None, :] + p[..., 0:2] * p.new_tensor([w / W, h / H])
-        p[..., 2], p[..., 3:5] = p[..., 2] * (w / W), p[..., 3:5] * (h / H)  # the Cholesky factor, x then y rows
-        params[idx] = p
+        # the box's coordinates to the frame's: scaled by the box's share of the frame about the
+        # center, then moved so that the box's corner lands on (left, top)
+        A = torch.diag(images.new_tensor([w / W, h / H])).expand(len(idx), 2, 2)
+        corner = images.new_tensor([[boxes[i][1] / W, boxes[i][0] / H] for i in idx])  # [b, 2] (x, y)
+        params[idx] = warp_splats(p, A, corner + 0.5 * images.new_tensor([w / W, h / H]) - 0.5)
     return params
 
 
