@@ -108,3 +108,13 @@ def normalize_images(model, images):
 def embed_images(model, images):
     """[B, 3, H, W] in [0, 1] -> L2-normalized image embeddings [B, D]."""
     return F.normalize(model.encode_image(normalize_images(model, images)).float(), dim=-1)
+
+
+@torch.no_grad()
+def patch_tokens(model, images):
+    """[B, 3, H, W] in [0, 1] -> the ViT's patch tokens as its blocks take them: the patch embedding
+    plus each patch's position, [B, L, width] (L patches, row by row; the class token left out)."""
+    visual = model.visual
+    x = visual.conv1(normalize_images(model, images))  # [B, width, g, g]
+    x = x.flatten(2).transpose(1, 2)  # [B, L, width]
+    return x + visual.positional_embedding[1:].to(x.dtype)

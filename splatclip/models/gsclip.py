@@ -66,13 +66,17 @@ class GSCLIP(nn.Module):
     def logit_scale(self):
         return self.clip.logit_scale.exp().clamp(max=100)
 
-    def splat_features(self, params, mask=None):
-        """params [B, N, 8], mask [B, N] (True: live) -> image embedding [B, D] (not normalized)."""
+    def splat_tokens(self, params, mask=None):
+        """params [B, N, 8], mask [B, N] (True: live) -> the tokens the ViT's blocks take [B, L, width]."""
         if mask is None:
             mask = torch.ones(params.shape[:2], dtype=torch.bool, device=params.device)
         if self.canonical_spread is not None:
             params = canonical_splats(params, mask, self.canonical_spread)
-        return through_vit(self.clip.visual, self.splat(params, mask))
+        return self.splat(params, mask)
+
+    def splat_features(self, params, mask=None):
+        """params [B, N, 8], mask [B, N] (True: live) -> image embedding [B, D] (not normalized)."""
+        return through_vit(self.clip.visual, self.splat_tokens(params, mask))
 
     def encode_splats(self, params, mask=None):
         return F.normalize(self.splat_features(params, mask), dim=-1)

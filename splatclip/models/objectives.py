@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splatclip.models.augment import Augment, augment_images, augment_splats, draw
-from splatclip.models.backbone import embed_images
-from splatclip.models.gsclip import GSCLIP
+from splatclip.models.backbone import embed_images, patch_tokens
+from splatclip.models.gsclip import GSCLIP, through_vit
 from splatclip.models.losses import clip_loss, distill_loss
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
@@ -70,6 +71,10 @@ class DistillSettings(NoSettings):
     normalize: bool = Field(True, description="Compare L2-normalized embeddings (the method's choice); false: "
                             "the raw embeddings, which also matches their norms.")
     augment: Augment | None = AUGMENT
+    tokens: float = Field(0.0, ge=0, le=100, description="Weight of a second term: the student's tokens against "
+                          "the teacher's patch tokens (patch embedding plus position), as the ViT's blocks take "
+                          "them, in mean squared error relative to the teacher's; needs as many latents as the "
+                          "teacher has patches, and the source images (`images:`).")
 
 
 class ContrastiveSettings(NoSettings):
@@ -102,7 +107,17 @@ class Distill(Objective):
             if self.settings.augment is not None:  # one transform for the student's splats and the teacher's image
                 d = draw(self.settings.augment, len(params), device)
                 params, images = augment_splats(params, d), augment_images(images, d)
-            target = embed_images(self.teacher, model.view(images))  # [b, D]: the image as the student sees it
+            view = model.view(images)  # the image as the student sees it
+            target = embed_images(self.teacher, view)  # [b, D]
+            if self.settings.tokens > 0:
+                tokens = model.splat_tokens(params, mask)  # [b, L, width]
+                want = patch_tokens(self.teacher, view)  # [b, L, width]
+                if tokens.shape != want.shape:
+                    raise ValueError(f"options.tokens: the student makes {tokens.shape[1]} tokens (model.latents), "
+                                     f"the teacher's image tower {want.shape[1]} patches")
+                features = through_vit(model.clip.visual, tokens)
+                relative = F.mse_loss(tokens, want) / want.pow(2).mean()
+                return distill_loss(features, target, self.settings.normalize) + self.settings.tokens * relative
         elif "teacher" in batch:
             target = batch["teacher"].to(device)  # [b, D]
         else:

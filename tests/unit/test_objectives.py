@@ -26,7 +26,7 @@ def test_a_stage_sets_its_objectives_own_settings_and_nothing_else():
     assert settings("distill", {}).normalize and not settings("distill", {"normalize": False}).normalize
     assert stage_problems(stages("distill", distill={"normalize": False}), "splat", False) == []
     assert stage_problems(stages("distill", distill={"normalise": False}), "splat", False) == [
-        "stages.0.options.normalise: Extra inputs are not permitted (distill takes normalize, augment)"]
+        "stages.0.options.normalise: Extra inputs are not permitted (distill takes normalize, augment, tokens)"]
     assert stage_problems(stages("contrastive", contrastive={"temperature": 0.1}), "splat", False) == [
         "stages.0.options.temperature: Extra inputs are not permitted (contrastive takes augment)"]
 
@@ -118,3 +118,32 @@ def test_augmented_distillation_shows_the_teacher_the_splats_transform():
                             embed_images(teacher, augment_images(data["images"], d)))
         plain = OBJECTIVES["distill"](settings("distill", {}), teacher)(model, data, torch.device("cpu"))
     assert torch.allclose(loss, want) and not torch.allclose(loss, plain)
+
+
+def test_token_distillation_matches_the_students_tokens_to_the_teachers_patches():
+    """The teacher's patch tokens run through its own blocks give its image embedding, so they are what
+    the student's tokens can stand in for; the loss adds their relative squared error to the embeddings'."""
+    import pytest
+    import torch.nn.functional as F
+
+    from splatclip.models.backbone import embed_images, normalize_images, patch_tokens
+    from splatclip.models.gsclip import through_vit
+
+    torch.manual_seed(0)
+    spec = ModelSpec(name="demo-vit", latents=16, resampler_layers=1, resampler_width=32, fourier_bands=2)
+    model, teacher = from_open_clip("demo-vit", None, spec), from_open_clip("demo-vit", None, spec).clip
+    model.eval(), teacher.eval()
+    data = batch()
+    data["images"] = torch.rand(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    want = patch_tokens(teacher, data["images"])  # [4, 16, 128]
+    torch.testing.assert_close(F.normalize(through_vit(teacher.visual, want), dim=-1),
+                               F.normalize(teacher.encode_image(normalize_images(teacher, data["images"])), dim=-1))
+    with torch.no_grad():
+        loss = OBJECTIVES["distill"](settings("distill", {"tokens": 0.5}), teacher)(model, data, torch.device("cpu"))
+        tokens = model.splat_tokens(data["params"], data["mask"])
+        expected = (distill_loss(through_vit(model.clip.visual, tokens), embed_images(teacher, data["images"]))
+                    + 0.5 * F.mse_loss(tokens, want) / want.pow(2).mean())
+    torch.testing.assert_close(loss, expected)
+    fewer = from_open_clip("demo-vit", None, spec.model_copy(update={"latents": 4}))
+    with pytest.raises(ValueError, match="the student makes 4 tokens .* the teacher's image tower 16 patches"):
+        OBJECTIVES["distill"](settings("distill", {"tokens": 0.5}), teacher)(fewer, data, torch.device("cpu"))
