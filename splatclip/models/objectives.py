@@ -98,6 +98,9 @@ class Distill(Objective):
             problems.append("options.augment: the stored teacher embeddings are of the untransformed images; "
                             "augmenting distillation needs the source images (`images:`), which the teacher "
                             "embeds after the same transform as the splats")
+        if settings.tokens > 0 and not images:
+            problems.append("options.tokens: the teacher's patch tokens come from the source images (`images:`); "
+                            "the shards' stored teacher embeddings do not hold them")
         return problems
 
     def __call__(self, model, batch, device):

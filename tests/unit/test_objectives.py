@@ -39,6 +39,9 @@ def test_augmentation_is_refused_where_it_would_not_be_exact_or_paired():
         "stages.0.options.augment: the stored teacher embeddings are of the untransformed images; augmenting "
         "distillation needs the source images (`images:`), which the teacher embeds after the same transform as "
         "the splats"]
+    assert stage_problems(stages("distill", distill={"tokens": 1.0}), "splat", False) == [
+        "stages.0.options.tokens: the teacher's patch tokens come from the source images (`images:`); the shards' "
+        "stored teacher embeddings do not hold them"]
     stroke = {"augment": {"stroke": 0.04}}
     assert stage_problems(stages("contrastive", contrastive=stroke), "rgb", False) == []
     assert stage_problems(stages("contrastive", contrastive=stroke), "splat", False) == [
