@@ -112,22 +112,20 @@ class Distill(Objective):
                 params, images = augment_splats(params, d), augment_images(images, d)
             view = model.view(images)  # the image as the student sees it
             target = embed_images(self.teacher, view)  # [b, D]
-            if self.settings.tokens > 0:
-                tokens = model.splat_tokens(params, mask)  # [b, L, width]
-                want = patch_tokens(self.teacher, view)  # [b, L, width]
-                if tokens.shape != want.shape:
-                    raise ValueError(f"options.tokens: the student makes {tokens.shape[1]} tokens (model.latents), "
-                                     f"the teacher's image tower {want.shape[1]} patches")
-                features = through_vit(model.clip.visual, tokens)
-                relative = F.mse_loss(tokens, want) / want.pow(2).mean()
-                return distill_loss(features, target, self.settings.normalize) + self.settings.tokens * relative
+            want = patch_tokens(self.teacher, view) if self.settings.tokens > 0 else None  # [b, L, width]
         elif "teacher" in batch:
-            target = batch["teacher"].to(device)  # [b, D]
+            target, want = batch["teacher"].to(device), None  # [b, D]
         else:
             raise RuntimeError("the distill stage needs teacher embeddings in the shards (fit with `teacher:`) "
                                "or the source images (`images:`)")
-        return distill_loss(model.splat_features(params, mask), target, self.settings.normalize)
-
+        tokens = model.splat_tokens(params, mask)  # [b, L, width]
+        loss = distill_loss(through_vit(model.clip.visual, tokens), target, self.settings.normalize)
+        if want is None:
+            return loss
+        if tokens.shape != want.shape:
+            raise ValueError(f"options.tokens: the student makes {tokens.shape[1]} tokens (model.latents), "
+                             f"the teacher's image tower {want.shape[1]} patches")
+        return loss + self.settings.tokens * F.mse_loss(tokens, want) / want.pow(2).mean()
 
 @register
 class Contrastive(Objective):

@@ -99,17 +99,23 @@ def test_the_objectives_are_the_losses_they_name():
     assert OBJECTIVES["contrastive"].global_batch and not OBJECTIVES["distill"].global_batch
 
 
+def student_and_teacher(latents: int):
+    """A small splat student and an RGB teacher on demo-vit (16 patches), and a batch with its source images."""
+    torch.manual_seed(0)
+    spec = ModelSpec(name="demo-vit", latents=latents, resampler_layers=1, resampler_width=32, fourier_bands=2)
+    model, teacher = from_open_clip("demo-vit", None, spec), from_open_clip("demo-vit", None, spec).clip
+    model.eval(), teacher.eval()
+    data = batch()
+    data["images"] = torch.rand(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    return model, teacher, data
+
+
 def test_augmented_distillation_shows_the_teacher_the_splats_transform():
     """One draw per batch moves the student's splats and the teacher's source images alike."""
     from splatclip.models.augment import Augment, augment_images, augment_splats, draw
     from splatclip.models.backbone import embed_images
 
-    torch.manual_seed(0)
-    spec = ModelSpec(name="demo-vit", latents=4, resampler_layers=1, resampler_width=32, fourier_bands=2)
-    model, teacher = from_open_clip("demo-vit", None, spec), from_open_clip("demo-vit", None, spec).clip
-    model.eval(), teacher.eval()
-    data = batch()
-    data["images"] = torch.rand(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    model, teacher, data = student_and_teacher(latents=4)
     augment = Augment(rotate=30, shift=0.1, blur=0.05, gain=(0.5, 1.5))
     objective = OBJECTIVES["distill"](settings("distill", {"augment": augment.model_dump()}), teacher)
     with torch.no_grad():
@@ -132,12 +138,7 @@ def test_token_distillation_matches_the_students_tokens_to_the_teachers_patches(
     from splatclip.models.backbone import embed_images, normalize_images, patch_tokens
     from splatclip.models.gsclip import through_vit
 
-    torch.manual_seed(0)
-    spec = ModelSpec(name="demo-vit", latents=16, resampler_layers=1, resampler_width=32, fourier_bands=2)
-    model, teacher = from_open_clip("demo-vit", None, spec), from_open_clip("demo-vit", None, spec).clip
-    model.eval(), teacher.eval()
-    data = batch()
-    data["images"] = torch.rand(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    model, teacher, data = student_and_teacher(latents=16)
     want = patch_tokens(teacher, data["images"])  # [4, 16, 128]
     torch.testing.assert_close(F.normalize(through_vit(teacher.visual, want), dim=-1),
                                F.normalize(teacher.encode_image(normalize_images(teacher, data["images"])), dim=-1))
@@ -147,6 +148,6 @@ def test_token_distillation_matches_the_students_tokens_to_the_teachers_patches(
         expected = (distill_loss(through_vit(model.clip.visual, tokens), embed_images(teacher, data["images"]))
                     + 0.5 * F.mse_loss(tokens, want) / want.pow(2).mean())
     torch.testing.assert_close(loss, expected)
-    fewer = from_open_clip("demo-vit", None, spec.model_copy(update={"latents": 4}))
+    fewer, _, _ = student_and_teacher(latents=4)
     with pytest.raises(ValueError, match="the student makes 4 tokens .* the teacher's image tower 16 patches"):
         OBJECTIVES["distill"](settings("distill", {"tokens": 0.5}), teacher)(fewer, data, torch.device("cpu"))
