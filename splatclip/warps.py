@@ -101,8 +101,8 @@ def major_spread(xx: torch.Tensor, xy: torch.Tensor, yy: torch.Tensor) -> torch.
 
 
 def moments_splats(params: torch.Tensor, mask: torch.Tensor | None = None):
-    """params [b, N, 8], mask [b, N] -> the ink's (mass [b], centroid [b, 2], spread [b]) in normalized
-    coordinates (`major_spread`). A Gaussian's ink is its mean color times its integral,
+    """params [b, N, 8], mask [b, N] -> the ink's (mass [b], centroid [b, 2], second moments [b, 3]:
+    xx, xy, yy about the centroid) in normalized coordinates. A Gaussian's ink is its mean color times its integral,
     2 pi |l11 l22| (the 3-sigma cut-off drops 1.1% of it); its own covariance adds to the spread."""
     l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]
     w = params[..., 5:8].mean(-1) * 2 * math.pi * torch.abs(l11 * l22)  # [b, N]
@@ -115,7 +115,7 @@ def moments_splats(params: torch.Tensor, mask: torch.Tensor | None = None):
     xx = (w * (l11 * l11 + d[..., 0] ** 2)).sum(1) / safe
     xy = (w * (l11 * l21 + d[..., 0] * d[..., 1])).sum(1) / safe
     yy = (w * (l21 * l21 + l22 * l22 + d[..., 1] ** 2)).sum(1) / safe
-    return total, mu, major_spread(xx, xy, yy)
+    return total, mu, torch.stack([xx, xy, yy], -1)
 
 
 def moments_images(images: torch.Tensor):
@@ -128,8 +128,8 @@ def moments_images(images: torch.Tensor):
     safe = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
     cx, cy = (m * xs).sum((1, 2)) / safe, (m * ys[:, None]).sum((1, 2)) / safe
     dx, dy = xs - cx[:, None, None], ys[:, None] - cy[:, None, None]  # [b, 1, W], [b, H, 1]
-    xx, xy, yy = ((m * q).sum((1, 2)) / safe for q in (dx * dx, dx * dy, dy * dy))
-    return total, torch.stack([cx, cy], -1), major_spread(xx, xy, yy)
+    cov = torch.stack([(m * q).sum((1, 2)) / safe for q in (dx * dx, dx * dy, dy * dy)], -1)  # [b, 3]
+    return total, torch.stack([cx, cy], -1), cov
 
 
 def canonical_map(total: torch.Tensor, mu: torch.Tensor, spread: torch.Tensor, target: float):
@@ -150,3 +150,39 @@ def canonical_splats(params: torch.Tensor, mask: torch.Tensor | None, target: fl
 def canonical_images(images: torch.Tensor, target: float) -> torch.Tensor:
     """images [b, C, H, W] moved and scaled so that their ink is centered with spread `target`."""
     return warp_images(images, *canonical_map(*moments_images(images), target))
+
+
+MAX_SLANT = 1.0  # the largest shear `canonical_map` undoes: 45 degrees of slant
+
+
+def canonical_map(total: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor, target: float, deskew: float = 0.0):
+    """The map taking an image with these moments (`moments_images`) to its ink centered at spread
+    `target`: (A, t). `deskew` first shears x along y so that the ink's x no longer drifts with its y
+    (x -> x - (xy / yy) y, at most `MAX_SLANT`): a slanted stroke stands upright, as in the classic
+    deskewing of MNIST. An image with no ink (or a negative total) keeps its place; the zoom stays
+    within [1/4, 4]."""
+    xx, xy, yy = cov.unbind(-1)  # [b] each
+    slant = torch.zeros_like(xy)
+    if deskew:
+        slant = torch.where(yy > 1e-8, -deskew * xy / yy.clamp_min(1e-8), slant).clamp(-MAX_SLANT, MAX_SLANT)
+        # the sheared ink's moments: S C S^T with S = [[1, slant], [0, 1]]
+        xx, xy = xx + 2 * slant * xy + slant * slant * yy, xy + slant * yy
+    spread = major_spread(xx, xy, yy)
+    usable = (total > 1e-6) & (spread > 1e-4)
+    zoom = torch.where(usable, target / spread.clamp_min(1e-4), torch.ones_like(spread)).clamp(0.25, 4.0)
+    slant = torch.where(usable, slant, torch.zeros_like(slant))
+    S = torch.eye(2, dtype=mu.dtype, device=mu.device).repeat(len(mu), 1, 1)  # [b, 2, 2]
+    S[:, 0, 1] = slant
+    A = S * zoom[:, None, None]
+    t = torch.where(usable[:, None], -torch.einsum("bij,bj->bi", A, mu - 0.5), torch.zeros_like(mu))
+    return A, t
+
+
+def canonical_splats(params: torch.Tensor, mask: torch.Tensor | None, target: float, deskew: float = 0.0) -> torch.Tensor:
+    """params [b, N, 8] moved and scaled (and deskewed) so that their ink is centered with spread `target`."""
+    return warp_splats(params, *canonical_map(*moments_splats(params, mask), target, deskew))
+
+
+def canonical_images(images: torch.Tensor, target: float, deskew: float = 0.0) -> torch.Tensor:
+    """images [b, C, H, W] moved and scaled (and deskewed) so that their ink is centered with spread `target`."""
+    return warp_images(images, *canonical_map(*moments_images(images), target, deskew))

@@ -55,6 +55,7 @@ class GSCLIP(nn.Module):
         self.tokenizer = tokenizer
         self.encoder = spec.encoder
         self.canonical_spread = spec.canonical_spread
+        self.canonical_deskew = spec.canonical_deskew
         width = clip.visual.class_embedding.shape[-1]
         self.splat = (
             GSEncoder(width, spec.latents, spec.resampler_layers, spec.fourier_bands, spec.resampler_width)
@@ -71,7 +72,7 @@ class GSCLIP(nn.Module):
         if mask is None:
             mask = torch.ones(params.shape[:2], dtype=torch.bool, device=params.device)
         if self.canonical_spread is not None:
-            params = canonical_splats(params, mask, self.canonical_spread)
+            params = canonical_splats(params, mask, self.canonical_spread, self.canonical_deskew)
         return self.splat(params, mask)
 
     def splat_features(self, params, mask=None):
@@ -83,7 +84,8 @@ class GSCLIP(nn.Module):
 
     def view(self, images):
         """images [B, 3, H, W] as this model is shown them (centered and zoomed with `canonical_spread`)."""
-        return images if self.canonical_spread is None else canonical_images(images, self.canonical_spread)
+        return images if self.canonical_spread is None else canonical_images(images, self.canonical_spread,
+                                                                                 self.canonical_deskew)
 
     def encode_image(self, images):
         """images [B, 3, H, W] in [0, 1] through the RGB tower."""

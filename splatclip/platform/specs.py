@@ -219,6 +219,16 @@ class ModelSpec(Model):
         "centered with this spread (the ink's standard deviation along its major axis, in image sides; 0.21 for "
         "MNIST's digits): for centered objects on a dark ground, such as digits. Exact on splats, from their "
         "moments. None: inputs as they are.")
+    canonical_deskew: float = Field(
+        0.0, ge=0, le=1, description="With canonical_spread: also undo each input's slant (a shear of x along y, at most 45 "
+        "degrees, that makes the ink's x uncorrelated with its y), so that italic and slanted strokes stand upright. "
+        "Exact on splats.")
+
+    @model_validator(mode="after")
+    def _deskew_needs_framing(self):
+        if self.canonical_deskew and self.canonical_spread is None:
+            raise ValueError("model.canonical_deskew is a part of the framing: set model.canonical_spread too")
+        return self
 
 
 class StageSpec(Model):

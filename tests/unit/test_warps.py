@@ -118,36 +118,70 @@ def test_the_moments_of_splats_are_the_moments_of_their_render():
     mask = torch.rand(6, 20, generator=torch.Generator().manual_seed(2)) > 0.3
     got, want = moments_splats(p, mask), moments_images(render_dense(p, h, w, mask))
     torch.testing.assert_close(got[1], want[1], atol=2e-3, rtol=0)  # centroid
-    torch.testing.assert_close(got[2], want[2], atol=0, rtol=0.03)  # spread (the cut-off trims the tails)
+    scale = want[2][:, [0, 2]].amax()  # second moments xx, xy, yy (the cut-off trims the tails)
+    torch.testing.assert_close(got[2], want[2], atol=0.03 * scale, rtol=0)
     torch.testing.assert_close(got[0] * h * w, want[0], atol=0, rtol=0.03)  # ink, in pixels
 
 
 def test_the_spread_is_along_the_major_axis_and_a_turn_keeps_it():
-    from splatclip.warps import moments_splats
+    from splatclip.warps import major_spread, moments_splats
+
+    def spread(p):
+        return major_spread(*moments_splats(p)[2].unbind(-1))
 
     bar = torch.tensor([[[0.5, 0.5, 0.02, 0.0, 0.2, 1.0, 1.0, 1.0]]])  # one tall, thin Gaussian: a 1
-    torch.testing.assert_close(moments_splats(bar)[2], torch.tensor([0.2]))  # its height, not the axes' mean
+    torch.testing.assert_close(spread(bar), torch.tensor([0.2]))  # its height, not the axes' mean
     p = splats(4, 20, 28, 28, seed=3)
     turn = torch.tensor([[math.cos(0.7), -math.sin(0.7)], [math.sin(0.7), math.cos(0.7)]]).expand(4, 2, 2)
-    torch.testing.assert_close(moments_splats(warp_splats(p, turn, torch.zeros(4, 2)))[2], moments_splats(p)[2])
+    torch.testing.assert_close(spread(warp_splats(p, turn, torch.zeros(4, 2))), spread(p))
 
 
-def test_canonical_splats_render_as_the_canonical_render():
-    from splatclip.warps import canonical_images, canonical_splats, moments_images
+@pytest.mark.parametrize("deskew", [0.0, 1.0])
+def test_canonical_splats_render_as_the_canonical_render(deskew):
+    from splatclip.warps import canonical_images, canonical_splats, major_spread, moments_images
 
     h = w = 48
     p = splats(6, 20, h, w, seed=4)
     A, t = random_affine(6, h, w, seed=5)  # the same ink, moved, turned and zoomed
     moved = warp_splats(p, A, t)
-    exact = render_dense(canonical_splats(moved, None, 0.12), h, w)
-    resampled = canonical_images(render_dense(moved, h, w), 0.12)
+    exact = render_dense(canonical_splats(moved, None, 0.12, deskew), h, w)
+    resampled = canonical_images(render_dense(moved, h, w), 0.12, deskew)
     assert (exact - resampled).abs().mean() < 5e-3 * exact.amax()
-    _, mu, spread = moments_images(exact)
+    _, mu, cov = moments_images(exact)
     torch.testing.assert_close(mu, torch.full_like(mu, 0.5), atol=5e-3, rtol=0)
+    spread = major_spread(*cov.unbind(-1))
     torch.testing.assert_close(spread, torch.full_like(spread, 0.12), atol=0, rtol=0.05)
+    if deskew:  # upright: the ink's x no longer drifts with its y
+        assert (cov[:, 1] / cov[:, 2]).abs().max() < 0.03
     # an empty image stays as it is
     empty = torch.zeros(1, 3, 8, 8)
     torch.testing.assert_close(canonical_images(empty, 0.12), empty)
+
+
+def test_deskewing_undoes_a_slant_and_a_share_of_it_undoes_that_share():
+    from splatclip.warps import canonical_splats, moments_splats
+
+    p = splats(5, 20, 28, 28, seed=7)
+    shear = torch.tensor([[1.0, 0.4], [0.0, 1.0]]).expand(5, 2, 2)  # italic: x drifts with y
+    slanted = warp_splats(p, shear, torch.zeros(5, 2))
+    torch.testing.assert_close(canonical_splats(slanted, None, 0.2, 1.0), canonical_splats(p, None, 0.2, 1.0),
+                               atol=1e-5, rtol=1e-4)
+    _, _, cov = moments_splats(canonical_splats(slanted, None, 0.2, 0.5))
+    _, _, before = moments_splats(slanted)
+    torch.testing.assert_close(cov[:, 1] / cov[:, 2], before[:, 1] / before[:, 2] / 2, atol=1e-5, rtol=1e-4)
+    # a slant past 45 degrees is undone only up to 45
+    flat = warp_splats(p, torch.tensor([[1.0, 3.0], [0.0, 1.0]]).expand(5, 2, 2), torch.zeros(5, 2))
+    _, _, cov = moments_splats(canonical_splats(flat, None, 0.2, 1.0))
+    assert ((cov[:, 1] / cov[:, 2]).abs() > 0.5).all()
+
+
+def test_deskewing_without_the_framing_is_refused():
+    from splatclip.platform.specs import ModelSpec
+
+    with pytest.raises(ValueError, match="canonical_deskew is a part of the framing"):
+        ModelSpec(canonical_deskew=1.0)
+    with pytest.raises(ValueError):
+        ModelSpec(canonical_spread=0.2, canonical_deskew=1.5)
 
 
 def test_a_model_with_a_canonical_spread_does_not_see_where_the_ink_is():
@@ -164,3 +198,8 @@ def test_a_model_with_a_canonical_spread_does_not_see_where_the_ink_is():
         torch.testing.assert_close(model.encode_splats(moved), model.encode_splats(p), atol=1e-4, rtol=0)
         plain = from_open_clip("demo-vit", None, spec.model_copy(update={"canonical_spread": None})).eval()
         assert (plain.encode_splats(moved) - plain.encode_splats(p)).abs().max() > 1e-2
+        # deskewed as well, nor how the ink slants
+        upright = from_open_clip("demo-vit", None, spec.model_copy(update={"canonical_deskew": 1.0})).eval()
+        slanted = warp_splats(moved, torch.tensor([[1.0, -0.3], [0.0, 1.0]]).expand(2, 2, 2), torch.zeros(2, 2))
+        torch.testing.assert_close(upright.encode_splats(slanted), upright.encode_splats(p), atol=1e-4, rtol=0)
+        assert (model.encode_splats(slanted) - model.encode_splats(p)).abs().max() > 1e-2
