@@ -8,9 +8,10 @@ A splat image is a sum of Gaussians, so some image transforms have an exact form
 - a blur by an isotropic Gaussian of s pixels: Sigma + s^2 I, the color scaled by
   sqrt(det Sigma / det(Sigma + s^2 I)) (a Gaussian convolved with a normalized Gaussian);
 - a gain per channel: the colors scaled (the renderer is linear in them);
-- moving and scaling an image so its ink is centered with a given spread along its major axis
-  (`canonical_splats`): the ink's centroid and second moments are sums over the Gaussians (each one's mass is its mean color
-  times 2 pi |l11 l22|), so no render is needed to find the map.
+- moving and scaling an image so its ink is centered with a given spread along its major axis, and
+  undoing its slant (`canonical_splats`): the ink's centroid and second moments are sums over the
+  Gaussians (each one's mass is its mean color times 2 pi |l11 l22|), so no render is needed to find
+  the map.
 
 The twins (`warp_images`, `blur_images`, colors times the gain) do the same to a rendered or source
 image by resampling, so a model and a teacher can be shown one transformed image. Rendering the
@@ -130,26 +131,6 @@ def moments_images(images: torch.Tensor):
     dx, dy = xs - cx[:, None, None], ys[:, None] - cy[:, None, None]  # [b, 1, W], [b, H, 1]
     cov = torch.stack([(m * q).sum((1, 2)) / safe for q in (dx * dx, dx * dy, dy * dy)], -1)  # [b, 3]
     return total, torch.stack([cx, cy], -1), cov
-
-
-def canonical_map(total: torch.Tensor, mu: torch.Tensor, spread: torch.Tensor, target: float):
-    """The map taking an image with these moments to its ink centered at spread `target`: (A, t). An
-    image with no ink (or a negative total) keeps its place; the zoom stays within [1/4, 4]."""
-    usable = (total > 1e-6) & (spread > 1e-4)
-    zoom = torch.where(usable, target / spread.clamp_min(1e-4), torch.ones_like(spread)).clamp(0.25, 4.0)
-    A = torch.eye(2, dtype=mu.dtype, device=mu.device) * zoom[:, None, None]  # [b, 2, 2]
-    t = torch.where(usable[:, None], -zoom[:, None] * (mu - 0.5), torch.zeros_like(mu))
-    return A, t
-
-
-def canonical_splats(params: torch.Tensor, mask: torch.Tensor | None, target: float) -> torch.Tensor:
-    """params [b, N, 8] moved and scaled so that their ink is centered with spread `target`."""
-    return warp_splats(params, *canonical_map(*moments_splats(params, mask), target))
-
-
-def canonical_images(images: torch.Tensor, target: float) -> torch.Tensor:
-    """images [b, C, H, W] moved and scaled so that their ink is centered with spread `target`."""
-    return warp_images(images, *canonical_map(*moments_images(images), target))
 
 
 MAX_SLANT = 1.0  # the largest shear `canonical_map` undoes: 45 degrees of slant
