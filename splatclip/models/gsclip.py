@@ -83,7 +83,8 @@ class GSCLIP(nn.Module):
         return F.normalize(self.splat_features(params, mask), dim=-1)
 
     def view(self, images):
-        """images [B, 3, H, W] as this model is shown them (centered and zoomed with `canonical_spread`)."""
+        """images [B, 3, H, W] as this model is shown them (centered, zoomed and deskewed by their ink with
+        `canonical_spread` and `canonical_deskew`)."""
         return images if self.canonical_spread is None else canonical_images(images, self.canonical_spread,
                                                                                  self.canonical_deskew)
 
