@@ -220,9 +220,9 @@ class ModelSpec(Model):
         "MNIST's digits): for centered objects on a dark ground, such as digits. Exact on splats, from their "
         "moments. None: inputs as they are.")
     canonical_deskew: float = Field(
-        0.0, ge=0, le=1, description="With canonical_spread: the share (0-1) of each input's slant to undo (a shear of x along y, "
-        "at most 45 degrees, which at 1 makes the ink's x uncorrelated with its y), so that italic and slanted strokes "
-        "stand upright. Exact on splats.")
+        0.0, ge=0, le=1, description="With canonical_spread: the share (0-1) of each input's slant to undo (a "
+        "shear of x along y, at most 45 degrees, which at 1 makes the ink's x uncorrelated with its y), so that italic "
+        "and slanted strokes stand upright. Exact on splats.")
 
     @model_validator(mode="after")
     def _deskew_needs_framing(self):
