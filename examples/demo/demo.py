@@ -6,8 +6,8 @@
    scikit-image's photos; all as webdataset shards;
 2. the teacher (specs/teacher.yaml): a small RGB open_clip ViT trained contrastively on all training
    digit images and half of them drawn again otherwise (no pretrained weights exist offline), every
-   caption of a class a positive of its images, each image framed by its ink, then (second stage)
-   randomly rotated, thickened or thinned, blurred and dimmed;
+   caption of a class a positive of its images, each image framed by its ink and zoomed again by up
+   to 1.2x, then (second stage) randomly rotated, thickened or thinned, blurred and dimmed;
 3. fit digits and photos into splat shards, with the teacher's embeddings, at two compression points
    (`POINTS`: 3x and 9x fewer bytes than raw pixels; specs/fit-digits.yaml, specs/fit-photos.yaml),
    each digit to a target PSNR, so that a digit that is harder to fit gets more iterations;

@@ -4,7 +4,8 @@ frozen teacher embeds the source image of each splat sample, so that student and
 transformed image (docs/method.md, 'Augmentation in splat space').
 
 Each sample draws its own rotation, zoom, shift, blur and gain (and, for images only, a change of
-stroke width) from torch's generator, which the train loop seeds and checkpoints.
+stroke width) from torch's generator, which the train loop seeds and checkpoints; and, for a model
+that frames its input by its ink, a zoom after that framing (`reframe`), which the model applies.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class Augment(BaseModel):
     gain: tuple[float, float] = Field((1.0, 1.0), description="Range of the contrast gain: every color times it.")
     stroke: float = Field(0.0, ge=0, le=0.2, description="Largest change of stroke width, a fraction of the image's "
                           "side, thicker or thinner (dilation or erosion). Images only: it has no exact form on splats.")
+    reframe: float = Field(1.0, ge=1, le=2, description="Largest error of the model's own framing "
+                           "(`model.canonical_spread`): after the model centers and zooms a sample by its ink, a "
+                           "further zoom by up to this factor either way (log-uniform), so that ink the framing "
+                           "sizes otherwise (compact typeset glyphs, wide writing) is still read. Exact on splats; "
+                           "needs model.canonical_spread.")
     share: float = Field(1.0, ge=0, le=1, description="The share of samples transformed; the others pass as they are.")
 
     @model_validator(mode="after")
@@ -46,13 +52,15 @@ class Augment(BaseModel):
 @dataclass
 class Draw:
     """One batch's transforms: A [b, 2, 2] and t [b, 2] (normalized coordinates), blur sigma [b] and
-    stroke radius [b] as fractions of the side, gain [b, 3]."""
+    stroke radius [b] as fractions of the side, gain [b, 3], and the zoom after the model's framing
+    [b] (`GSCLIP.view`; the model applies it, not `augment_images`/`augment_splats`)."""
 
     A: torch.Tensor
     t: torch.Tensor
     sigma: torch.Tensor
     gain: torch.Tensor
     stroke: torch.Tensor
+    reframe: torch.Tensor
 
 
 def draw(settings: Augment, b: int, device=None) -> Draw:
@@ -68,8 +76,11 @@ def draw(settings: Augment, b: int, device=None) -> Draw:
     sigma, stroke = uniform(0, settings.blur), uniform(-settings.stroke, settings.stroke)
     gain = uniform(*settings.gain)[:, None].repeat(1, 3)  # [b, 3]: contrast, the same on every channel
     kept = torch.rand(b) >= settings.share  # [b]: these pass as they are
-    A[kept], t[kept], sigma[kept], gain[kept], stroke[kept] = torch.eye(2), 0.0, 0.0, 1.0, 0.0
-    return Draw(*(x.to(device) for x in (A, t, sigma, gain, stroke)))
+    # drawn last, and only when asked for: settings without it draw the same transforms as before it
+    reframe = torch.exp(uniform(-math.log(settings.reframe), math.log(settings.reframe))) if settings.reframe > 1 \
+        else torch.ones(b)
+    A[kept], t[kept], sigma[kept], gain[kept], stroke[kept], reframe[kept] = torch.eye(2), 0.0, 0.0, 1.0, 0.0, 1.0
+    return Draw(*(x.to(device) for x in (A, t, sigma, gain, stroke, reframe)))
 
 
 def max_filter(x: torch.Tensor, r: int) -> torch.Tensor:

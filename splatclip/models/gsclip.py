@@ -67,30 +67,35 @@ class GSCLIP(nn.Module):
     def logit_scale(self):
         return self.clip.logit_scale.exp().clamp(max=100)
 
-    def splat_tokens(self, params, mask=None):
+    def spread(self, reframe):
+        """The ink spread each sample is framed to: `canonical_spread`, times `reframe` [B] when given
+        (training's zoom after the framing, `Augment.reframe`)."""
+        return self.canonical_spread if reframe is None else self.canonical_spread * reframe
+
+    def splat_tokens(self, params, mask=None, reframe=None):
         """params [B, N, 8], mask [B, N] (True: live) -> the tokens the ViT's blocks take [B, L, width]."""
         if mask is None:
             mask = torch.ones(params.shape[:2], dtype=torch.bool, device=params.device)
         if self.canonical_spread is not None:
-            params = canonical_splats(params, mask, self.canonical_spread, self.canonical_deskew)
+            params = canonical_splats(params, mask, self.spread(reframe), self.canonical_deskew)
         return self.splat(params, mask)
 
-    def splat_features(self, params, mask=None):
+    def splat_features(self, params, mask=None, reframe=None):
         """params [B, N, 8], mask [B, N] (True: live) -> image embedding [B, D] (not normalized)."""
-        return through_vit(self.clip.visual, self.splat_tokens(params, mask))
+        return through_vit(self.clip.visual, self.splat_tokens(params, mask, reframe))
 
-    def encode_splats(self, params, mask=None):
-        return F.normalize(self.splat_features(params, mask), dim=-1)
+    def encode_splats(self, params, mask=None, reframe=None):
+        return F.normalize(self.splat_features(params, mask, reframe), dim=-1)
 
-    def view(self, images):
+    def view(self, images, reframe=None):
         """images [B, 3, H, W] as this model is shown them (centered, zoomed and deskewed by their ink with
-        `canonical_spread` and `canonical_deskew`)."""
-        return images if self.canonical_spread is None else canonical_images(images, self.canonical_spread,
+        `canonical_spread` and `canonical_deskew`; `reframe` [B]: see `spread`)."""
+        return images if self.canonical_spread is None else canonical_images(images, self.spread(reframe),
                                                                                  self.canonical_deskew)
 
-    def encode_image(self, images):
+    def encode_image(self, images, reframe=None):
         """images [B, 3, H, W] in [0, 1] through the RGB tower."""
-        return F.normalize(self.clip.encode_image(normalize_images(self.clip, self.view(images))), dim=-1)
+        return F.normalize(self.clip.encode_image(normalize_images(self.clip, self.view(images, reframe))), dim=-1)
 
     def encode_text(self, tokens):
         return F.normalize(self.clip.encode_text(tokens), dim=-1)

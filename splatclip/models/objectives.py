@@ -57,7 +57,7 @@ class Objective:
 
 
 AUGMENT = Field(None, description="Random transforms per sample (splatclip.models.augment.Augment: rotate, scale, "
-                "shift, blur, gain, stroke); on splats exact, never refitted.")
+                "shift, blur, gain, stroke, reframe); on splats exact, never refitted.")
 
 
 def splat_augment_problems(augment: Augment | None) -> list[str]:
@@ -105,12 +105,13 @@ class Distill(Objective):
 
     def __call__(self, model, batch, device):
         params, mask = batch["params"].to(device), batch["mask"].to(device)  # [b, N, 8], [b, N]
+        reframe = None  # [b]: the zoom after the model's framing, when augmented
         if self.teacher is not None:
             images = batch["images"].to(device)  # [b, 3, S, S]
             if self.settings.augment is not None:  # one transform for the student's splats and the teacher's image
                 d = draw(self.settings.augment, len(params), device)
-                params, images = augment_splats(params, d), augment_images(images, d)
-            view = model.view(images)  # the image as the student sees it
+                params, images, reframe = augment_splats(params, d), augment_images(images, d), d.reframe
+            view = model.view(images, reframe)  # the image as the student sees it
             target = embed_images(self.teacher, view)  # [b, D]
             want = patch_tokens(self.teacher, view) if self.settings.tokens > 0 else None  # [b, L, width]
         elif "teacher" in batch:
@@ -118,7 +119,7 @@ class Distill(Objective):
         else:
             raise RuntimeError("the distill stage needs teacher embeddings in the shards (fit with `teacher:`) "
                                "or the source images (`images:`)")
-        tokens = model.splat_tokens(params, mask)  # [b, L, width]
+        tokens = model.splat_tokens(params, mask, reframe)  # [b, L, width]
         loss = distill_loss(through_vit(model.clip.visual, tokens), target, self.settings.normalize)
         if want is None:
             return loss
@@ -141,17 +142,19 @@ class Contrastive(Objective):
         return splat_augment_problems(settings.augment) if encoder == "splat" else []
 
     def __call__(self, model, batch, device):
-        augment = self.settings.augment
+        augment, reframe = self.settings.augment, None
         if model.encoder == "splat":
             params = batch["params"].to(device)  # [b, N, 8]
             if augment is not None:
-                params = augment_splats(params, draw(augment, len(params), device))
-            image = model.encode_splats(params, batch["mask"].to(device))  # [b, D]
+                d = draw(augment, len(params), device)
+                params, reframe = augment_splats(params, d), d.reframe
+            image = model.encode_splats(params, batch["mask"].to(device), reframe)  # [b, D]
         else:
             images = batch["images"].to(device)  # [b, 3, S, S]
             if augment is not None:
-                images = augment_images(images, draw(augment, len(images), device))
-            image = model.encode_image(images)  # [b, D]
+                d = draw(augment, len(images), device)
+                images, reframe = augment_images(images, d), d.reframe
+            image = model.encode_image(images, reframe)  # [b, D]
         text = model.encode_text(batch["tokens"].to(device))  # [b, D]
         return clip_loss(image, text, model.logit_scale, batch["positive_ids"])
 
@@ -161,10 +164,10 @@ def settings(kind: str, options: dict[str, Any]) -> BaseModel:
     return OBJECTIVES[kind].Settings.model_validate(options)
 
 
-def stage_problems(stages: list, encoder: str, images: bool) -> list[str]:
+def stage_problems(stages: list, encoder: str, images: bool, framed: bool = False) -> list[str]:
     """What is wrong with a spec's stages (each with `kind` and `options`), one line each: an unknown
-    objective, one that cannot train the encoder, options it does not take, source images that no
-    stage reads."""
+    objective, one that cannot train the encoder, options it does not take, a zoom after a framing the
+    model does not do (`framed`: model.canonical_spread is set), source images that no stage reads."""
     problems = []
     kinds = [stage.kind for stage in stages]
     for i, stage in enumerate(stages):
@@ -184,6 +187,10 @@ def stage_problems(stages: list, encoder: str, images: bool) -> list[str]:
                                 f"{', '.join(OBJECTIVES[kind].Settings.model_fields) or 'no options'})")
             continue
         problems += [f"stages.{i}.{line}" for line in OBJECTIVES[kind].option_problems(options, encoder, images)]
+        augment = getattr(options, "augment", None)
+        if augment is not None and augment.reframe > 1 and not framed:
+            problems.append(f"stages.{i}.options.augment.reframe: a zoom after the model's framing by its ink, which "
+                            "this model does not do; set model.canonical_spread")
     if images and not any(kind in OBJECTIVES and OBJECTIVES[kind].reads_images for kind in kinds):
         readers = ", ".join(sorted(name for name, cls in OBJECTIVES.items() if cls.reads_images))
         problems.append(f"images: no stage reads the source images (objectives that do: {readers})")

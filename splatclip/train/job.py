@@ -126,7 +126,8 @@ class TrainJob(Job):
 
     def check(self) -> list[str]:
         spec = self.spec = absolute_paths(self.spec)
-        problems = stage_problems(spec.stages, spec.model.encoder, spec.images is not None)
+        problems = stage_problems(spec.stages, spec.model.encoder, spec.images is not None,
+                                  spec.model.canonical_spread is not None)
         if spec.model.canonical_spread is not None and spec.images is None and any(
                 stage.kind in OBJECTIVES and OBJECTIVES[stage.kind].reads_images for stage in spec.stages):
             problems.append("model.canonical_spread: stored teacher embeddings are of the images as they are, not "

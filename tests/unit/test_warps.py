@@ -92,6 +92,37 @@ def test_augmenting_splats_and_images_with_one_draw_keeps_them_one_image():
     assert 400 < kept.sum() < 600
 
 
+def test_a_reframe_is_drawn_in_its_range_and_leaves_the_other_draws_as_they_were():
+    settings = Augment(rotate=20, shift=0.05, blur=0.02, gain=(0.8, 1.2), share=0.5)
+    torch.manual_seed(3)
+    plain = draw(settings, 400)
+    torch.manual_seed(3)
+    zoomed = draw(settings.model_copy(update={"reframe": 1.4}), 400)
+    for name in ("A", "t", "sigma", "gain", "stroke"):  # drawn last: a recipe without it draws as before
+        torch.testing.assert_close(getattr(zoomed, name), getattr(plain, name))
+    assert (plain.reframe == 1).all()
+    kept = (plain.A == torch.eye(2)).all(-1).all(-1)  # [400]: the samples the share passes as they are
+    assert (zoomed.reframe[kept] == 1).all() and (zoomed.reframe[~kept] != 1).all()
+    z = zoomed.reframe[~kept]
+    assert (z >= 1 / 1.4).all() and (z <= 1.4).all() and (z < 1).sum() > 0.3 * len(z) and (z > 1).sum() > 0.3 * len(z)
+
+
+@pytest.mark.parametrize("deskew", [0.0, 1.0])
+def test_a_reframed_canonical_render_is_the_reframed_canonical_splats(deskew):
+    """A spread per sample (the framing's target times each sample's reframe) frames splats and
+    their render alike, each to its own spread."""
+    from splatclip.warps import canonical_images, canonical_splats, major_spread, moments_images
+
+    h = w = 48
+    p = splats(4, 20, h, w, seed=8)
+    target = 0.1 * torch.tensor([0.75, 1.0, 1.15, 1.3])
+    exact = render_dense(canonical_splats(p, None, target, deskew), h, w)
+    resampled = canonical_images(render_dense(p, h, w), target, deskew)
+    assert (exact - resampled).abs().mean() < 5e-3 * exact.amax()
+    spread = major_spread(*moments_images(exact)[2].unbind(-1))
+    torch.testing.assert_close(spread, target, atol=0, rtol=0.05)
+
+
 def test_stroke_width_thickens_and_thins_lines():
     image = torch.zeros(3, 1, 9, 9)
     image[:, :, 2:7, 4] = 1.0  # a one-pixel vertical line
