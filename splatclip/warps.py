@@ -140,8 +140,8 @@ def canonical_map(total: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor, targ
     """The map taking an image with these moments (`moments_images`) to its ink centered at spread
     `target` (a float, or one per sample [b]): (A, t). `deskew` first shears x along y so that the
     ink's x no longer drifts with its y (x -> x - (xy / yy) y, at most `MAX_SLANT`): a slanted stroke
-    stands upright, as in the classic deskewing of MNIST. An image with no ink (or a negative total) keeps its place; the zoom stays
-    within [1/4, 4]."""
+    stands upright, as in the classic deskewing of MNIST. An image with no ink (or a negative total)
+    keeps its place; the zoom stays within [1/4, 4]."""
     xx, xy, yy = cov.unbind(-1)  # [b] each
     slant = torch.zeros_like(xy)
     if deskew:
