@@ -142,18 +142,16 @@ class Contrastive(Objective):
         return splat_augment_problems(settings.augment) if encoder == "splat" else []
 
     def __call__(self, model, batch, device):
-        augment, reframe = self.settings.augment, None
+        augment = self.settings.augment
+        d = None if augment is None else draw(augment, len(batch["tokens"]), device)  # one transform per sample
+        reframe = None if d is None else d.reframe  # [b]
         if model.encoder == "splat":
             params = batch["params"].to(device)  # [b, N, 8]
-            if augment is not None:
-                d = draw(augment, len(params), device)
-                params, reframe = augment_splats(params, d), d.reframe
+            params = params if d is None else augment_splats(params, d)
             image = model.encode_splats(params, batch["mask"].to(device), reframe)  # [b, D]
         else:
             images = batch["images"].to(device)  # [b, 3, S, S]
-            if augment is not None:
-                d = draw(augment, len(images), device)
-                images, reframe = augment_images(images, d), d.reframe
+            images = images if d is None else augment_images(images, d)
             image = model.encode_image(images, reframe)  # [b, D]
         text = model.encode_text(batch["tokens"].to(device))  # [b, D]
         return clip_loss(image, text, model.logit_scale, batch["positive_ids"])
