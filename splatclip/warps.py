@@ -136,7 +136,8 @@ def moments_images(images: torch.Tensor):
 MAX_SLANT = 1.0  # the largest shear `canonical_map` undoes: 45 degrees of slant
 
 
-def canonical_map(total: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor, target, deskew: float = 0.0):
+def canonical_map(total: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor, target: float | torch.Tensor,
+                  deskew: float = 0.0):
     """The map taking an image with these moments (`moments_images`) to its ink centered at spread
     `target` (a float, or one per sample [b]): (A, t). `deskew` first shears x along y so that the
     ink's x no longer drifts with its y (x -> x - (xy / yy) y, at most `MAX_SLANT`): a slanted stroke
@@ -159,11 +160,12 @@ def canonical_map(total: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor, targ
     return A, t
 
 
-def canonical_splats(params: torch.Tensor, mask: torch.Tensor | None, target, deskew: float = 0.0) -> torch.Tensor:
+def canonical_splats(params: torch.Tensor, mask: torch.Tensor | None, target: float | torch.Tensor,
+                     deskew: float = 0.0) -> torch.Tensor:
     """params [b, N, 8] moved and scaled (and deskewed) so that their ink is centered with spread `target`."""
     return warp_splats(params, *canonical_map(*moments_splats(params, mask), target, deskew))
 
 
-def canonical_images(images: torch.Tensor, target, deskew: float = 0.0) -> torch.Tensor:
+def canonical_images(images: torch.Tensor, target: float | torch.Tensor, deskew: float = 0.0) -> torch.Tensor:
     """images [b, C, H, W] moved and scaled (and deskewed) so that their ink is centered with spread `target`."""
     return warp_images(images, *canonical_map(*moments_images(images), target, deskew))

@@ -1,11 +1,16 @@
 """The objectives a stage names: looked up by name, checked against the spec, the losses they stand for."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from splatclip.models.gsclip import from_open_clip
+from splatclip.models.augment import Augment, augment_images, augment_splats, draw
+from splatclip.models.backbone import embed_images, normalize_images, patch_tokens
+from splatclip.models.gsclip import from_open_clip, through_vit
 from splatclip.models.losses import clip_loss, distill_loss
 from splatclip.models.objectives import OBJECTIVES, NoSettings, Objective, register, settings, stage_problems
 from splatclip.platform.specs import ModelSpec, StageSpec
+from splatclip.warps import canonical_images
 
 
 def stages(*kinds: str, **options) -> list[StageSpec]:
@@ -117,9 +122,6 @@ def student_and_teacher(latents: int):
 
 def test_augmented_distillation_shows_the_teacher_the_splats_transform():
     """One draw per batch moves the student's splats and the teacher's source images alike."""
-    from splatclip.models.augment import Augment, augment_images, augment_splats, draw
-    from splatclip.models.backbone import embed_images
-
     model, teacher, data = student_and_teacher(latents=4)
     augment = Augment(rotate=30, shift=0.1, blur=0.05, gain=(0.5, 1.5))
     objective = OBJECTIVES["distill"](settings("distill", {"augment": augment.model_dump()}), teacher)
@@ -137,12 +139,6 @@ def test_augmented_distillation_shows_the_teacher_the_splats_transform():
 def test_token_distillation_matches_the_students_tokens_to_the_teachers_patches():
     """The teacher's patch tokens run through its own blocks give its image embedding, so they are what
     the student's tokens can stand in for; the loss adds their relative squared error to the embeddings'."""
-    import pytest
-    import torch.nn.functional as F
-
-    from splatclip.models.backbone import embed_images, normalize_images, patch_tokens
-    from splatclip.models.gsclip import through_vit
-
     model, teacher, data = student_and_teacher(latents=16)
     want = patch_tokens(teacher, data["images"])  # [4, 16, 128]
     torch.testing.assert_close(F.normalize(through_vit(teacher.visual, want), dim=-1),
@@ -161,10 +157,6 @@ def test_token_distillation_matches_the_students_tokens_to_the_teachers_patches(
 def test_a_reframed_distillation_zooms_the_students_splats_and_the_teachers_view_alike():
     """With the model framing its input by its ink, `reframe` zooms after that framing: the student's
     splats and the image the teacher embeds by one factor per sample."""
-    from splatclip.models.augment import Augment, draw
-    from splatclip.models.backbone import embed_images
-    from splatclip.warps import canonical_images
-
     model, teacher, data = student_and_teacher(latents=4)
     framed = from_open_clip("demo-vit", None, ModelSpec(name="demo-vit", latents=4, resampler_layers=1,
                                                         resampler_width=32, fourier_bands=2, canonical_spread=0.2))

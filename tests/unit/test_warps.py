@@ -8,7 +8,10 @@ import torch
 
 from splatclip.cuda.dense import render_dense
 from splatclip.models.augment import Augment, augment_images, augment_splats, draw, stroke_width
-from splatclip.warps import affine_normalized, blur_images, blur_splats, gain_splats, warp_images, warp_splats
+from splatclip.models.gsclip import from_open_clip
+from splatclip.platform.specs import ModelSpec
+from splatclip.warps import (affine_normalized, blur_images, blur_splats, canonical_images, canonical_splats, gain_splats,
+                             major_spread, moments_images, moments_splats, warp_images, warp_splats)
 
 
 def splats(b, n, h, w, seed=0):
@@ -107,22 +110,6 @@ def test_a_reframe_is_drawn_in_its_range_and_leaves_the_other_draws_as_they_were
     assert (z >= 1 / 1.4).all() and (z <= 1.4).all() and (z < 1).sum() > 0.3 * len(z) and (z > 1).sum() > 0.3 * len(z)
 
 
-@pytest.mark.parametrize("deskew", [0.0, 1.0])
-def test_a_reframed_canonical_render_is_the_reframed_canonical_splats(deskew):
-    """A spread per sample (the framing's target times each sample's reframe) frames splats and
-    their render alike, each to its own spread."""
-    from splatclip.warps import canonical_images, canonical_splats, major_spread, moments_images
-
-    h = w = 48
-    p = splats(4, 20, h, w, seed=8)
-    target = 0.1 * torch.tensor([0.75, 1.0, 1.15, 1.3])
-    exact = render_dense(canonical_splats(p, None, target, deskew), h, w)
-    resampled = canonical_images(render_dense(p, h, w), target, deskew)
-    assert (exact - resampled).abs().mean() < 5e-3 * exact.amax()
-    spread = major_spread(*moments_images(exact)[2].unbind(-1))
-    torch.testing.assert_close(spread, target, atol=0, rtol=0.05)
-
-
 def test_stroke_width_thickens_and_thins_lines():
     image = torch.zeros(3, 1, 9, 9)
     image[:, :, 2:7, 4] = 1.0  # a one-pixel vertical line
@@ -142,8 +129,6 @@ def test_augment_settings_refuse_what_they_cannot_do():
 
 
 def test_the_moments_of_splats_are_the_moments_of_their_render():
-    from splatclip.warps import moments_images, moments_splats
-
     h = w = 64
     p = splats(6, 20, h, w, seed=9)
     mask = torch.rand(6, 20, generator=torch.Generator().manual_seed(2)) > 0.3
@@ -155,8 +140,6 @@ def test_the_moments_of_splats_are_the_moments_of_their_render():
 
 
 def test_the_spread_is_along_the_major_axis_and_a_turn_keeps_it():
-    from splatclip.warps import major_spread, moments_splats
-
     def spread(p):
         return major_spread(*moments_splats(p)[2].unbind(-1))
 
@@ -168,20 +151,20 @@ def test_the_spread_is_along_the_major_axis_and_a_turn_keeps_it():
 
 
 @pytest.mark.parametrize("deskew", [0.0, 1.0])
-def test_canonical_splats_render_as_the_canonical_render(deskew):
-    from splatclip.warps import canonical_images, canonical_splats, major_spread, moments_images
-
+@pytest.mark.parametrize("target", [0.12, 0.12 * torch.tensor([0.75, 0.9, 1.0, 1.1, 1.2, 1.3])],
+                         ids=["one spread", "a spread per sample"])  # per sample: the target times a reframe
+def test_canonical_splats_render_as_the_canonical_render(deskew, target):
     h = w = 48
     p = splats(6, 20, h, w, seed=4)
     A, t = random_affine(6, h, w, seed=5)  # the same ink, moved, turned and zoomed
     moved = warp_splats(p, A, t)
-    exact = render_dense(canonical_splats(moved, None, 0.12, deskew), h, w)
-    resampled = canonical_images(render_dense(moved, h, w), 0.12, deskew)
+    exact = render_dense(canonical_splats(moved, None, target, deskew), h, w)
+    resampled = canonical_images(render_dense(moved, h, w), target, deskew)
     assert (exact - resampled).abs().mean() < 5e-3 * exact.amax()
     _, mu, cov = moments_images(exact)
     torch.testing.assert_close(mu, torch.full_like(mu, 0.5), atol=5e-3, rtol=0)
     spread = major_spread(*cov.unbind(-1))
-    torch.testing.assert_close(spread, torch.full_like(spread, 0.12), atol=0, rtol=0.05)
+    torch.testing.assert_close(spread, torch.as_tensor(target).expand(6), atol=0, rtol=0.05)
     if deskew:  # upright: the ink's x no longer drifts with its y
         assert (cov[:, 1] / cov[:, 2]).abs().max() < 0.03
     # an empty image stays as it is
@@ -190,8 +173,6 @@ def test_canonical_splats_render_as_the_canonical_render(deskew):
 
 
 def test_deskewing_undoes_a_slant_and_a_share_of_it_undoes_that_share():
-    from splatclip.warps import canonical_splats, moments_splats
-
     p = splats(5, 20, 28, 28, seed=7)
     shear = torch.tensor([[1.0, 0.4], [0.0, 1.0]]).expand(5, 2, 2)  # italic: x drifts with y
     slanted = warp_splats(p, shear, torch.zeros(5, 2))
@@ -207,8 +188,6 @@ def test_deskewing_undoes_a_slant_and_a_share_of_it_undoes_that_share():
 
 
 def test_deskewing_without_the_framing_is_refused():
-    from splatclip.platform.specs import ModelSpec
-
     with pytest.raises(ValueError, match="canonical_deskew is a part of the framing"):
         ModelSpec(canonical_deskew=1.0)
     with pytest.raises(ValueError):
@@ -216,9 +195,6 @@ def test_deskewing_without_the_framing_is_refused():
 
 
 def test_a_model_with_a_canonical_spread_does_not_see_where_the_ink_is():
-    from splatclip.models.gsclip import from_open_clip
-    from splatclip.platform.specs import ModelSpec
-
     torch.manual_seed(0)
     spec = ModelSpec(name="demo-vit", latents=4, resampler_layers=1, resampler_width=32, fourier_bands=2,
                      canonical_spread=0.15)
