@@ -7,10 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.splatclip-installed
 PYTEST_ARGS ?=
-# TEST_WORKERS=2 runs the suite in 2 pytest-xdist workers, a module to a worker (its module fixtures
-# built once): an integration test mostly waits on Ray's, Ray Train's and MLflow's start-up, so two at
-# a time took 17.7-18.2 min on 2 cores against 37.1 in one process. It stays off by default until the
-# killed fit job's leftover claim file that one two-worker run exposed is fixed (README, "make test").
+# TEST_WORKERS=2: the suite in 2 pytest-xdist workers, a module to a worker (its module fixtures built
+# once); off by default until the fit job's bug one two-worker run exposed is fixed. README, "make
+# test", holds the timings and the bug.
 TEST_WORKERS ?= 0
 
 .PHONY: setup demo test test-unit bench gpu-check constraints clean
