@@ -7,10 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.splatclip-installed
 PYTEST_ARGS ?=
-# TEST_WORKERS=2: the suite in 2 pytest-xdist workers, a module to a worker (its module fixtures built
-# once); off by default until the fit job's bug one two-worker run exposed is fixed. README, "make
-# test", holds the timings and the bug.
-TEST_WORKERS ?= 0
+# TEST_WORKERS: pytest-xdist workers, a test module to a worker (its module fixtures built once);
+# 0 runs the suite in one process. README, "make test", holds the timings.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-unit bench gpu-check constraints clean
 

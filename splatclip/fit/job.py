@@ -5,15 +5,16 @@
                -> fit (actor pool: one batch of images per optimizer step, optional teacher; each
                   actor writes its batches as parts and commits the shards they complete)
 
-The CPU stages are in `fit_stages`, the fitting actor in `fit_actor`, the distributed commit in
-`fit_parts`, the records and summary in `fit_report`, the output layout in `layout`. Each input
-shard becomes one output shard of the same name; its record goes to `_stats/NAME.json` before the
-tar is committed, so a committed tar always has its record. A rerun skips committed shards and the
-samples earlier parts hold, and refuses (exit 2) an output made with other fit settings unless the
-spec says `overwrite`. Inputs are checked before anything is written: a URL listed twice is read
-once, and two inputs with one output name stop the job (exit 2). Bad samples are recorded with key
-and reason and the job goes on; the exit status is 1 only past the failure budget (or when shards
-were left unfinished).
+The CPU stages are in `fit/stages.py`, the fitting actor in `fit/actor.py`, the distributed commit
+in `fit/parts.py`, the records and summary in `fit/report.py`, the output layout in
+`pipelines/layout.py`. Each input shard becomes one output shard of the same name; its record goes
+to `_stats/NAME.json` before the tar is committed, so a committed tar always has its record. A rerun
+skips committed shards and the samples earlier parts hold (after removing what a killed run's
+unfinished writes left in `_parts`), and refuses (exit 2) an output made with other fit settings
+unless the spec says `overwrite`. Inputs are checked before anything is written: a URL listed twice
+is read once, and two inputs with one output name stop the job (exit 2). Bad samples are recorded
+with key and reason and the job goes on; the exit status is 1 only past the failure budget (or when
+shards were left unfinished).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from splatclip.pipelines import layout
 from splatclip.fit.report import over_budget, report, summarize
 from splatclip.fit.actor import FitActor
+from splatclip.fit.parts import sweep
 from splatclip.fit.stages import decode_batch, read_shard
 from splatclip.pipelines.job import Job
 from splatclip.platform import lease, storage
@@ -223,6 +225,9 @@ class FitJob(Job):
         problems = prepare_output(spec, self.shard_list)
         if not problems:
             self.todo = [s for s in self.shard_list if not storage.exists(layout.output_url(spec.output, s), spec.storage)]
+            stale = sweep(spec, self.shard_list, set(self.shard_list) - set(self.todo))
+            if stale:
+                log.info("removed %d files a killed run left in %s/_parts", stale, redact(spec.output))
             log.info("%d input shards: %d already done, %d to fit", len(self.shard_list),
                      len(self.shard_list) - len(self.todo), len(self.todo))
         return problems

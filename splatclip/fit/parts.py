@@ -126,6 +126,12 @@ def commit_if_complete(spec: FitSpec, shard: str, total: int) -> dict | None:
                 storage.remove(storage.join(directory, name + ext), spec.storage, spec.output)
             except FileNotFoundError:
                 pass
+    for name in storage.listdir(directory, spec.storage):  # claims of batches a killed job never wrote
+        if name.endswith(".claim") and not name.startswith("."):
+            try:
+                storage.remove(storage.join(directory, name), spec.storage, spec.output)
+            except FileNotFoundError:
+                pass
     log.info("committed %s: %d fitted, %d failed", layout.shard_name(shard), stats["fitted"], len(stats["errors"]))
     return stats
 
@@ -162,3 +168,23 @@ def merge(spec: FitSpec, shard: str, parts: dict[str, dict], rows: list[dict]) -
 def covered(spec: FitSpec, shard: str) -> set[int]:
     """Sample indices of the shard that earlier parts already hold."""
     return set(part_records(spec, shard, part_names(spec, shard))[0])
+
+
+def sweep(spec: FitSpec, shards: list[str], done: set[str]) -> int:
+    """Remove what killed processes left in the shards' parts folders: the hidden temporary file of a
+    write that never finished (storage.atomic_write's `.NAME.UUID.part`) in every folder, and all of a
+    committed shard's (`done`) folder. Only under the output's lease, when nothing else writes there:
+    a live writer's temporary file looks the same. Returns how many files it removed."""
+    removed, present = 0, set(storage.listdir(storage.join(spec.output, "_parts"), spec.storage))
+    for shard in shards:
+        directory = layout.parts_dir(spec.output, shard)
+        if directory.rsplit("/", 1)[-1] not in present:  # one listing of _parts, not one per shard
+            continue
+        for name in storage.listdir(directory, spec.storage):
+            if shard in done or (name.startswith(".") and name.endswith(".part")):
+                try:
+                    storage.remove(storage.join(directory, name), spec.storage, spec.output)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
