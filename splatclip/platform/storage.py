@@ -280,6 +280,8 @@ def listdir(url: str, spec: StorageSpec | None = None) -> list[str]:
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True))
     except FileNotFoundError:
         return []
+    finally:  # s3fs caches what it listed (the parent's listing too, for a prefix that is not there), and
+        fs.invalidate_cache(path)  # its `exists` answers from that cache: later objects would not exist
 
 
 def remove(url: str, spec: StorageSpec | None = None, root: str | None = None) -> None:
