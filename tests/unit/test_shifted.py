@@ -18,7 +18,7 @@ def pixels(sample) -> np.ndarray:
 def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
     plain = digits("test", limit=20)
     ink = sum(pixels(s).sum() for s in plain)
-    for kind in shifted.SHIFTS:
+    for kind in shifted.SEVERITY:  # one transform each (combined: below; its pixels saturate as the ink moves off)
         sets = [shifted.shifted_digits(kind, severity, limit=20) for severity in (1, 2, 3)]
         for samples in sets:
             assert [s["cls"] for s in samples] == [s["cls"] for s in plain]
@@ -30,6 +30,33 @@ def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
     assert shifted.shifted_digits("rotated", 2, limit=5) == shifted.shifted_digits("rotated", 2, limit=5)
     with pytest.raises(ValueError, match="no shifted set"):
         shifted.shifted_digits("sheared", 1)
+
+
+def test_combined_moves_and_shrinks_the_ink_more_at_each_severity_and_changes_its_pen():
+    plain = digits("test", limit=40)
+
+    def extent(image):  # the ink's center and its spread (root mean square distance from the center)
+        ys, xs = np.nonzero(image > 0)
+        w = image[ys, xs]
+        c = np.array([np.average(ys, weights=w), np.average(xs, weights=w)])
+        return c, np.sqrt(np.average((ys - c[0]) ** 2 + (xs - c[1]) ** 2, weights=w))
+
+    for severity in (1, 2, 3):
+        combined = shifted.shifted_digits("combined", severity, limit=40)
+        assert [s["cls"] for s in combined] == [s["cls"] for s in plain]
+        assert {json.loads(s["json"])["shift"] for s in combined} == {"combined"}
+        shift, zoom = shifted.SEVERITY["shifted"][severity - 1], shifted.SEVERITY["smaller"][severity - 1]
+        moved, scale, ink = [], [], []
+        for a, b in zip(plain, combined):
+            (ca, sa), (cb, sb) = extent(pixels(a)), extent(pixels(b))
+            moved.append(np.linalg.norm(cb - ca))
+            scale.append(sb / sa)
+            ink.append(pixels(b).sum() / pixels(a).sum() / zoom**2)
+        # moved by the shift after a rotation about the frame's center (where MNIST centers the ink's
+        # mass), zoomed (a heavier or lighter pen first spreads or narrows the ink a little)
+        assert abs(np.median(moved) - shift) < 1.0, (severity, moved)
+        assert abs(np.median(scale) - zoom) < 0.12, (severity, scale)
+        assert min(ink) < 0.85 and max(ink) > 1.15, (severity, ink)  # both pens, lighter and heavier
 
 
 def test_printed_digits_cover_the_classes_in_mnist_framing():
