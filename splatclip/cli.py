@@ -93,6 +93,7 @@ def cmd_fit(args) -> int:
             size=args.size,
             prune_tau=args.prune_tau,
             target_psnr=args.target_psnr,
+            target_snr=args.target_snr,
             coarse=args.coarse,
             backend=args.backend,
             init=args.init,
@@ -171,7 +172,7 @@ def cmd_send(args) -> int:
 
     try:
         cfg = FitParams(gaussians=args.gaussians, iterations=args.iterations, size=args.size,
-                        target_psnr=args.target_psnr)
+                        target_psnr=args.target_psnr, target_snr=args.target_snr)
     except Exception as err:  # pydantic names the field
         print(f"splatclip send: {err}", file=sys.stderr)
         return 2
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=["structured", "random"], default="structured")
     p.add_argument("--prune-tau", type=float, default=0.0)
     p.add_argument("--target-psnr", type=float, help="stop each image at this PSNR (dB); --iterations is a ceiling")
+    p.add_argument("--target-snr", type=float, help="stop each image once its error is this many dB under its own "
+                   "signal (with --target-psnr: once it reaches both)")
     p.add_argument("--coarse", type=int, default=FitParams.model_fields["coarse"].default, help="iterations at half "
                    "size first, coarse to fine (at most five sixths of --iterations; 0: none)")
     p.add_argument("--backend", default="auto")
@@ -252,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=28)
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--target-psnr", type=float, help="stop fitting at this PSNR (dB); --iterations is a ceiling")
+    p.add_argument("--target-snr", type=float, help="stop fitting once the error is this many dB under the image's "
+                   "own signal (with --target-psnr: once it reaches both)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
     p.set_defaults(func=cmd_send)
 

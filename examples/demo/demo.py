@@ -237,7 +237,7 @@ class Demo:
     def fit(self) -> None:
         for n in POINTS:
             # the second point at a fixed count: at 16 Gaussians a target only stopped the easy digits early
-            fixed = [] if n == POINTS[0] else ["fit.iterations=40", "fit.target_psnr=null"]
+            fixed = [] if n == POINTS[0] else ["fit.iterations=40", "fit.target_psnr=null", "fit.target_snr=null"]
             spec = self.spec(FitSpec, "fit-digits", f"input=data/{self.pattern('student', *self.point_sets[n])}",
                              f"output=splats/g{n}", f"fit.gaussians={n}", *fixed, f"tracking.run_name=fit-digits-g{n}")
             assert fit(spec) == 0, f"fitting the digits at {n} Gaussians failed"

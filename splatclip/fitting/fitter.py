@@ -7,7 +7,9 @@ Two things spend the work where it pays (docs/method.md, 'Fitting'):
   image's size (splats are resolution-independent; the target is box-averaged to the same size), at
   about a third of a full-size step's cost; the last steps at full size add the detail a half-size
   image lacks;
-- per-image stopping: with `target_psnr`, an image that reaches it at full size leaves the batch
+- per-image stopping: with `target_psnr` (or `target_snr`, the error relative to the image's own
+  signal, which fits an image with little ink as closely to its ink as one with much: `stop_db`),
+  an image that reaches it at full size leaves the batch
   (its parameters and its Adam state are cut out), so a batch's step costs what its unfinished images
   do; `iterations` is then a ceiling. While coarse, an image is looked at full size every
   COARSE_CHECK steps once its half-size PSNR is near the target. An image's result is the one it
@@ -58,15 +60,30 @@ def resolution_schedule(iterations: int, height: int, width: int, coarse: int) -
     return ([(0, height // 2, width // 2)] if share else []) + [(share, height, width)]
 
 
+def stop_db(images: torch.Tensor, cfg: FitParams) -> torch.Tensor | None:
+    """images [B, 3, H, W] -> [B] the full-size PSNR at which each image stops, or None without a
+    target: `target_psnr`; `target_snr` dB over the image's mean square (at a peak of 1, PSNR = SNR -
+    10 log10(mean square)), so that a digit drawn smaller, thinner or fainter is fitted as closely
+    to its ink as a large one; the higher of the two where both are set."""
+    if cfg.target_psnr is None and cfg.target_snr is None:
+        return None
+    db = torch.full((len(images),), -torch.inf if cfg.target_psnr is None else cfg.target_psnr, device=images.device)
+    if cfg.target_snr is not None:
+        power = images.float().square().mean((1, 2, 3)).clamp(min=1e-10)  # [B]; a black image is fitted exactly at once
+        db = torch.maximum(db, cfg.target_snr - 10 * torch.log10(power))
+    return db
+
+
 class Batch:
     """The images still being fitted: their leaves (positions, Cholesky factors, colors), masks,
-    targets, original indices and the optimizer over them."""
+    targets, the PSNR each stops at, original indices and the optimizer over them."""
 
     def __init__(self, init: torch.Tensor, images: torch.Tensor, cfg: FitParams):
         n = init.shape[1]
         cell = 1.0 / (n**0.5)  # a grid cell, in normalized units
         self.index = torch.arange(len(images), device=images.device)  # [b] into the caller's batch
         self.images = images  # [b, 3, H, W]
+        self.stop_db = stop_db(images, cfg)  # [b] or None
         self.coarse: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> the images box-averaged to it
         self.mask = torch.ones(init.shape[:2], dtype=torch.bool, device=images.device)  # [b, N]
         self.leaves = [init[..., a:z].clone().requires_grad_() for a, z in ((0, 2), (2, 5), (5, 8))]
@@ -98,6 +115,7 @@ class Batch:
                                   "exp_avg_sq": state["exp_avg_sq"][rows].clone()}
         self.leaves, self.opt = leaves, opt
         self.index, self.images, self.mask = self.index[rows], self.images[rows], self.mask[rows]
+        self.stop_db = None if self.stop_db is None else self.stop_db[rows]
         self.coarse = {size: images[rows] for size, images in self.coarse.items()}
 
 
@@ -120,18 +138,18 @@ def stop(batch: Batch, rows: torch.Tensor, done: torch.Tensor, done_mask: torch.
 
 def coarse_check(batch: Batch, err: torch.Tensor | None, cfg: FitParams, done: torch.Tensor,
                  done_mask: torch.Tensor) -> Batch | None:
-    """While coarse, the images near the target (half-size PSNR within COARSE_NEAR_DB of it, from the
-    last step's `err` [b]; all of them before the first step) rendered at full size, where the target
-    is measured, and those at it stopped. Each image's look depends on itself alone."""
+    """While coarse, the images near their target (half-size PSNR within COARSE_NEAR_DB of it, from
+    the last step's `err` [b]; all of them before the first step) rendered at full size, where the
+    target is measured, and those at it stopped. Each image's look depends on itself alone."""
     H, W = batch.images.shape[-2:]
     with torch.no_grad():
         near = torch.ones(len(batch.index), dtype=torch.bool, device=batch.images.device) if err is None else \
-            psnr_from_mse(err.detach()) >= cfg.target_psnr - COARSE_NEAR_DB  # [b]
+            psnr_from_mse(err.detach()) >= batch.stop_db - COARSE_NEAR_DB  # [b]
         if not near.any():
             return batch
         full = mse(render(batch.params[near], H, W, batch.mask[near], cfg.backend, cfg.compile), batch.images[near])
         reached = torch.zeros_like(near)
-        reached[near] = psnr_from_mse(full) >= cfg.target_psnr
+        reached[near] = psnr_from_mse(full) >= batch.stop_db[near]
     return stop(batch, reached, done, done_mask)
 
 
@@ -158,15 +176,15 @@ def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, pro
     err = None  # [b] the last step's error, at the size it rendered
     for it in tqdm(range(cfg.iterations), disable=not progress, desc=f"fit {B}x{n}", unit="it"):
         h, w = next((h, w) for first, h, w in reversed(phases) if it >= first)
-        if cfg.target_psnr is not None and (h, w) != (H, W) and it % COARSE_CHECK == 0:
+        if batch.stop_db is not None and (h, w) != (H, W) and it % COARSE_CHECK == 0:
             batch = coarse_check(batch, err, cfg, done, done_mask)
         if batch is None:
             break
         out = render(batch.params, h, w, batch.mask, cfg.backend, cfg.compile)
         err = mse(out, batch.target(h, w))  # [b]
         reached = torch.zeros_like(err, dtype=torch.bool)
-        if cfg.target_psnr is not None and (h, w) == (H, W):  # the target is a full-size PSNR
-            reached = psnr_from_mse(err.detach()) >= cfg.target_psnr
+        if batch.stop_db is not None and (h, w) == (H, W):  # the target is a full-size PSNR
+            reached = psnr_from_mse(err.detach()) >= batch.stop_db
             if reached.all():
                 batch = stop(batch, reached, done, done_mask)
                 break

@@ -174,6 +174,11 @@ class FitParams(Model):
     prune_tau: float = Field(0.0, ge=0, le=10, description="Luminance threshold; 0 disables pruning (paper: 0.05).")
     target_psnr: float | None = Field(None, gt=0, le=120, description="Stop an image once it reaches this PSNR (at "
                                       "full size); `iterations` is then a ceiling. A stopped image leaves the batch.")
+    target_snr: float | None = Field(None, gt=0, le=120, description="Stop an image once its error is this many dB "
+                                     "under its own signal (its mean square over the MSE, at full size): an image with "
+                                     "less ink (a digit drawn smaller, thinner or fainter) is then fitted as closely to "
+                                     "its ink as one with more, where a PSNR target stops it almost at once. With "
+                                     "target_psnr, an image stops once it reaches both.")
     coarse: int = Field(300, ge=0, le=1_000_000, description="Iterations rendered at half of `size` before full "
                         "size, coarse to fine (at most five sixths of `iterations`; none where half the size is under "
                         "32 px); 0: every iteration at full size.")

@@ -198,3 +198,36 @@ def test_while_coarse_only_images_near_the_target_are_looked_at_full_size_each_a
         alone = fit_batch(photos64[i : i + 1], config)
         assert alone.metrics[0]["iterations"] == steps[i]
         torch.testing.assert_close(together.splats.params[i], alone.splats.params[0], rtol=2e-3, atol=2e-3)
+
+
+def test_a_signal_target_fits_a_digit_with_less_ink_as_closely_to_its_ink():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from splatclip.datasets import digits, stroke, zoom
+
+    plain = [np.asarray(Image.open(io.BytesIO(s["png"]))) for s in digits("test", limit=4)]
+    little = [zoom(stroke(x, -0.5), 0.5) for x in plain]  # thinner and half the size: far less ink
+    images = torch.tensor(np.stack(plain + little), dtype=torch.float32)[:, None].expand(-1, 3, -1, -1) / 255
+    power = images.square().mean((1, 2, 3))  # [8]
+    base = dict(gaussians=49, size=28, iterations=100, coarse=0, init="ink", lr_position=0.12, lr_cholesky=0.04)
+
+    def snr(result):  # dB of each image's signal over its fit's error
+        return torch.tensor([m["psnr"] for m in result.metrics]) + 10 * torch.log10(power)
+
+    by_psnr = fit_batch(images, cfg(**base, target_psnr=27.5))
+    by_snr = fit_batch(images, cfg(**base, target_snr=17.5))
+    both = fit_batch(images, cfg(**base, target_psnr=27.5, target_snr=17.5))
+    steps = {name: [m["iterations"] for m in r.metrics] for name, r in
+             (("psnr", by_psnr), ("snr", by_snr), ("both", both))}
+    # a PSNR target barely fits the small, thin digits (their black ground is most of the frame) ...
+    assert max(steps["psnr"][4:]) < min(steps["psnr"][:4]), steps
+    assert snr(by_psnr)[4:].mean() < snr(by_psnr)[:4].mean() - 3
+    # ... a signal target fits every digit to it (float16 storage costs a little), the small ones longer
+    assert torch.all(snr(by_snr) >= 17.5 - 0.2), snr(by_snr)
+    assert all(s > p for s, p in zip(steps["snr"][4:], steps["psnr"][4:])), steps
+    # both: each image stops once it reaches the later of the two
+    assert steps["both"] == [max(a, b) for a, b in zip(steps["psnr"], steps["snr"])], steps
+    assert all(m["psnr"] >= 27.5 - 0.2 for m in both.metrics) and torch.all(snr(both) >= 17.5 - 0.2)
