@@ -34,3 +34,21 @@ def test_render_rejects_corrupt_file(tmp_path, capsys):
     bad.write_bytes(b"garbage")
     assert main(["render", str(bad), "-o", str(tmp_path / "x.png")]) == 1
     assert "x.splats.npy" in capsys.readouterr().err
+
+
+def test_fit_to_a_signal_target_and_a_bad_one(tmp_path, capsys):
+    digit = np.zeros((28, 28), np.uint8)
+    digit[10:16, 12:15] = 255  # a small stroke on black: most of the frame is ground the first grid fits
+    Image.fromarray(digit).save(tmp_path / "stroke.png")
+    signal = 10 * np.log10(((digit / 255.0) ** 2).mean())  # dB of its mean square
+    runs = {}
+    for name, targets in (("psnr", ["--target-psnr", "20"]), ("both", ["--target-psnr", "20", "--target-snr", "15"])):
+        out = tmp_path / name
+        assert main(["fit", str(tmp_path / "stroke.png"), "--gaussians", "16", "--iterations", "200", "--size", "28",
+                     *targets, "--no-compile", "-o", str(out)]) == 0
+        runs[name] = splats.load(out / "stroke.splats.npy")[1]
+    assert runs["psnr"]["psnr"] + signal < 15 <= runs["both"]["psnr"] + signal + 0.2, runs  # the SNR it reached
+    assert runs["psnr"]["iterations"] < runs["both"]["iterations"] < 200, runs
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path / "stroke.png"), "--target-snr", "-3", "-o", str(tmp_path / "bad")]) == 2
+    assert "target_snr" in capsys.readouterr().err
