@@ -62,9 +62,10 @@ def resolution_schedule(iterations: int, height: int, width: int, coarse: int) -
 
 def stop_db(images: torch.Tensor, cfg: FitParams) -> torch.Tensor | None:
     """images [B, 3, H, W] -> [B] the full-size PSNR at which each image stops, or None without a
-    target: `target_psnr`; `target_snr` dB over the image's mean square (at a peak of 1, PSNR = SNR -
-    10 log10(mean square)), so that a digit drawn smaller, thinner or fainter is fitted as closely
-    to its ink as a large one; the higher of the two where both are set."""
+    target: `target_psnr`; the PSNR at which the error is `target_snr` dB under the image's own mean
+    square (at a peak of 1, PSNR = SNR - 10 log10(mean square)), so that a digit drawn smaller,
+    thinner or fainter is fitted as closely to its ink as a large one; the higher of the two where
+    both are set."""
     if cfg.target_psnr is None and cfg.target_snr is None:
         return None
     db = torch.full((len(images),), -torch.inf if cfg.target_psnr is None else cfg.target_psnr, device=images.device)
