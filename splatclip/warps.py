@@ -11,7 +11,10 @@ A splat image is a sum of Gaussians, so some image transforms have an exact form
 - moving and scaling an image so its ink is centered with a given spread along its major axis, and
   undoing its slant (`canonical_splats`): the ink's centroid and second moments are sums over the
   Gaussians (each one's mass is its mean color times 2 pi |l11 l22|), so no render is needed to find
-  the map.
+  the map;
+- scaling its colors so that its ink's level (the intensity-weighted mean intensity, the integral of
+  I^2 over the integral of I) is a given one (`level_gain`): the integral of a product of two Gaussians
+  is closed-form, so the level of a splat set is a sum over its pairs.
 
 The twins (`warp_images`, `blur_images`, colors times the gain) do the same to a rendered or source
 image by resampling, so a model and a teacher can be shown one transformed image. Rendering the
@@ -131,6 +134,41 @@ def moments_images(images: torch.Tensor):
     dx, dy = xs - cx[:, None, None], ys[:, None] - cy[:, None, None]  # [b, 1, W], [b, H, 1]
     cov = torch.stack([(m * q).sum((1, 2)) / safe for q in (dx * dx, dx * dy, dy * dy)], -1)  # [b, 3]
     return total, torch.stack([cx, cy], -1), cov
+
+
+def level_splats(params: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """params [b, N, 8], mask [b, N] -> the ink's level [b]: the integral of I^2 over the integral of I,
+    I the mean over the channels of the render without its 3-sigma cut-off (0 where there is no ink).
+    A product of two Gaussians integrates to 2 pi sqrt(det S_i det S_j / det S) exp(-d^T S^-1 d / 2),
+    S = S_i + S_j and d = mu_i - mu_j; the pairs make it O(N^2) in time and memory. An affine map
+    scales both integrals alike, so the level is the same after any framing."""
+    l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]
+    c = params[..., 5:8].mean(-1)  # [b, N]
+    if mask is not None:
+        c = c * mask
+    root_det = torch.abs(l11 * l22)  # [b, N]: sqrt(det S_i)
+    xx, xy, yy = l11 * l11, l11 * l21, l21 * l21 + l22 * l22  # [b, N] each
+    a, b, d = (v[:, :, None] + v[:, None, :] for v in (xx, xy, yy))  # [b, N, N]: S = S_i + S_j
+    det = (a * d - b * b).clamp_min(1e-20)
+    dx = params[:, :, None, 0] - params[:, None, :, 0]  # [b, N, N]
+    dy = params[:, :, None, 1] - params[:, None, :, 1]
+    quad = (d * dx * dx - 2 * b * dx * dy + a * dy * dy) / det
+    pair = 2 * math.pi * root_det[:, :, None] * root_det[:, None, :] / det.sqrt() * torch.exp(-0.5 * quad)
+    square = torch.einsum("bi,bij,bj->b", c, pair, c)  # [b]: the integral of I^2
+    total = (c * 2 * math.pi * root_det).sum(1)  # [b]: the integral of I
+    return torch.where(total > 1e-12, square / total.clamp_min(1e-12), torch.zeros_like(total))
+
+
+def level_images(images: torch.Tensor) -> torch.Tensor:
+    """images [b, C, H, W] -> the same level [b] of the mean over channels, summed over the pixels."""
+    m = images.mean(1)  # [b, H, W]
+    total = m.sum((1, 2))
+    return torch.where(total > 1e-12, (m * m).sum((1, 2)) / total.clamp_min(1e-12), torch.zeros_like(total))
+
+
+def level_gain(level: torch.Tensor, target: float) -> torch.Tensor:
+    """The gain [b] that takes inks of these levels [b] to `target`, within [1/4, 4]; 1 where there is no ink."""
+    return torch.where(level > 1e-6, target / level.clamp_min(1e-6), torch.ones_like(level)).clamp(0.25, 4.0)
 
 
 MAX_SLANT = 1.0  # the largest shear `canonical_map` undoes: 45 degrees of slant

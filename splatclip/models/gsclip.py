@@ -21,7 +21,7 @@ from splatclip.models.backbone import create, normalize_images
 from splatclip.models.resampler import PerceiverResampler
 from splatclip.models.stem import SplatStem
 from splatclip.platform.specs import ModelSpec, StorageSpec
-from splatclip.warps import canonical_images, canonical_splats
+from splatclip.warps import canonical_images, canonical_splats, gain_splats, level_gain, level_images, level_splats
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class GSCLIP(nn.Module):
         self.encoder = spec.encoder
         self.canonical_spread = spec.canonical_spread
         self.canonical_deskew = spec.canonical_deskew
+        self.canonical_level = spec.canonical_level
         width = clip.visual.class_embedding.shape[-1]
         self.splat = (
             GSEncoder(width, spec.latents, spec.resampler_layers, spec.fourier_bands, spec.resampler_width)
@@ -78,6 +79,9 @@ class GSCLIP(nn.Module):
             mask = torch.ones(params.shape[:2], dtype=torch.bool, device=params.device)
         if self.canonical_spread is not None:
             params = canonical_splats(params, mask, self.spread(reframe), self.canonical_deskew)
+        if self.canonical_level is not None:
+            gain = level_gain(level_splats(params, mask), self.canonical_level)  # [B]
+            params = gain_splats(params, gain[:, None].expand(-1, 3))
         return self.splat(params, mask)
 
     def splat_features(self, params, mask=None, reframe=None):
@@ -89,9 +93,13 @@ class GSCLIP(nn.Module):
 
     def view(self, images, reframe=None):
         """images [B, 3, H, W] as this model is shown them (centered, zoomed and deskewed by their ink with
-        `canonical_spread` and `canonical_deskew`; `reframe` [B]: see `spread`)."""
-        return images if self.canonical_spread is None else canonical_images(images, self.spread(reframe),
-                                                                                 self.canonical_deskew)
+        `canonical_spread` and `canonical_deskew`, `reframe` [B]: see `spread`; their ink brought to
+        `canonical_level`)."""
+        if self.canonical_spread is not None:
+            images = canonical_images(images, self.spread(reframe), self.canonical_deskew)
+        if self.canonical_level is not None:
+            images = images * level_gain(level_images(images), self.canonical_level)[:, None, None, None]
+        return images
 
     def encode_image(self, images, reframe=None):
         """images [B, 3, H, W] in [0, 1] through the RGB tower."""

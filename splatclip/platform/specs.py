@@ -228,6 +228,11 @@ class ModelSpec(Model):
         0.0, ge=0, le=1, description="With canonical_spread: the share (0-1) of each input's slant to undo (a "
         "shear of x along y, at most 45 degrees, which at 1 makes the ink's x uncorrelated with its y), so that italic "
         "and slanted strokes stand upright. Exact on splats.")
+    canonical_level: float | None = Field(
+        None, gt=0, le=1, description="Show the model each image (or splat set) with its colors scaled so that its "
+        "ink's level (the intensity-weighted mean intensity: the integral of I^2 over that of I) is this one (0.85 for "
+        "MNIST's digits; the gain kept within 1/4-4): faint and bold inks alike, for objects on a dark ground. Exact on "
+        "splats, from their pairs of Gaussians (O(N^2) per sample). None: colors as they are.")
 
     @model_validator(mode="after")
     def _deskew_needs_framing(self):

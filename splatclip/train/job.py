@@ -128,10 +128,11 @@ class TrainJob(Job):
         spec = self.spec = absolute_paths(self.spec)
         problems = stage_problems(spec.stages, spec.model.encoder, spec.images is not None,
                                   spec.model.canonical_spread is not None)
-        if spec.model.canonical_spread is not None and spec.images is None and any(
+        views = [f"model.{name}" for name in ("canonical_spread", "canonical_level") if getattr(spec.model, name) is not None]
+        if views and spec.images is None and any(
                 stage.kind in OBJECTIVES and OBJECTIVES[stage.kind].reads_images for stage in spec.stages):
-            problems.append("model.canonical_spread: stored teacher embeddings are of the images as they are, not "
-                            "centered; set images, so that the teacher embeds each image as the model sees it")
+            problems.append(f"{views[0]}: stored teacher embeddings are of the images as they are, not as this model "
+                            "sees them; set images, so that the teacher embeds each image as the model sees it")
         for weights in (spec.model.pretrained, spec.teacher and spec.teacher.pretrained):
             if missing_weights(weights):
                 problems.append(f"pretrained weights {weights}: no such file")

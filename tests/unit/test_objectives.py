@@ -174,3 +174,18 @@ def test_a_reframed_distillation_zooms_the_students_splats_and_the_teachers_view
                             embed_images(teacher, canonical_images(data["images"], 0.2 * z)))
         plain = OBJECTIVES["distill"](settings("distill", {}), teacher)(framed, data, torch.device("cpu"))
     assert torch.allclose(loss, want) and not torch.allclose(loss, plain)
+
+
+@pytest.mark.parametrize("view", [{"canonical_spread": 0.2}, {"canonical_level": 0.85}])
+def test_a_model_that_frames_or_levels_its_inputs_distils_from_the_source_images(tmp_path, view):
+    from splatclip.platform.specs import TrainSpec
+    from splatclip.train.job import TrainJob
+
+    spec = TrainSpec(data=str(tmp_path / "s-{0..1}.tar"), storage_path=str(tmp_path / "runs"),
+                     model={"name": "demo-vit", **view}, stages=[{"kind": "distill"}])
+    name = next(iter(view))
+    assert [p for p in TrainJob(spec).check() if p.startswith("model.")] == [
+        f"model.{name}: stored teacher embeddings are of the images as they are, not as this model sees them; set "
+        "images, so that the teacher embeds each image as the model sees it"]
+    with_images = spec.model_copy(update={"images": str(tmp_path / "i-{0..1}.tar")})
+    assert [p for p in TrainJob(with_images).check() if p.startswith("model.")] == []

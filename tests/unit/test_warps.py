@@ -11,7 +11,8 @@ from splatclip.models.augment import Augment, augment_images, augment_splats, dr
 from splatclip.models.gsclip import from_open_clip
 from splatclip.platform.specs import ModelSpec
 from splatclip.warps import (affine_normalized, blur_images, blur_splats, canonical_images, canonical_splats, gain_splats,
-                             major_spread, moments_images, moments_splats, warp_images, warp_splats)
+                             level_gain, level_images, level_splats, major_spread, moments_images, moments_splats,
+                             warp_images, warp_splats)
 
 
 def splats(b, n, h, w, seed=0):
@@ -210,3 +211,46 @@ def test_a_model_with_a_canonical_spread_does_not_see_where_the_ink_is():
         slanted = warp_splats(moved, torch.tensor([[1.0, -0.3], [0.0, 1.0]]).expand(2, 2, 2), torch.zeros(2, 2))
         torch.testing.assert_close(upright.encode_splats(slanted), upright.encode_splats(p), atol=1e-4, rtol=0)
         assert (model.encode_splats(slanted) - model.encode_splats(p)).abs().max() > 1e-2
+
+
+def test_the_level_of_splats_is_the_level_of_their_render_and_no_warp_changes_it():
+    h = w = 64
+    p = splats(6, 20, h, w, seed=8)
+    p[:3, ::4, 5:8] *= -0.5  # some Gaussians that take ink away, as fits have
+    exact = level_splats(p)
+    torch.testing.assert_close(exact, level_images(render_dense(p, h, w)), atol=0, rtol=0.01)
+    A, t = random_affine(6, h, w, seed=9)
+    torch.testing.assert_close(level_splats(warp_splats(p, A, t)), exact, atol=1e-6, rtol=1e-5)
+    # a fainter pen is a lower level, by the gain; masked Gaussians carry no ink
+    torch.testing.assert_close(level_splats(gain_splats(p, torch.full((6, 3), 0.4))), 0.4 * exact)
+    mask = torch.ones(6, 20, dtype=torch.bool)
+    mask[:, 10:] = False
+    torch.testing.assert_close(level_splats(p, mask), level_splats(p[:, :10]))
+    # no ink: level 0 and a gain of 1; the gain stays within 1/4-4
+    empty = torch.zeros(2, 5, 8)
+    empty[..., 2] = empty[..., 4] = 0.05
+    assert level_splats(empty).tolist() == [0.0, 0.0]
+    assert level_gain(torch.tensor([0.0, 0.1, 0.85, 10.0]), 0.85).tolist() == pytest.approx([1.0, 4.0, 1.0, 0.25])
+
+
+def test_a_model_with_a_canonical_level_does_not_see_how_faint_the_ink_is():
+    torch.manual_seed(0)
+    spec = ModelSpec(name="demo-vit", latents=4, resampler_layers=1, resampler_width=32, fourier_bands=2,
+                     canonical_spread=0.15, canonical_level=0.85)
+    model = from_open_clip("demo-vit", None, spec).eval()
+    p = splats(2, 12, 28, 28, seed=6)
+    faint, bold = gain_splats(p, torch.full((2, 3), 0.35)), gain_splats(p, torch.full((2, 3), 1.6))
+    images = render_dense(p, 28, 28)
+    rgb = from_open_clip("demo-vit", None, spec.model_copy(update={"encoder": "rgb"})).eval()
+    with torch.no_grad():
+        for other in (faint, bold):
+            torch.testing.assert_close(model.encode_splats(other), model.encode_splats(p), atol=1e-4, rtol=0)
+        torch.testing.assert_close(rgb.encode_image(0.35 * images), rgb.encode_image(images), atol=1e-4, rtol=0)
+        plain = from_open_clip("demo-vit", None, spec.model_copy(update={"canonical_level": None})).eval()
+        assert (plain.encode_splats(faint) - plain.encode_splats(p)).abs().max() > 1e-2
+    # the image the model is shown has its ink at the level, as the splats it reads do
+    torch.testing.assert_close(level_images(rgb.view(0.35 * images)), torch.full((2,), 0.85), atol=0, rtol=1e-4)
+    with pytest.raises(ValueError):
+        ModelSpec(canonical_level=0.0)
+    with pytest.raises(ValueError):
+        ModelSpec(canonical_level=1.5)
