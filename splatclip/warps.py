@@ -136,25 +136,30 @@ def moments_images(images: torch.Tensor):
     return total, torch.stack([cx, cy], -1), cov
 
 
-def level_splats(params: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def level_splats(params: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 1 << 22) -> torch.Tensor:
     """params [b, N, 8], mask [b, N] -> the ink's level [b]: the integral of I^2 over the integral of I,
     I the mean over the channels of the render without its 3-sigma cut-off (0 where there is no ink).
     A product of two Gaussians integrates to 2 pi sqrt(det S_i det S_j / det S) exp(-d^T S^-1 d / 2),
-    S = S_i + S_j and d = mu_i - mu_j; the pairs make it O(N^2) in time and memory. An affine map
-    scales both integrals alike, so the level is the same after any framing."""
+    S = S_i + S_j and d = mu_i - mu_j: O(N^2) in time, taken `chunk` pairs at a time so that memory
+    stays O(chunk). An affine map scales both integrals alike, so the level is the same after any framing."""
+    b, n = params.shape[:2]
     l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]
     c = params[..., 5:8].mean(-1)  # [b, N]
     if mask is not None:
         c = c * mask
     root_det = torch.abs(l11 * l22)  # [b, N]: sqrt(det S_i)
-    xx, xy, yy = l11 * l11, l11 * l21, l21 * l21 + l22 * l22  # [b, N] each
-    a, b, d = (v[:, :, None] + v[:, None, :] for v in (xx, xy, yy))  # [b, N, N]: S = S_i + S_j
-    det = (a * d - b * b).clamp_min(1e-20)
-    dx = params[:, :, None, 0] - params[:, None, :, 0]  # [b, N, N]
-    dy = params[:, :, None, 1] - params[:, None, :, 1]
-    quad = (d * dx * dx - 2 * b * dx * dy + a * dy * dy) / det
-    pair = 2 * math.pi * root_det[:, :, None] * root_det[:, None, :] / det.sqrt() * torch.exp(-0.5 * quad)
-    square = torch.einsum("bi,bij,bj->b", c, pair, c)  # [b]: the integral of I^2
+    cov = (l11 * l11, l11 * l21, l21 * l21 + l22 * l22)  # xx, xy, yy [b, N] each
+    square = params.new_zeros(b)  # the integral of I^2
+    rows = max(1, chunk // max(1, b * n))
+    for r in range(0, n, rows):
+        i = slice(r, r + rows)
+        a, h, d = (v[:, i, None] + v[:, None, :] for v in cov)  # [b, R, N]: S = S_i + S_j
+        det = (a * d - h * h).clamp_min(1e-20)
+        dx = params[:, i, None, 0] - params[:, None, :, 0]  # [b, R, N]
+        dy = params[:, i, None, 1] - params[:, None, :, 1]
+        quad = (d * dx * dx - 2 * h * dx * dy + a * dy * dy) / det
+        pair = 2 * math.pi * root_det[:, i, None] * root_det[:, None, :] / det.sqrt() * torch.exp(-0.5 * quad)
+        square = square + torch.einsum("bi,bij,bj->b", c[:, i], pair, c)
     total = (c * 2 * math.pi * root_det).sum(1)  # [b]: the integral of I
     return torch.where(total > 1e-12, square / total.clamp_min(1e-12), torch.zeros_like(total))
 

@@ -9,7 +9,8 @@ from splatclip.models.backbone import embed_images, normalize_images, patch_toke
 from splatclip.models.gsclip import from_open_clip, through_vit
 from splatclip.models.losses import clip_loss, distill_loss
 from splatclip.models.objectives import OBJECTIVES, NoSettings, Objective, register, settings, stage_problems
-from splatclip.platform.specs import ModelSpec, StageSpec
+from splatclip.platform.specs import ModelSpec, StageSpec, TrainSpec
+from splatclip.train.job import TrainJob
 from splatclip.warps import canonical_images
 
 
@@ -178,9 +179,6 @@ def test_a_reframed_distillation_zooms_the_students_splats_and_the_teachers_view
 
 @pytest.mark.parametrize("view", [{"canonical_spread": 0.2}, {"canonical_level": 0.85}])
 def test_a_model_that_frames_or_levels_its_inputs_distils_from_the_source_images(tmp_path, view):
-    from splatclip.platform.specs import TrainSpec
-    from splatclip.train.job import TrainJob
-
     spec = TrainSpec(data=str(tmp_path / "s-{0..1}.tar"), storage_path=str(tmp_path / "runs"),
                      model={"name": "demo-vit", **view}, stages=[{"kind": "distill"}])
     name = next(iter(view))

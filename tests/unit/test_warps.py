@@ -226,6 +226,8 @@ def test_the_level_of_splats_is_the_level_of_their_render_and_no_warp_changes_it
     mask = torch.ones(6, 20, dtype=torch.bool)
     mask[:, 10:] = False
     torch.testing.assert_close(level_splats(p, mask), level_splats(p[:, :10]))
+    # taken a few pairs at a time (memory for a set of many Gaussians), the same sum
+    torch.testing.assert_close(level_splats(p, chunk=6 * 20 * 3), exact)
     # no ink: level 0 and a gain of 1; the gain stays within 1/4-4
     empty = torch.zeros(2, 5, 8)
     empty[..., 2] = empty[..., 4] = 0.05
