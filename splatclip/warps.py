@@ -63,11 +63,25 @@ def warp_images(images: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def covariances(params: torch.Tensor):
+    """params [..., 8] -> each Gaussian's covariance Sigma = L L^T as (xx, xy, yy) [...] each."""
+    l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]
+    return l11 * l11, l11 * l21, l21 * l21 + l22 * l22
+
+
+def ink(params: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """params [b, N, 8], mask [b, N] -> each Gaussian's ink [b, N]: its mean color times its integral,
+    2 pi |l11 l22| (the 3-sigma cut-off drops 1.1% of it); 0 where masked out."""
+    w = params[..., 5:8].mean(-1) * 2 * math.pi * torch.abs(params[..., 2] * params[..., 4])
+    return w if mask is None else w * mask
+
+
 def blur_splats(params: torch.Tensor, sigma_px: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """params [b, N, 8], sigma_px [b] -> the splats of the image blurred by a Gaussian of sigma_px pixels."""
-    l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]  # [b, N]
+    l11, l22 = params[..., 2], params[..., 4]  # [b, N]
+    xx, xy, yy = covariances(params)
     sx, sy = (sigma_px / width)[:, None] ** 2, (sigma_px / height)[:, None] ** 2  # [b, 1]
-    s11, s21, s22 = l11 * l11 + sx, l11 * l21, l21 * l21 + l22 * l22 + sy  # Sigma + s^2 I
+    s11, s21, s22 = xx + sx, xy, yy + sy  # Sigma + s^2 I
     n11 = torch.sqrt(s11)
     n21 = s21 / n11
     n22 = torch.sqrt(s22 - n21 * n21)
@@ -106,19 +120,17 @@ def major_spread(xx: torch.Tensor, xy: torch.Tensor, yy: torch.Tensor) -> torch.
 
 def moments_splats(params: torch.Tensor, mask: torch.Tensor | None = None):
     """params [b, N, 8], mask [b, N] -> the ink's (mass [b], centroid [b, 2], second moments [b, 3]:
-    xx, xy, yy about the centroid) in normalized coordinates. A Gaussian's ink is its mean color times its integral,
-    2 pi |l11 l22| (the 3-sigma cut-off drops 1.1% of it); its own covariance adds to the spread."""
-    l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]
-    w = params[..., 5:8].mean(-1) * 2 * math.pi * torch.abs(l11 * l22)  # [b, N]
-    if mask is not None:
-        w = w * mask
+    xx, xy, yy about the centroid) in normalized coordinates, each Gaussian weighted by its `ink`; its
+    own covariance adds to the spread."""
+    w = ink(params, mask)  # [b, N]
+    sxx, sxy, syy = covariances(params)  # [b, N] each
     total = w.sum(1)  # [b]
     safe = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
     mu = (w[..., None] * params[..., 0:2]).sum(1) / safe[:, None]  # [b, 2]
     d = params[..., 0:2] - mu[:, None]  # [b, N, 2]
-    xx = (w * (l11 * l11 + d[..., 0] ** 2)).sum(1) / safe
-    xy = (w * (l11 * l21 + d[..., 0] * d[..., 1])).sum(1) / safe
-    yy = (w * (l21 * l21 + l22 * l22 + d[..., 1] ** 2)).sum(1) / safe
+    xx = (w * (sxx + d[..., 0] ** 2)).sum(1) / safe
+    xy = (w * (sxy + d[..., 0] * d[..., 1])).sum(1) / safe
+    yy = (w * (syy + d[..., 1] ** 2)).sum(1) / safe
     return total, mu, torch.stack([xx, xy, yy], -1)
 
 
@@ -140,15 +152,13 @@ def level_splats(params: torch.Tensor, mask: torch.Tensor | None = None, chunk: 
     """params [b, N, 8], mask [b, N] -> the ink's level [b]: the integral of I^2 over the integral of I,
     I the mean over the channels of the render without its 3-sigma cut-off (0 where there is no ink).
     A product of two Gaussians integrates to 2 pi sqrt(det S_i det S_j / det S) exp(-d^T S^-1 d / 2),
-    S = S_i + S_j and d = mu_i - mu_j: O(N^2) in time, taken `chunk` pairs at a time so that memory
-    stays O(chunk). An affine map scales both integrals alike, so the level is the same after any framing."""
+    S = S_i + S_j and d = mu_i - mu_j, so with each one's `ink` w the integral of I^2 is the sum over
+    pairs of w_i w_j exp(-d^T S^-1 d / 2) / (2 pi sqrt(det S)): O(N^2) in time, taken `chunk` pairs at
+    a time so that memory stays O(chunk). An affine map scales both integrals alike, so the level is
+    the same after any framing."""
     b, n = params.shape[:2]
-    l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]
-    c = params[..., 5:8].mean(-1)  # [b, N]
-    if mask is not None:
-        c = c * mask
-    root_det = torch.abs(l11 * l22)  # [b, N]: sqrt(det S_i)
-    cov = (l11 * l11, l11 * l21, l21 * l21 + l22 * l22)  # xx, xy, yy [b, N] each
+    w = ink(params, mask)  # [b, N]
+    cov = covariances(params)  # xx, xy, yy [b, N] each
     square = params.new_zeros(b)  # the integral of I^2
     rows = max(1, chunk // max(1, b * n))
     for r in range(0, n, rows):
@@ -158,9 +168,9 @@ def level_splats(params: torch.Tensor, mask: torch.Tensor | None = None, chunk: 
         dx = params[:, i, None, 0] - params[:, None, :, 0]  # [b, R, N]
         dy = params[:, i, None, 1] - params[:, None, :, 1]
         quad = (d * dx * dx - 2 * h * dx * dy + a * dy * dy) / det
-        pair = 2 * math.pi * root_det[:, i, None] * root_det[:, None, :] / det.sqrt() * torch.exp(-0.5 * quad)
-        square = square + torch.einsum("bi,bij,bj->b", c[:, i], pair, c)
-    total = (c * 2 * math.pi * root_det).sum(1)  # [b]: the integral of I
+        pair = torch.exp(-0.5 * quad) / (2 * math.pi * det.sqrt())
+        square = square + torch.einsum("bi,bij,bj->b", w[:, i], pair, w)
+    total = w.sum(1)  # [b]: the integral of I
     return torch.where(total > 1e-12, square / total.clamp_min(1e-12), torch.zeros_like(total))
 
 
