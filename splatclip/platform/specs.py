@@ -271,6 +271,10 @@ class TrainSpec(Model):
     loader_workers: int = Field(2, ge=0, le=64, description="Loader processes per training worker that decode, check "
                                 "and tokenize samples ahead of the step (0: in the training process); the sample "
                                 "order is the same for any number.")
+    loader_cache_mb: int = Field(1024, ge=0, le=1 << 20, description="MiB of decoded samples a training worker keeps "
+                                 "once it has read an epoch whole: a later epoch whose shards it holds is drawn from "
+                                 "memory in the same order, with no shard read or decoded again (0: every epoch is read "
+                                 "anew). A share that outgrows it is read every epoch.")
     checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
     max_failures: int = Field(2, ge=0, le=1000, description="Worker failures Ray Train recovers from.")
     images: str | None = Field(

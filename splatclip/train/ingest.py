@@ -14,6 +14,12 @@ sockets, Ray's connection to its raylet among them, so each loader first closes 
 socket and asks the kernel to kill it when the trainer dies (`_loader_init`): otherwise a killed
 trainer would not look dead to Ray while its loaders lived, and its training group would hang.
 
+Once a rank has read an epoch whole, it keeps the decoded samples of that epoch's shards in memory
+while they fit in `loader_cache_mb` (`EpochCache`): a later epoch whose shards are all held is drawn
+from memory in the order a read would give, with no shard read, decoded or tokenized again, and the
+loader processes stop. Skipped samples are counted as the trainer passes them, so the counts are the
+same for any number of loader processes and for an epoch drawn from memory.
+
 Why torch's DataLoader and not Ray Data's streaming split: the order above, and with it the exact
 resume from (epoch, batch), needs each rank's stream to be a pure function of (seed, epoch, rank);
 a streaming split hands blocks to whichever rank asks first.
@@ -54,11 +60,11 @@ def steps_per_epoch(shards: ShardSet, share: WorkerShare, epoch: int, batch: int
 @dataclass
 class Chunk:
     epoch: int
-    samples: list = field(default_factory=list)  # the valid ones, decoded, in order
-    skipped: list = field(default_factory=list)  # (reason, key) of each one skipped
+    items: list = field(default_factory=list)  # in order: (shard URL, decoded sample, None) or (URL, None, (reason, key))
+    url: str = ""  # the shard of the sample being checked
 
-    def add(self, reason: str, key: str) -> None:  # the `Skipped` interface, recorded for the trainer
-        self.skipped.append((reason, key))
+    def add(self, reason: str, key: str) -> None:  # the `Skipped` interface: a skip, counted by the trainer
+        self.items.append((self.url, None, (reason, key)))
 
 
 class Ingest:
@@ -68,40 +74,55 @@ class Ingest:
     def __init__(self, spec: TrainSpec, shards: ShardSet, fmt: SampleFormat, share: WorkerShare, tokenizer=None):
         self.spec, self.shards, self.fmt, self.share, self.tokenizer = spec, shards, fmt, share, tokenizer
 
-    def decoded(self, epoch: int, skipped, passes: int | None = None):
-        """(epoch, sample) of the valid samples from `epoch` on (`passes` epochs; None: endless), in
-        order, decoded by `spec.loader_workers` processes (0: this one); the skipped ones counted in
-        `skipped` as their chunks arrive."""
+    def decoded(self, epoch: int, passes: int | None = None):
+        """(epoch, shard URL, sample, skip) of every raw sample from `epoch` on (`passes` epochs; None:
+        endless), in order, decoded by `spec.loader_workers` processes (0: this one): a valid sample
+        with skip None, or sample None and skip (reason, key)."""
         workers = self.spec.loader_workers
         loader = DataLoader(DecodedChunks(self, epoch, passes), batch_size=None, num_workers=workers,
                             prefetch_factor=PREFETCH if workers else None,
                             multiprocessing_context="fork" if workers else None,
                             worker_init_fn=_loader_init if workers else None)
         for chunk in loader:
-            for reason, key in chunk.skipped:
-                skipped.add(reason, key)
-            for sample in chunk.samples:
-                yield chunk.epoch, sample
+            for url, sample, skip in chunk.items:
+                yield chunk.epoch, url, sample, skip
 
     def batches(self, start: tuple[int, int], skipped, poisoned: frozenset = frozenset(), cursor: dict | None = None):
         """Endless (epoch, index, batch) from the data position `start` (epoch, batch). The loader
-        processes run from epoch to epoch without a restart; an epoch whose samples run out before its
-        batches do (bad samples may leave fewer than counted) takes a further pass over its own order.
-        Positions in `poisoned` (batches that raised before) are drawn but never yielded, on every rank
-        alike; `cursor` always holds the position being drawn, for the record of a failure."""
+        processes run from epoch to epoch without a restart until an epoch can be drawn from memory
+        (`EpochCache`); an epoch whose samples run out before its batches do (bad samples may leave
+        fewer than counted) takes a further pass over its own order. An epoch's samples past its last
+        batch are passed over (their skips counted). Positions in `poisoned` (batches that raised
+        before) are drawn but never yielded, on every rank alike; `cursor` always holds the position
+        being drawn, for the record of a failure."""
         spec, (epoch, skip) = self.spec, start
         cursor = {} if cursor is None else cursor
-        stream, held = self.decoded(epoch, skipped), []
+        cache = EpochCache(self.shards, self.share, spec.loader_cache_mb << 20)
+        stream, held = None, []
         while True:
             per_epoch = steps_per_epoch(self.shards, self.share, epoch, spec.batch_size)
             index, pending, again = 0, [], False
             cursor.update(epoch=epoch, index=index)
             while index < per_epoch:
                 drawn = 0
-                samples = self.decoded(epoch, skipped, passes=1) if again else of_epoch(stream, epoch, held)
-                for item in samples:
-                    sample = item[1] if again else item
+                if cache.holds(epoch):
+                    if stream is not None:  # the loader processes stop reading ahead
+                        stream.close()
+                        stream, held = None, []
+                    items = cache.replay(epoch)
+                elif again:
+                    items = self.decoded(epoch, passes=1)
+                else:
+                    if stream is None:
+                        stream = cache.recorded(self.decoded(epoch))
+                    items = of_epoch(stream, epoch, held)
+                for _, _, sample, why in items:
+                    if sample is None:
+                        skipped.add(*why)
+                        continue
                     drawn += 1
+                    if index >= per_epoch:  # past the epoch's last batch
+                        continue
                     pending.append(sample)
                     if len(pending) < spec.batch_size:
                         continue
@@ -111,13 +132,63 @@ class Ingest:
                         yield epoch, index, collate(pending, image_size=self.fmt.image_size, positives=spec.positives)
                     pending, index = [], index + 1
                     cursor.update(epoch=epoch, index=index)
-                    if index >= per_epoch:
-                        break
                 if not drawn:
                     raise RuntimeError(f"worker {self.share.rank} found no usable samples in its shards "
                                        f"({dict(skipped.reasons)})")
                 again = True
             epoch, skip = epoch + 1, 0
+
+
+class EpochCache:
+    """The decoded items of the shards a rank has read in whole epochs, kept while they fit in
+    `budget` bytes (then none are kept). An epoch is whole when the stream moves past it; every shard
+    of its order is then held, an empty or unreadable one with no items. An epoch whose shards are
+    all held is replayed in its own shard order. Off with fewer shards than workers (a rank's samples
+    then depend on the whole epoch's order) or a shard listed twice."""
+
+    def __init__(self, shards: ShardSet, share: WorkerShare, budget: int):
+        self.shards, self.share, self.budget = shards, share, budget
+        self.on = budget > 0 and len(set(shards.urls)) == len(shards.urls) >= share.world
+        self.held: dict[str, list] = {}  # shard URL -> its items, (sample, skip) in order
+        self.reading: dict[str, list] = {}  # the items of the epoch being read
+        self.size = 0  # bytes of the held and read samples' arrays
+
+    def holds(self, epoch: int) -> bool:
+        return self.on and all(url in self.held for url in worker_shards(self.shards.urls, self.share, epoch))
+
+    def replay(self, epoch: int):
+        for url in worker_shards(self.shards.urls, self.share, epoch):
+            for sample, skip in self.held[url]:
+                yield epoch, url, sample, skip
+
+    def recorded(self, stream):
+        """`stream` (epoch, url, sample, skip) as it is, with each whole epoch's shards kept."""
+        reading = None  # the epoch being read
+        for epoch, url, sample, skip in stream:
+            if epoch != reading:
+                self._whole(reading)
+                reading = epoch
+            if self.on:
+                self.reading.setdefault(url, []).append((sample, skip))
+                self.size += nbytes(sample)
+                if self.size > self.budget:
+                    self.on, self.held, self.reading, self.size = False, {}, {}, 0
+            yield epoch, url, sample, skip
+        self._whole(reading)
+
+    def _whole(self, epoch: int | None) -> None:
+        if self.on and epoch is not None:
+            for url in worker_shards(self.shards.urls, self.share, epoch):
+                self.size -= sum(nbytes(sample) for sample, _ in self.held.get(url, ()))
+                self.held[url] = self.reading.pop(url, [])
+        self.reading = {}
+
+
+def nbytes(sample: dict | None) -> int:
+    """Memory a decoded sample holds: its arrays and its caption (a skip holds none)."""
+    if sample is None:
+        return 0
+    return sum(v.nbytes if hasattr(v, "nbytes") else len(v) if isinstance(v, str) else 8 for v in sample.values())
 
 
 class DecodedChunks(IterableDataset):
@@ -145,11 +216,13 @@ class DecodedChunks(IterableDataset):
                     mine, number = (number % k == me), number + 1
                     chunk = Chunk(epoch) if mine else None
                 if chunk is not None:
+                    chunk.url = raw["__url__"]
                     s = check_sample(raw, source, ingest.fmt, chunk)
                     if s is not None:
                         # numpy crosses to the trainer inside the chunk's pickle; a tensor would take a
                         # shared memory segment of its own per sample
-                        chunk.samples.append({k: v.numpy() if torch.is_tensor(v) else v for k, v in s.items()})
+                        chunk.items.append((chunk.url, {k: v.numpy() if torch.is_tensor(v) else v
+                                                        for k, v in s.items()}, None))
             if chunk is not None:
                 yield self._tokenized(chunk)
             if number == begun:
@@ -158,9 +231,10 @@ class DecodedChunks(IterableDataset):
     def _tokenized(self, chunk: Chunk) -> Chunk:
         """The chunk with each sample's tokens [context], from one tokenizer call for the chunk."""
         tokenizer = self.ingest.tokenizer
-        if tokenizer is not None and chunk.samples:
-            tokens = tokenizer([s["text"] for s in chunk.samples]).numpy()  # [n, context]
-            for s, row in zip(chunk.samples, tokens):
+        samples = [s for _, s, _ in chunk.items if s is not None]
+        if tokenizer is not None and samples:
+            tokens = tokenizer([s["text"] for s in samples]).numpy()  # [n, context]
+            for s, row in zip(samples, tokens):
                 s["tokens"] = row
         return chunk
 
@@ -177,21 +251,21 @@ def _loader_init(_worker_id: int) -> None:
 
 
 def of_epoch(stream, epoch: int, held: list):
-    """The samples of `epoch` from a stream of (epoch, sample) that runs epoch after epoch; samples of
+    """The items of `epoch` from a stream of (epoch, ...) items that runs epoch after epoch; items of
     earlier epochs are passed over, and the first of a later one is kept in `held` for the next call."""
     if held:
-        (e, sample), = held
-        if e > epoch:
+        item, = held
+        if item[0] > epoch:
             return
         held.clear()
-        if e == epoch:
-            yield sample
-    for e, sample in stream:
-        if e > epoch:
-            held.append((e, sample))
+        if item[0] == epoch:
+            yield item
+    for item in stream:
+        if item[0] > epoch:
+            held.append(item)
             return
-        if e == epoch:
-            yield sample
+        if item[0] == epoch:
+            yield item
 
 
 def on_device(items, device: torch.device):

@@ -1,5 +1,6 @@
 """Training ingest with loader processes: the same batches, in the same order, for any number of
-them, and a resumed stream continues at the same sample."""
+them and whether an epoch is read or drawn from memory, and a resumed stream continues at the same
+sample."""
 
 import pytest
 import torch
@@ -52,24 +53,64 @@ def drawn(spec, urls, counts, rank, world, epoch, skip, steps):
     return got, dict(skipped.reasons)
 
 
+def spec_of(urls, tmp_path, loaders, cache_mb=1024):
+    return load_spec(TrainSpec, None, [f"data={urls[0]}", f"storage_path={tmp_path}", "batch_size=5",
+                                       f"loader_workers={loaders}", f"loader_cache_mb={cache_mb}"])
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_any_number_of_loader_processes_gives_the_same_batches_and_resume_continues_exactly(shards, tmp_path, world):
     urls, counts = shards
-    spec = lambda k: load_spec(TrainSpec, None, [f"data={urls[0]}", f"storage_path={tmp_path}",  # noqa: E731
-                                                 "batch_size=5", f"loader_workers={k}"])
-    steps = 30  # past the first epoch's end (18 steps, or 6 or 12 a rank)
-    reference, reasons = drawn(spec(0), urls, counts, 0, world, 0, 0, steps)
-    assert len({e for e, _, _ in reference}) >= 2 and reasons["corrupt_splats"] and reasons["empty_caption"]
+    steps = 45  # past the third epoch's end (18 steps, or 6 or 12 a rank)
+    reference, reasons = drawn(spec_of(urls, tmp_path, 0, cache_mb=0), urls, counts, 0, world, 0, 0, steps)
+    assert len({e for e, _, _ in reference}) >= 3 and reasons["corrupt_splats"] and reasons["empty_caption"]
     flat = [t for e, _, batch in reference if e == 0 for t in batch]
     assert len(set(flat)) == len(flat) >= 30  # no sample twice within an epoch
-    for k in (1, 3):  # (the skip counts differ: loaders read ahead, and count what they decode)
-        assert drawn(spec(k), urls, counts, 0, world, 0, 0, steps)[0] == reference
+    for k in (0, 1, 3):  # read every epoch, or drawn from memory once read: the same batches and skip counts
+        for cache_mb in (0, 1024):
+            assert drawn(spec_of(urls, tmp_path, k, cache_mb), urls, counts, 0, world, 0, 0, steps) == (reference, reasons)
     # a run restored at (epoch 0, batch 4) with another number of loader processes sees the same tail
-    resumed, _ = drawn(spec(2), urls, counts, 0, world, 0, 4, steps - 4)
+    resumed, _ = drawn(spec_of(urls, tmp_path, 2), urls, counts, 0, world, 0, 4, steps - 4)
     assert resumed == reference[4:]
     # the loaders run on into the next epoch: that epoch is the one a run starting there sees
     later = [b for b in reference if b[0] == 1]
-    assert drawn(spec(0), urls, counts, 0, world, 1, 0, len(later))[0] == later
+    assert drawn(spec_of(urls, tmp_path, 0), urls, counts, 0, world, 1, 0, len(later))[0] == later
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_an_epoch_whose_shards_are_held_is_drawn_without_reading_or_decoding_a_sample(shards, tmp_path, monkeypatch,
+                                                                                      world):
+    urls, counts = shards
+    checked = []  # (epoch of the batch being drawn, key) of every sample decoded
+    check = ingest.check_sample
+    monkeypatch.setattr(ingest, "check_sample", lambda raw, *a: checked.append(raw["__key__"]) or check(raw, *a))
+    per_epoch = [ingest.steps_per_epoch(ShardSet(tuple(urls), counts=counts), WorkerShare(0, world), e, 5)
+                 for e in range(8)]
+    steps = sum(per_epoch)
+
+    def decoded_by_epoch(cache_mb):
+        checked.clear()
+        data = Ingest(spec_of(urls, tmp_path, 0, cache_mb), ShardSet(tuple(urls), counts=counts),
+                      SampleFormat(encoder="splat", image_size=32), WorkerShare(0, world), number_tokens)
+        batches = data.batches((0, 0), Skipped())
+        seen = {}
+        for _ in range(steps):
+            before = len(checked)
+            e, _, batch = next(batches)
+            seen[e] = seen.get(e, 0) + len(checked) - before
+        return seen
+
+    read_always = decoded_by_epoch(0)
+    assert all(read_always[e] > 0 for e in range(1, 8))  # every epoch decodes its shards again
+    held = decoded_by_epoch(1024)
+    # one rank holds all 3 shards after its first epoch; one of 2 after the epochs that gave it each shard
+    first_whole = 1 if world == 1 else next(e for e in range(8) if {u for x in range(e) for u in
+                                                                    ingest.worker_shards(urls, WorkerShare(0, 2), x)}
+                                            == set(urls))
+    assert first_whole < 7 and all(held[e] == 0 for e in range(first_whole + 1, 8))
+    # samples of 0.1 MiB each outgrow the budget of 1 MiB: nothing is held, every epoch is read
+    monkeypatch.setattr(ingest, "nbytes", lambda sample: 100_000)
+    assert decoded_by_epoch(1) == read_always
 
 
 def test_an_epoch_with_fewer_samples_than_counted_takes_another_pass_over_its_own_order(shards, tmp_path):
