@@ -11,6 +11,9 @@ well the splats were fitted) with the digits' captions.
    tokenize, pad and collate batches of 64), with 0, 1 and 2 loader processes, at both Gaussian
    counts, and on the teacher-from-images path (each splat sample joined to its source digit, which
    is decoded for the teacher). Loader start-up is counted.
+   Then epochs after the first on the teacher-from-images path in the training process, with every
+   epoch read and decoded anew (`loader_cache_mb=0`) and with the default, which draws them from
+   the decoded samples held since the first epoch.
 2. The train job (Ray Train, one worker with 2 CPUs, the demo's splat encoder, batch 64, default
    loader processes) on the 400-Gaussian shards: contrastive (the splat path), and distillation from
    the source images (the teacher path). Each step's `data_wait_fraction` is read back from MLflow.
@@ -74,6 +77,22 @@ def ingest_rate(spec: TrainSpec, shards, sources, tokenizer, samples: int) -> fl
     return seen / (time.perf_counter() - start)
 
 
+def epoch_rates(spec: TrainSpec, shards, sources, tokenizer, epochs: int) -> list[float]:
+    """Samples/s of each of the first `epochs` epochs of `Ingest.batches`."""
+    data = ShardSet(tuple(shards), sources=dict(zip(shards, sources)))
+    data = dataclasses.replace(data, counts=count_samples(data))
+    fmt = SampleFormat(image_size=28, source_size=28)
+    batches = Ingest(spec, data, fmt, WorkerShare(), tokenizer).batches((0, 0), Skipped())
+    seconds, samples = [0.0] * epochs, [0] * epochs
+    while True:
+        began = time.perf_counter()
+        epoch, _, batch = next(batches)
+        if epoch >= epochs:
+            return [n / t for n, t in zip(samples, seconds)]
+        seconds[epoch] += time.perf_counter() - began
+        samples[epoch] += batch["params"].shape[0]
+
+
 def job_wait(root: Path, name: str, overrides: list[str]) -> tuple[list[float], list[float]]:
     """(data_wait_fraction, seconds) of every step of a train job, as it logged them to MLflow."""
     uri = f"sqlite:///{root}/mlflow.db"
@@ -110,6 +129,14 @@ def main():
             for k in (0, 1, 2):
                 spec = load_spec(TrainSpec, None, [f"data={shards[0]}", f"batch_size={BATCH}", f"loader_workers={k}"])
                 rates.append(ingest_rate(spec, shards, src, tokenizer, digits))
+            print(f"{label:<28} " + " ".join(f"{r:>10.0f}" for r in rates), flush=True)
+
+        print("\nepochs of the splats 400 + source images path in the training process (0 loaders), samples/s")
+        print(f"{'loader_cache_mb':<28} {'epoch 1':>10} {'epoch 2':>10} {'epoch 3':>10}")
+        for label, cache_mb in (("0 (every epoch read)", 0), ("1024 (the default)", 1024)):
+            spec = load_spec(TrainSpec, None, [f"data={sources[0]}", f"batch_size={BATCH}", "loader_workers=0",
+                                               f"loader_cache_mb={cache_mb}"])
+            rates = epoch_rates(spec, by_n[400], sources, tokenizer, 3)
             print(f"{label:<28} " + " ".join(f"{r:>10.0f}" for r in rates), flush=True)
 
         pattern = f"{{00000..{len(sources) - 1:05d}}}.tar"
