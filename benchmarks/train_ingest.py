@@ -66,11 +66,16 @@ def splat_shards(root: Path, sources: list[str], gaussians: int, seed: int) -> l
     return out
 
 
-def ingest_rate(spec: TrainSpec, shards, sources, tokenizer, samples: int) -> float:
+def ingest_batches(spec: TrainSpec, shards, sources, tokenizer):
+    """`Ingest.batches` of a rank that reads all the splat shards, joined to `sources` when given."""
     data = ShardSet(tuple(shards), sources=dict(zip(shards, sources)) if sources else None)
     data = dataclasses.replace(data, counts=count_samples(data))
     fmt = SampleFormat(image_size=28, source_size=28 if sources else None)
-    batches = Ingest(spec, data, fmt, WorkerShare(), tokenizer).batches((0, 0), Skipped())
+    return Ingest(spec, data, fmt, WorkerShare(), tokenizer).batches((0, 0), Skipped())
+
+
+def ingest_rate(spec: TrainSpec, shards, sources, tokenizer, samples: int) -> float:
+    batches = ingest_batches(spec, shards, sources, tokenizer)
     start, seen = time.perf_counter(), 0
     while seen < samples:
         seen += next(batches)[2]["params"].shape[0]
@@ -79,10 +84,7 @@ def ingest_rate(spec: TrainSpec, shards, sources, tokenizer, samples: int) -> fl
 
 def epoch_rates(spec: TrainSpec, shards, sources, tokenizer, epochs: int) -> list[float]:
     """Samples/s of each of the first `epochs` epochs of `Ingest.batches`."""
-    data = ShardSet(tuple(shards), sources=dict(zip(shards, sources)))
-    data = dataclasses.replace(data, counts=count_samples(data))
-    fmt = SampleFormat(image_size=28, source_size=28)
-    batches = Ingest(spec, data, fmt, WorkerShare(), tokenizer).batches((0, 0), Skipped())
+    batches = ingest_batches(spec, shards, sources, tokenizer)
     seconds, samples = [0.0] * epochs, [0] * epochs
     while True:
         began = time.perf_counter()

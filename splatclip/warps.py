@@ -170,15 +170,18 @@ def level_splats(params: torch.Tensor, mask: torch.Tensor | None = None, chunk: 
         quad = (d * dx * dx - 2 * h * dx * dy + a * dy * dy) / det
         pair = torch.exp(-0.5 * quad) / (2 * math.pi * det.sqrt())
         square = square + torch.einsum("bi,bij,bj->b", w[:, i], pair, w)
-    total = w.sum(1)  # [b]: the integral of I
-    return torch.where(total > 1e-12, square / total.clamp_min(1e-12), torch.zeros_like(total))
+    return per_ink(square, w.sum(1))  # w.sum: the integral of I
 
 
 def level_images(images: torch.Tensor) -> torch.Tensor:
     """images [b, C, H, W] -> the same level [b] of the mean over channels, summed over the pixels."""
     m = images.mean(1)  # [b, H, W]
-    total = m.sum((1, 2))
-    return torch.where(total > 1e-12, (m * m).sum((1, 2)) / total.clamp_min(1e-12), torch.zeros_like(total))
+    return per_ink((m * m).sum((1, 2)), m.sum((1, 2)))
+
+
+def per_ink(square: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """The level [b] from the integrals of I^2 and of I [b]: their ratio, 0 where there is no ink."""
+    return torch.where(total > 1e-12, square / total.clamp_min(1e-12), torch.zeros_like(total))
 
 
 def level_gain(level: torch.Tensor, target: float) -> torch.Tensor:
