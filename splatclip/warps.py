@@ -8,6 +8,10 @@ A splat image is a sum of Gaussians, so some image transforms have an exact form
 - a blur by an isotropic Gaussian of s pixels: Sigma + s^2 I, the color scaled by
   sqrt(det Sigma / det(Sigma + s^2 I)) (a Gaussian convolved with a normalized Gaussian);
 - a gain per channel: the colors scaled (the renderer is linear in them);
+- a smooth bend of the plane, p -> p + d(p) with d a sum of a few long sine waves (`bend_splats`,
+  how one writer's digit differs from another's): each mean moves by d, each covariance becomes
+  J Sigma J^T with J = I + dd/dp at its mean. Exact to first order: the bend is linearized across
+  each Gaussian, which is small beside the waves' length (a side of the image or more);
 - moving and scaling an image so its ink is centered with a given spread along its major axis, and
   undoing its slant (`canonical_splats`): the ink's centroid and second moments are sums over the
   Gaussians (each one's mass is its mean color times 2 pi |l11 l22|), so no render is needed to find
@@ -43,15 +47,20 @@ def warp_splats(params: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch
     """params [b, N, 8] -> the splats of the image warped by p -> A (p - 0.5) + 0.5 + t (normalized)."""
     mean = params[..., 0:2] - 0.5  # [b, N, 2]
     moved = torch.einsum("bij,bnj->bni", A, mean) + 0.5 + t[:, None, :]
+    return torch.cat([moved, transform_factor(params, A[:, None]), params[..., 5:8]], -1)
+
+
+def transform_factor(params: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """params [b, N, 8], a [b, N or 1, 2, 2] -> the Cholesky factor (l11, l21, l22) [b, N, 3] of each
+    covariance mapped by its a: a Sigma a^T."""
     l11, l21, l22 = params[..., 2], params[..., 3], params[..., 4]  # [b, N] each
-    a = A[:, None]  # [b, 1, 2, 2]
-    # M = A L, L = [[l11, 0], [l21, l22]]; the new factor is the Cholesky factor of M M^T
+    # M = a L, L = [[l11, 0], [l21, l22]]; the new factor is the Cholesky factor of M M^T
     m11, m12 = a[..., 0, 0] * l11 + a[..., 0, 1] * l21, a[..., 0, 1] * l22
     m21, m22 = a[..., 1, 0] * l11 + a[..., 1, 1] * l21, a[..., 1, 1] * l22
     n11 = torch.sqrt(m11 * m11 + m12 * m12)
     n21 = (m21 * m11 + m22 * m12) / n11
     n22 = torch.abs(m11 * m22 - m12 * m21) / n11
-    return torch.cat([moved, torch.stack([n11, n21, n22], -1), params[..., 5:8]], -1)
+    return torch.stack([n11, n21, n22], -1)
 
 
 def warp_images(images: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -60,6 +69,40 @@ def warp_images(images: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch
     # grid_sample's coordinates are u = 2p - 1 (align_corners=False): output u' reads input A^-1 (u' - 2t)
     theta = torch.cat([inv, -2 * torch.einsum("bij,bj->bi", inv, t)[..., None]], -1)  # [b, 2, 3]
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def bend(p: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor):
+    """The bend d(p) = sum_k amp_k sin(2 pi freq_k . p + phase_k) at points p [b, M, 2] (normalized),
+    with amp [b, K, 2], freq [b, K, 2] (cycles per side), phase [b, K]: (d [b, M, 2], its Jacobian
+    dd/dp [b, M, 2, 2])."""
+    angle = 2 * math.pi * torch.einsum("bmj,bkj->bmk", p, freq) + phase[:, None, :]  # [b, M, K]
+    d = torch.einsum("bmk,bki->bmi", torch.sin(angle), amp)
+    jac = torch.einsum("bmk,bki,bkj->bmij", torch.cos(angle), amp, 2 * math.pi * freq)
+    return d, jac
+
+
+def bend_splats(params: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """params [b, N, 8] -> the splats of the image bent by p -> p + d(p) (`bend`), each Gaussian
+    mapped by the bend's linearization at its mean."""
+    d, jac = bend(params[..., 0:2], amp, freq, phase)  # [b, N, 2], [b, N, 2, 2]
+    a = jac + torch.eye(2, dtype=params.dtype, device=params.device)
+    return torch.cat([params[..., 0:2] + d, transform_factor(params, a), params[..., 5:8]], -1)
+
+
+def bend_images(images: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor,
+                rounds: int = 6) -> torch.Tensor:
+    """images [b, C, H, W] -> bent by the same map as `bend_splats` (bilinear; black outside): the
+    output at y reads the input at the x with x + d(x) = y, found by fixed-point rounds x <- y - d(x),
+    which converge while the bend's slope stays under 1 (`Augment.bend` keeps it near 0.3)."""
+    b, _, h, w = images.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=images.dtype, device=images.device),
+                            torch.arange(w, dtype=images.dtype, device=images.device), indexing="ij")
+    y = torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1).reshape(1, h * w, 2).expand(b, -1, -1)  # [b, HW, 2]
+    x = y
+    for _ in range(rounds):
+        x = y - bend(x, amp, freq, phase)[0]
+    grid = (2 * x - 1).reshape(b, h, w, 2)  # grid_sample's coordinates, align_corners=False
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

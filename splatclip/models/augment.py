@@ -3,8 +3,8 @@ encoder, exactly on splats for the splat encoder (`splatclip.warps`), and on bot
 frozen teacher embeds the source image of each splat sample, so that student and teacher see one
 transformed image (docs/method.md, 'Augmentation in splat space').
 
-Each sample draws its own rotation, zoom, shift, blur and gain (and, for images only, a change of
-stroke width) from torch's generator, which the train loop seeds and checkpoints; and, for a model
+Each sample draws its own rotation, zoom, shift, blur and gain, a smooth bend of its shape (exact on
+splats to first order), and, for images only, a change of stroke width, from torch's generator, which the train loop seeds and checkpoints; and, for a model
 that frames its input by its ink, a zoom after that framing (`reframe`), which the model applies.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from splatclip.warps import blur_images, blur_splats, gain_splats, warp_images, warp_splats
+from splatclip.warps import bend_images, bend_splats, blur_images, blur_splats, gain_splats, warp_images, warp_splats
 
 
 class Augment(BaseModel):
@@ -38,6 +38,10 @@ class Augment(BaseModel):
                            "further zoom by up to this factor either way (log-uniform), so that ink the framing "
                            "sizes otherwise (compact typeset glyphs, wide writing) is still read. Exact on splats; "
                            "needs model.canonical_spread.")
+    bend: float = Field(0.0, ge=0, le=0.12, description="Largest bend of the shape: a smooth displacement of "
+                        "the plane (a sum of 4 sine waves, 1 to 2 sides long), its root-mean-square size a fraction of "
+                        "the image's side (uniform from 0; 0.05 is 1.4 pixels of a 28-pixel digit, the size of the "
+                        "elastic distortions used for handwriting). How one writer's digit differs from another's.")
     share: float = Field(1.0, ge=0, le=1, description="The share of samples transformed; the others pass as they are.")
 
     @model_validator(mode="after")
@@ -52,8 +56,9 @@ class Augment(BaseModel):
 @dataclass
 class Draw:
     """One batch's transforms: A [b, 2, 2] and t [b, 2] (normalized coordinates), blur sigma [b] and
-    stroke radius [b] as fractions of the side, gain [b, 3], and the zoom after the model's framing
-    [b] (`GSCLIP.view`; the model applies it, not `augment_images`/`augment_splats`)."""
+    stroke radius [b] as fractions of the side, gain [b, 3], the zoom after the model's framing [b]
+    (`GSCLIP.view`; the model applies it, not `augment_images`/`augment_splats`), and the bend's waves
+    (`warps.bend`: amplitudes [b, K, 2], frequencies [b, K, 2], phases [b, K]; None without a bend)."""
 
     A: torch.Tensor
     t: torch.Tensor
@@ -61,6 +66,11 @@ class Draw:
     gain: torch.Tensor
     stroke: torch.Tensor
     reframe: torch.Tensor
+    bend: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+BEND_WAVES = 4  # sine waves in a bend
+BEND_CYCLES = (0.5, 1.0)  # their frequencies, cycles per side: waves 1 to 2 sides long
 
 
 def draw(settings: Augment, b: int, device=None) -> Draw:
@@ -80,7 +90,16 @@ def draw(settings: Augment, b: int, device=None) -> Draw:
     reframe = torch.exp(uniform(-math.log(settings.reframe), math.log(settings.reframe))) if settings.reframe > 1 \
         else torch.ones(b)
     A[kept], t[kept], sigma[kept], gain[kept], stroke[kept], reframe[kept] = torch.eye(2), 0.0, 0.0, 1.0, 0.0, 1.0
-    return Draw(*(x.to(device) for x in (A, t, sigma, gain, stroke, reframe)))
+    bend = None
+    if settings.bend > 0:  # after the reframe, for the same reason
+        size = uniform(0, settings.bend)  # [b]: the bend's root-mean-square displacement
+        size[kept] = 0.0
+        amp = torch.randn(b, BEND_WAVES, 2) * (size / math.sqrt(BEND_WAVES))[:, None, None]  # E|d|^2 = size^2
+        direction = uniform(0, 2 * math.pi, BEND_WAVES)  # [b, K]
+        cycles = uniform(*BEND_CYCLES, BEND_WAVES)
+        freq = torch.stack([torch.cos(direction), torch.sin(direction)], -1) * cycles[..., None]  # [b, K, 2]
+        bend = tuple(x.to(device) for x in (amp, freq, uniform(0, 2 * math.pi, BEND_WAVES)))
+    return Draw(*(x.to(device) for x in (A, t, sigma, gain, stroke, reframe)), bend)
 
 
 def max_filter(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -107,14 +126,19 @@ def stroke_width(images: torch.Tensor, half_px: torch.Tensor) -> torch.Tensor:
 
 
 def augment_images(images: torch.Tensor, d: Draw) -> torch.Tensor:
-    """images [b, C, S, S] in [0, 1] -> stroke width, then warp, blur and gain (as on splats)."""
+    """images [b, C, S, S] in [0, 1] -> stroke width, then bend, warp, blur and gain (as on splats)."""
     side = images.shape[-1]
     images = stroke_width(images, torch.round(d.stroke * side * 2).long())
+    if d.bend is not None:
+        images = bend_images(images, *d.bend)
     images = blur_images(warp_images(images, d.A, d.t), d.sigma * side)
     return images * d.gain[:, :, None, None]
 
 
 def augment_splats(params: torch.Tensor, d: Draw) -> torch.Tensor:
-    """params [b, N, 8] -> warp, blur and gain, exactly (stroke width is not drawn for splats)."""
+    """params [b, N, 8] -> bend (to first order), warp, blur and gain, exactly (stroke width is not
+    drawn for splats)."""
+    if d.bend is not None:
+        params = bend_splats(params, *d.bend)
     params = blur_splats(warp_splats(params, d.A, d.t), d.sigma, 1, 1)  # sigma in normalized units
     return gain_splats(params, d.gain)

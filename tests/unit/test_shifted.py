@@ -27,6 +27,8 @@ def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
         assert 0 < change[0] < change[1] < change[2], (kind, change)
     thick, thin = (sum(pixels(s).sum() for s in shifted.shifted_digits(k, 2, limit=20)) for k in ("thicker", "thinner"))
     assert thick > 1.3 * ink and thin < 0.8 * ink
+    bent = sum(pixels(s).sum() for s in shifted.shifted_digits("bent", 3, limit=20))
+    assert 0.85 * ink < bent < 1.15 * ink  # the shape moves, the ink stays
     assert shifted.shifted_digits("rotated", 2, limit=5) == shifted.shifted_digits("rotated", 2, limit=5)
     with pytest.raises(ValueError, match="no shifted set"):
         shifted.shifted_digits("sheared", 1)

@@ -10,7 +10,7 @@ from splatclip.cuda.dense import render_dense
 from splatclip.models.augment import Augment, augment_images, augment_splats, draw, stroke_width
 from splatclip.models.gsclip import from_open_clip
 from splatclip.platform.specs import ModelSpec
-from splatclip.warps import (affine_normalized, blur_images, blur_splats, canonical_images, canonical_splats, gain_splats,
+from splatclip.warps import (affine_normalized, bend, bend_images, bend_splats, blur_images, blur_splats, canonical_images, canonical_splats, gain_splats,
                              level_gain, level_images, level_splats, major_spread, moments_images, moments_splats,
                              warp_images, warp_splats)
 
@@ -60,6 +60,53 @@ def test_the_identity_and_a_quarter_turn_are_exact_on_the_parameters():
     torch.testing.assert_close(flipped, render_dense(p, 32, 32).flip(-1, -2), atol=1e-5, rtol=0)
 
 
+def bent(b, size, seed=4):
+    """b random bends (`Augment.bend`'s waves) of root-mean-square size `size`, a fraction of the side."""
+    torch.manual_seed(seed)
+    amp, freq, phase = draw(Augment(bend=0.12), b).bend
+    return amp / amp.square().sum((1, 2), keepdim=True).mul(0.5).sqrt() * size, freq, phase
+
+
+def test_the_bend_is_its_waves_and_its_jacobian_their_slope():
+    amp, freq, phase = bent(3, 0.05)
+    p = torch.rand(3, 7, 2, dtype=torch.float64)
+    d, jac = bend(p, amp.double(), freq.double(), phase.double())
+    rms = torch.sqrt(bend(torch.rand(3, 4000, 2), amp, freq, phase)[0].square().sum(-1).mean(1))  # [3]
+    torch.testing.assert_close(rms, torch.full((3,), 0.05), atol=0.015, rtol=0)
+    for j in range(2):
+        step = torch.zeros(2, dtype=torch.float64)
+        step[j] = 1e-6
+        ahead, behind = bend(p + step, amp.double(), freq.double(), phase.double())[0], bend(p - step, amp.double(),
+                                                                                             freq.double(), phase.double())[0]
+        torch.testing.assert_close(jac[..., j], (ahead - behind) / 2e-6, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("h,w", [(48, 48), (40, 56)])
+def test_bent_splats_render_as_the_bent_render(h, w):
+    p = splats(8, 20, h, w, seed=3)
+    waves = bent(8, 0.04)
+    exact = render_dense(bend_splats(p, *waves), h, w)
+    resampled = bend_images(render_dense(p, h, w), *waves)
+    err = (exact - resampled).abs()
+    assert err.mean() < 4e-3 * exact.amax()  # bilinear resampling and the bend's linearization across each Gaussian
+    # moving the means alone is further off, and leaving the splats as they were further still
+    means_only = render_dense(torch.cat([bend_splats(p, *waves)[..., :2], p[..., 2:]], -1), h, w)
+    assert (means_only - resampled).abs().mean() > 2 * err.mean()
+    assert (render_dense(p, h, w) - resampled).abs().mean() > 5 * err.mean()
+    # the linearization's error shrinks with the bend: at a quarter of it, the images agree 3x closer
+    small = [w_ / 4 if i == 0 else w_ for i, w_ in enumerate(waves)]
+    err_small = (render_dense(bend_splats(p, *small), h, w) - bend_images(render_dense(p, h, w), *small)).abs()
+    assert err_small.mean() < err.mean() / 3
+
+
+def test_a_bend_of_nothing_leaves_splats_and_images_as_they_are():
+    p = splats(2, 6, 32, 32)
+    amp, freq, phase = bent(2, 0.05)
+    torch.testing.assert_close(bend_splats(p, amp * 0, freq, phase), p)
+    image = render_dense(p, 32, 32)
+    torch.testing.assert_close(bend_images(image, amp * 0, freq, phase), image, atol=1e-6, rtol=0)
+
+
 def test_blurred_splats_render_as_the_blurred_render():
     h = w = 48
     p = splats(6, 20, h, w, seed=3)
@@ -88,6 +135,10 @@ def test_augmenting_splats_and_images_with_one_draw_keeps_them_one_image():
     resampled = augment_images(render_dense(p, h, w), d)
     assert (exact - resampled).abs().mean() < 3e-3 * exact.amax()
     assert (exact - render_dense(p, h, w)).abs().mean() > 10 * (exact - resampled).abs().mean()  # it did change
+    torch.manual_seed(0)
+    d = draw(settings.model_copy(update={"bend": 0.05}), 6)  # a bend too: to first order
+    exact = render_dense(augment_splats(p, d), h, w)
+    assert (exact - augment_images(render_dense(p, h, w), d)).abs().mean() < 5e-3 * exact.amax()
     # the defaults transform nothing, nor does a share of 0; a share of 1/2 about half the samples
     for plain in (draw(Augment(), 6), draw(settings.model_copy(update={"share": 0.0}), 6)):
         torch.testing.assert_close(augment_splats(p, plain), p)
@@ -104,9 +155,14 @@ def test_a_reframe_is_drawn_in_its_range_and_leaves_the_other_draws_as_they_were
     zoomed = draw(settings.model_copy(update={"reframe": 1.4}), 400)
     for name in ("A", "t", "sigma", "gain", "stroke"):  # drawn last: a recipe without it draws as before
         torch.testing.assert_close(getattr(zoomed, name), getattr(plain, name))
+    torch.manual_seed(3)
+    bent_too = draw(settings.model_copy(update={"reframe": 1.4, "bend": 0.05}), 400)  # and the bend after it
+    for name in ("A", "t", "sigma", "gain", "stroke", "reframe"):
+        torch.testing.assert_close(getattr(bent_too, name), getattr(zoomed, name))
     assert (plain.reframe == 1).all()
     kept = (plain.A == torch.eye(2)).all(-1).all(-1)  # [400]: the samples the share passes as they are
     assert (zoomed.reframe[kept] == 1).all() and (zoomed.reframe[~kept] != 1).all()
+    assert plain.bend is None and (bent_too.bend[0][kept] == 0).all() and (bent_too.bend[0][~kept] != 0).all()
     z = zoomed.reframe[~kept]
     assert (z >= 1 / 1.4).all() and (z <= 1.4).all() and (z < 1).sum() > 0.3 * len(z) and (z > 1).sum() > 0.3 * len(z)
 
