@@ -8,8 +8,9 @@ Each seed trains the demo's recipe (examples/demo: teacher, fits, students) in R
 teacher and the students seeded S; the data and the fits do not depend on the seed, so seed 0's are
 copied to the others, and the fit jobs find them committed. Every test set is fitted and evaluated
 at both points: the held-out digits, scikit-learn's, the typeset ones (`splatclip.shifted.printed_digits`)
-and the held-out digits under each of `splatclip.shifted`'s shifts at severities 1-3 (the last,
-`combined`, a pen, a size, a rotation and a shift at once). The table gives
+and the held-out digits under each of `splatclip.shifted`'s shifts at severities 1-3 (among them
+`combined`, a pen, a size, a rotation and a shift at once, and `bent`, an elastic distortion of the
+shape, as another writer's hand). The table gives
 mean +- sd of zero-shot top-1 over the seeds; ROOT/alignment.png plots accuracy against severity for
 each shift (RGB and both points). The worst shifted set is the one where the teacher's mean is
 lowest (everything but the held-out digits is a shifted set). Last line:

@@ -94,7 +94,8 @@ def bend_images(images: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, pha
                 rounds: int = 6) -> torch.Tensor:
     """images [b, C, H, W] -> bent by the same map as `bend_splats` (bilinear; black outside): the
     output at y reads the input at the x with x + d(x) = y, found by fixed-point rounds x <- y - d(x),
-    which converge while the bend's slope stays under 1 (`Augment.bend` keeps it near 0.3)."""
+    which converge where the bend's slope is under 1 (at `Augment.bend`'s largest, 0.1, a sample's
+    steepest slope has a median of 0.32 and passes 1 in about 1% of samples)."""
     b, _, h, w = images.shape
     ys, xs = torch.meshgrid(torch.arange(h, dtype=images.dtype, device=images.device),
                             torch.arange(w, dtype=images.dtype, device=images.device), indexing="ij")

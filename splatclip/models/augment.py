@@ -4,8 +4,9 @@ frozen teacher embeds the source image of each splat sample, so that student and
 transformed image (docs/method.md, 'Augmentation in splat space').
 
 Each sample draws its own rotation, zoom, shift, blur and gain, a smooth bend of its shape (exact on
-splats to first order), and, for images only, a change of stroke width, from torch's generator, which the train loop seeds and checkpoints; and, for a model
-that frames its input by its ink, a zoom after that framing (`reframe`), which the model applies.
+splats to first order), and, for images only, a change of stroke width, from torch's generator,
+which the train loop seeds and checkpoints; and, for a model that frames its input by its ink, a
+zoom after that framing (`reframe`), which the model applies.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ class Augment(BaseModel):
                            "further zoom by up to this factor either way (log-uniform), so that ink the framing "
                            "sizes otherwise (compact typeset glyphs, wide writing) is still read. Exact on splats; "
                            "needs model.canonical_spread.")
-    bend: float = Field(0.0, ge=0, le=0.12, description="Largest bend of the shape: a smooth displacement of "
+    bend: float = Field(0.0, ge=0, le=0.1, description="Largest bend of the shape: a smooth displacement of "
                         "the plane (a sum of 4 sine waves, 1 to 2 sides long), its root-mean-square size a fraction of "
-                        "the image's side (uniform from 0; 0.05 is 1.4 pixels of a 28-pixel digit, the size of the "
-                        "elastic distortions used for handwriting). How one writer's digit differs from another's.")
+                        "the image's side (uniform from 0; 0.05 is 1.4 pixels of a 28-pixel digit). How one "
+                        "writer's digit differs from another's. Exact on splats to first order (docs/method.md).")
     share: float = Field(1.0, ge=0, le=1, description="The share of samples transformed; the others pass as they are.")
 
     @model_validator(mode="after")

@@ -63,7 +63,7 @@ def test_the_identity_and_a_quarter_turn_are_exact_on_the_parameters():
 def bent(b, size, seed=4):
     """b random bends (`Augment.bend`'s waves) of root-mean-square size `size`, a fraction of the side."""
     torch.manual_seed(seed)
-    amp, freq, phase = draw(Augment(bend=0.12), b).bend
+    amp, freq, phase = draw(Augment(bend=0.1), b).bend
     return amp / amp.square().sum((1, 2), keepdim=True).mul(0.5).sqrt() * size, freq, phase
 
 
