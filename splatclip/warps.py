@@ -34,6 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from splatclip.cuda.contract import pixel_centers
+
 
 def affine_normalized(A_pix: torch.Tensor, t_pix: torch.Tensor, height: int, width: int):
     """A map in pixels (A_pix [b, 2, 2] about the image center, t_pix [b, 2] in pixels, x then y)
@@ -72,22 +74,29 @@ def warp_images(images: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def bend(p: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor):
-    """The bend d(p) = sum_k amp_k sin(2 pi freq_k . p + phase_k) at points p [b, M, 2] (normalized),
-    with amp [b, K, 2], freq [b, K, 2] (cycles per side), phase [b, K]: (d [b, M, 2], its Jacobian
-    dd/dp [b, M, 2, 2])."""
-    angle = 2 * math.pi * torch.einsum("bmj,bkj->bmk", p, freq) + phase[:, None, :]  # [b, M, K]
-    d = torch.einsum("bmk,bki->bmi", torch.sin(angle), amp)
-    jac = torch.einsum("bmk,bki,bkj->bmij", torch.cos(angle), amp, 2 * math.pi * freq)
-    return d, jac
+def bend_phase(p: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """Each wave's phase 2 pi freq_k . p + phase_k [b, M, K] at points p [b, M, 2] (normalized), with
+    freq [b, K, 2] (cycles per side) and phase [b, K]."""
+    return 2 * math.pi * torch.einsum("bmj,bkj->bmk", p, freq) + phase[:, None, :]
+
+
+def bend(p: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """The bend d(p) = sum_k amp_k sin(2 pi freq_k . p + phase_k) [b, M, 2] at points p [b, M, 2], with
+    amp [b, K, 2] (`bend_phase` for the rest)."""
+    return torch.einsum("bmk,bki->bmi", torch.sin(bend_phase(p, freq, phase)), amp)
+
+
+def bend_jacobian(p: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """The bend's Jacobian dd/dp [b, M, 2, 2] at points p [b, M, 2] (arguments as `bend`'s)."""
+    return torch.einsum("bmk,bki,bkj->bmij", torch.cos(bend_phase(p, freq, phase)), amp, 2 * math.pi * freq)
 
 
 def bend_splats(params: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """params [b, N, 8] -> the splats of the image bent by p -> p + d(p) (`bend`), each Gaussian
     mapped by the bend's linearization at its mean."""
-    d, jac = bend(params[..., 0:2], amp, freq, phase)  # [b, N, 2], [b, N, 2, 2]
-    a = jac + torch.eye(2, dtype=params.dtype, device=params.device)
-    return torch.cat([params[..., 0:2] + d, transform_factor(params, a), params[..., 5:8]], -1)
+    mean = params[..., 0:2]  # [b, N, 2]
+    a = bend_jacobian(mean, amp, freq, phase) + torch.eye(2, dtype=params.dtype, device=params.device)  # [b, N, 2, 2]
+    return torch.cat([mean + bend(mean, amp, freq, phase), transform_factor(params, a), params[..., 5:8]], -1)
 
 
 def bend_images(images: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, phase: torch.Tensor,
@@ -97,12 +106,11 @@ def bend_images(images: torch.Tensor, amp: torch.Tensor, freq: torch.Tensor, pha
     which converge where the bend's slope is under 1 (at `Augment.bend`'s largest, 0.1, a sample's
     steepest slope has a median of 0.32 and passes 1 in about 1% of samples)."""
     b, _, h, w = images.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=images.dtype, device=images.device),
-                            torch.arange(w, dtype=images.dtype, device=images.device), indexing="ij")
-    y = torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1).reshape(1, h * w, 2).expand(b, -1, -1)  # [b, HW, 2]
+    ys, xs = torch.meshgrid(*pixel_centers(h, w, images.dtype, images.device), indexing="ij")
+    y = torch.stack([xs, ys], -1).reshape(1, h * w, 2).expand(b, -1, -1)  # [b, HW, 2]
     x = y
     for _ in range(rounds):
-        x = y - bend(x, amp, freq, phase)[0]
+        x = y - bend(x, amp, freq, phase)
     grid = (2 * x - 1).reshape(b, h, w, 2)  # grid_sample's coordinates, align_corners=False
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -182,8 +190,7 @@ def moments_images(images: torch.Tensor):
     """images [b, C, H, W] -> the same moments of the mean over channels, each pixel's ink at its center."""
     h, w = images.shape[-2:]
     m = images.mean(1)  # [b, H, W]
-    ys = (torch.arange(h, dtype=images.dtype, device=images.device) + 0.5) / h
-    xs = (torch.arange(w, dtype=images.dtype, device=images.device) + 0.5) / w
+    ys, xs = pixel_centers(h, w, images.dtype, images.device)
     total = m.sum((1, 2))
     safe = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
     cx, cy = (m * xs).sum((1, 2)) / safe, (m * ys[:, None]).sum((1, 2)) / safe

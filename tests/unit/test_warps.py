@@ -10,7 +10,7 @@ from splatclip.cuda.dense import render_dense
 from splatclip.models.augment import Augment, augment_images, augment_splats, draw, stroke_width
 from splatclip.models.gsclip import from_open_clip
 from splatclip.platform.specs import ModelSpec
-from splatclip.warps import (affine_normalized, bend, bend_images, bend_splats, blur_images, blur_splats, canonical_images, canonical_splats, gain_splats,
+from splatclip.warps import (affine_normalized, bend, bend_images, bend_jacobian, bend_splats, blur_images, blur_splats, canonical_images, canonical_splats, gain_splats,
                              level_gain, level_images, level_splats, major_spread, moments_images, moments_splats,
                              warp_images, warp_splats)
 
@@ -70,14 +70,14 @@ def bent(b, size, seed=4):
 def test_the_bend_is_its_waves_and_its_jacobian_their_slope():
     amp, freq, phase = bent(3, 0.05)
     p = torch.rand(3, 7, 2, dtype=torch.float64)
-    d, jac = bend(p, amp.double(), freq.double(), phase.double())
-    rms = torch.sqrt(bend(torch.rand(3, 4000, 2), amp, freq, phase)[0].square().sum(-1).mean(1))  # [3]
+    waves = amp.double(), freq.double(), phase.double()
+    jac = bend_jacobian(p, *waves)
+    rms = torch.sqrt(bend(torch.rand(3, 4000, 2), amp, freq, phase).square().sum(-1).mean(1))  # [3]
     torch.testing.assert_close(rms, torch.full((3,), 0.05), atol=0.015, rtol=0)
     for j in range(2):
         step = torch.zeros(2, dtype=torch.float64)
         step[j] = 1e-6
-        ahead, behind = bend(p + step, amp.double(), freq.double(), phase.double())[0], bend(p - step, amp.double(),
-                                                                                             freq.double(), phase.double())[0]
+        ahead, behind = bend(p + step, *waves), bend(p - step, *waves)
         torch.testing.assert_close(jac[..., j], (ahead - behind) / 2e-6, atol=1e-6, rtol=1e-6)
 
 
