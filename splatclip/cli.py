@@ -94,6 +94,7 @@ def cmd_fit(args) -> int:
             prune_tau=args.prune_tau,
             target_psnr=args.target_psnr,
             target_snr=args.target_snr,
+            prefilter=args.prefilter,
             coarse=args.coarse,
             backend=args.backend,
             init=args.init,
@@ -171,8 +172,8 @@ def cmd_send(args) -> int:
     from splatclip.serve.client import describe, encoded_sizes, post
 
     try:
-        cfg = FitParams(gaussians=args.gaussians, iterations=args.iterations, size=args.size,
-                        target_psnr=args.target_psnr, target_snr=args.target_snr)
+        cfg = FitParams(gaussians=args.gaussians, iterations=args.iterations, size=args.size, init=args.init,
+                        prefilter=args.prefilter, target_psnr=args.target_psnr, target_snr=args.target_snr)
     except Exception as err:  # pydantic names the field
         print(f"splatclip send: {err}", file=sys.stderr)
         return 2
@@ -236,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--init", choices=["structured", "random"], default="structured")
+    p.add_argument("--init", choices=["structured", "ink", "random"], default="structured",
+                   help="ink: the grid over the box of an image's ink on black (digits, drawings)")
+    p.add_argument("--prefilter", type=float, default=0.0, help="fit each image blurred by this share of its grid's "
+                   "square (fit.prefilter; the metrics stay against the image)")
     p.add_argument("--prune-tau", type=float, default=0.0)
     p.add_argument("--target-psnr", type=float, help="stop each image at this PSNR (dB); --iterations is a ceiling")
     p.add_argument("--target-snr", type=float, help="stop each image once its error is this many dB under its own "
@@ -257,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-psnr", type=float, help="stop fitting at this PSNR (dB); --iterations is a ceiling")
     p.add_argument("--target-snr", type=float, help="stop fitting once the error is this many dB under the image's "
                    "own signal (with --target-psnr: once it reaches both)")
+    p.add_argument("--init", choices=["structured", "ink", "random"], default="structured")
+    p.add_argument("--prefilter", type=float, default=0.0, help="fit each image blurred by this share of its grid's "
+                   "square; fit as the encoder's training digits were (the demo's: --init ink --prefilter 0.018 "
+                   "--iterations 100 --target-psnr 27.5 --target-snr 20)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
     p.set_defaults(func=cmd_send)
 

@@ -7,7 +7,8 @@ how a model holds up under a change of source (docs/method.md, 'Shifted test set
   source that differs in pen and framing together would; or `bent`, the shape distorted by a
   random smooth field (the elastic distortion used to mimic other writers' hands: uniform noise
   smoothed by a Gaussian of 4 pixels, Simard et al. 2003), its root-mean-square displacement 1,
-  1.75 or 2.5 pixels;
+  1.75 or 2.5 pixels; or `filled`, cut to the ink and scaled to fill 23, 25 or 27 of the 28 pixels,
+  framed by that box (a scan normalized to its ink's box, with an image library's bicubic resize);
 - `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
   STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
   placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
@@ -37,12 +38,13 @@ SEVERITY = {
     "smaller": (0.8, 0.65, 0.5),  # zoom about the center
     "blurred": (0.6, 1.0, 1.4),  # Gaussian sigma
     "bent": (1.0, 1.75, 2.5),  # root-mean-square displacement of the elastic field
+    "filled": (23, 25, 27),  # the ink's longer side, pixels (MNIST's box: 20)
 }
 ELASTIC_SMOOTHING = 4.0  # pixels: the Gaussian that smooths the elastic field's noise
 # combined: a pen (thicker or thinner, at random), then smaller, rotated and shifted, each at the severity
 COMBINED = ("smaller", "rotated", "shifted")
 # a kind's place here seeds its draws, so new kinds go last and the older sets stay as they were
-SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent")
+SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent", "filled")
 # matplotlib's fonts with Latin digits: the families and their weights and slants
 FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
          for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
@@ -71,6 +73,8 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
         x = ndimage.shift(x, (amount * math.sin(angle), amount * math.cos(angle)), order=1)
     elif kind == "smaller":
         return zoom(image, amount)
+    elif kind == "filled":
+        return boxed(image, amount, Image.Resampling.BICUBIC).astype(np.uint8)  # an 8-bit resize: in range
     elif kind == "bent":
         field = ndimage.gaussian_filter(rng.uniform(-1, 1, (2, *x.shape)), (0, ELASTIC_SMOOTHING, ELASTIC_SMOOTHING))
         field *= amount / np.sqrt((field**2).sum(0).mean())  # [2, H, W]: (dy, dx), scaled to its size
@@ -94,18 +98,25 @@ def shifted_digits(kind: str, severity: int, limit: int | None = None, seed: int
     return out
 
 
-def mnist_frame(glyph: np.ndarray, box: int, offset: tuple[int, int]) -> np.ndarray:
-    """A white-on-black glyph cut to its ink, scaled so its longer side is `box` pixels, placed in 28x28
-    with its center of mass at the center (as MNIST places its digits), then moved by `offset`."""
+def boxed(glyph: np.ndarray, box: int, resample: Image.Resampling) -> np.ndarray:
+    """A white-on-black uint8 glyph cut to its ink (gray over 16), scaled by `resample` so that its
+    longer side is `box` pixels, and centered by that box in 28x28: float32 [28, 28]. As a scan
+    normalized to the box of its ink is framed (the `filled` shift; MNIST's box is 20 pixels)."""
     ys, xs = np.nonzero(glyph > 16)
     glyph = glyph[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     h, w = glyph.shape
     scale = box / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(Image.fromarray(glyph).resize(size, Image.Resampling.LANCZOS), np.float32)
     canvas = np.zeros((28, 28), np.float32)
     top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
-    canvas[top : top + size[1], left : left + size[0]] = small
+    canvas[top : top + size[1], left : left + size[0]] = np.asarray(Image.fromarray(glyph).resize(size, resample), np.float32)
+    return canvas
+
+
+def mnist_frame(glyph: np.ndarray, box: int, offset: tuple[int, int]) -> np.ndarray:
+    """A white-on-black glyph in its ink's box (`boxed`, Lanczos), then moved so that its center of
+    mass is at the center (as MNIST places its digits), and by `offset`."""
+    canvas = boxed(glyph, box, Image.Resampling.LANCZOS)
     cy, cx = ndimage.center_of_mass(np.clip(canvas, 0, None))
     canvas = ndimage.shift(canvas, (13.5 - cy + offset[0], 13.5 - cx + offset[1]), order=1)
     return np.clip(canvas, 0, 255).round().astype(np.uint8)

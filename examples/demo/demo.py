@@ -10,7 +10,8 @@
    to 1.2x, then (second stage) randomly rotated, thickened or thinned, blurred and dimmed;
 3. fit digits and photos into splat shards, with the teacher's embeddings, at two compression points
    (`POINTS`: 3x and 9x fewer bytes than raw pixels; specs/fit-digits.yaml, specs/fit-photos.yaml),
-   each digit to a target PSNR, so that a digit that is harder to fit gets more iterations;
+   each digit to a target PSNR, so that a digit that is harder to fit gets more iterations, and
+   through a slight blur, so that hard edges from elsewhere are fitted as MNIST's soft ones;
 4. for each point, a splat encoder on the frozen teacher (specs/student.yaml): distillation, then
    contrastive, on training digits as they are and others drawn otherwise (`datasets.RENDITIONS`),
    each batch transformed exactly in splat space, with the teacher embedding the same transform of

@@ -14,6 +14,10 @@ Two things spend the work where it pays (docs/method.md, 'Fitting'):
   do; `iterations` is then a ceiling. While coarse, an image is looked at full size every
   COARSE_CHECK steps once its half-size PSNR is near the target. An image's result is the one it
   would have alone.
+
+With `prefilter`, what is fitted is each image blurred by a share of its grid's square (`prefilter_px`):
+hard edges that a few Gaussians cannot draw no longer decide what the splats are; the metrics stay
+against the image as given.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from splatclip.cuda import render
-from splatclip.fitting.init import ink_init, random_init, structured_init
+from splatclip.fitting.init import grid_shape, ink_box, ink_init, random_init, structured_init
 from splatclip.fitting.metrics import mse, psnr, psnr_from_mse, ssim
 from splatclip.fitting.prune import prune_mask
 from splatclip.platform.specs import FitParams
 from splatclip.splats import BYTES_PER_GAUSSIAN, Splats
+from splatclip.warps import blur_images
 
 log = logging.getLogger(__name__)
 
@@ -154,19 +159,32 @@ def coarse_check(batch: Batch, err: torch.Tensor | None, cfg: FitParams, done: t
     return stop(batch, reached, done, done_mask)
 
 
+def prefilter_px(images: torch.Tensor, cfg: FitParams) -> torch.Tensor:
+    """images [B, 3, H, W] -> [B] the sigma in pixels each is blurred by before fitting: `cfg.prefilter`
+    of the longer side of the square its grid is laid over (the frame; with `init: ink` the box that
+    holds its ink, so that a digit drawn at half the size is blurred half as much)."""
+    B, _, H, W = images.shape
+    if cfg.init != "ink":
+        return images.new_full((B,), cfg.prefilter * max(H, W))
+    rows, cols = grid_shape(cfg.gaussians, H, W)
+    return images.new_tensor([cfg.prefilter * max(h, w) for _, _, h, w in (ink_box(image, rows, cols) for image in images)])
+
+
 def fit_batch(images, cfg: FitParams, source_bytes: list[int] | None = None, progress: bool = False) -> FitResult:
-    """images [B, 3, H, W] in [0, 1] -> fitted splats and per-image metrics."""
+    """images [B, 3, H, W] in [0, 1] -> fitted splats and per-image metrics (against `images`; the
+    fit itself is to them blurred by `cfg.prefilter` pixels)."""
     start = time.perf_counter()
     B, _, H, W = images.shape
     n = cfg.gaussians
     torch.manual_seed(cfg.seed)
+    fitted = images if cfg.prefilter == 0 else blur_images(images, prefilter_px(images, cfg))  # [B, 3, H, W]
     if cfg.init == "structured":
-        init = structured_init(images, n, cfg.backend)
+        init = structured_init(fitted, n, cfg.backend)
     elif cfg.init == "ink":
-        init = ink_init(images, n, cfg.backend)
+        init = ink_init(fitted, n, cfg.backend)
     else:
-        init = random_init(images, n, cfg.seed)
-    batch = Batch(init, images, cfg)
+        init = random_init(fitted, n, cfg.seed)
+    batch = Batch(init, fitted, cfg)
     done = init.detach().clone()  # [B, N, 8]: each image's parameters, written when it stops
     done_mask = torch.ones(B, n, dtype=torch.bool, device=images.device)  # [B, N]
     steps_run = torch.zeros(B, dtype=torch.long)

@@ -179,6 +179,12 @@ class FitParams(Model):
                                      "less ink (a digit drawn smaller, thinner or fainter) is then fitted as closely to "
                                      "its ink as one with more, where a PSNR target stops it almost at once. With "
                                      "target_psnr, an image stops once it reaches both.")
+    prefilter: float = Field(0.0, ge=0, le=0.5, description="Fit each image blurred by a Gaussian whose sigma is this "
+                             "fraction of the side of the square its grid is laid over (the frame; with init: ink, "
+                             "the box that holds its ink); 0: as it is. The edges a few Gaussians cannot hold "
+                             "(one-bit ink, sharp resampling) are smoothed before fitting, so that a source's edges do "
+                             "not change what the splats are. The targets are measured against the blurred image, "
+                             "the reported PSNR and SSIM against the image itself (docs/method.md, 'Fitting').")
     coarse: int = Field(300, ge=0, le=1_000_000, description="Iterations rendered at half of `size` before full "
                         "size, coarse to fine (at most five sixths of `iterations`; none where half the size is under "
                         "32 px); 0: every iteration at full size.")

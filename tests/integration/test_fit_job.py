@@ -264,6 +264,13 @@ def test_a_rerun_with_other_fit_settings_needs_overwrite(ray_local, photo_shards
     assert run(spec_for(src, out, "fit.gaussians=25", "overwrite=true")) == 0
     assert splats.from_bytes(next(read_samples(str(out / "photos-00000.tar")))["splats.npy"]).shape == (25, 8)
     assert json.loads((out / "_fit.json").read_text())["settings"]["fit"]["gaussians"] == 25
+    # an output written before a setting existed was fitted as its default does: the same spec goes on, another refits
+    record = json.loads((out / "_fit.json").read_text())
+    del record["settings"]["fit"]["prefilter"]
+    (out / "_fit.json").write_text(json.dumps(record))
+    assert run(spec_for(src, out, "fit.gaussians=25")) == 0
+    assert run(spec_for(src, out, "fit.gaussians=25", "fit.prefilter=0.02")) == 2
+    assert "fit.prefilter: 0.0 in the output, 0.02 in this spec" in caplog.text
 
 
 def test_no_secret_reaches_output_logs_or_mlflow(photo_shards, tmp_path, mlflow_server):

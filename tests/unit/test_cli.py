@@ -52,3 +52,20 @@ def test_fit_to_a_signal_target_and_a_bad_one(tmp_path, capsys):
     capsys.readouterr()
     assert main(["fit", str(tmp_path / "stroke.png"), "--target-snr", "-3", "-o", str(tmp_path / "bad")]) == 2
     assert "target_snr" in capsys.readouterr().err
+
+
+def test_fit_on_the_ink_through_a_prefilter_and_a_bad_one(tmp_path, capsys):
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255  # a one-bit bar: edges no few Gaussians draw
+    Image.fromarray(digit).save(tmp_path / "bar.png")
+    fits = {}
+    for name, extra in (("plain", []), ("filtered", ["--prefilter", "0.04"])):
+        assert main(["fit", str(tmp_path / "bar.png"), "--gaussians", "16", "--iterations", "60", "--size", "28",
+                     "--init", "ink", *extra, "--no-compile", "-o", str(tmp_path / name)]) == 0
+        fits[name] = splats.load(tmp_path / name / "bar.splats.npy")
+    negative = {name: -np.minimum(arr[:, 5:8].astype(np.float64), 0).sum() for name, (arr, _) in fits.items()}
+    assert negative["filtered"] < negative["plain"], negative  # less ringing for the edges
+    assert fits["filtered"][1]["psnr"] < fits["plain"][1]["psnr"]  # and the PSNR against the bar itself
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path / "bar.png"), "--prefilter", "-1", "-o", str(tmp_path / "bad")]) == 2
+    assert "prefilter" in capsys.readouterr().err

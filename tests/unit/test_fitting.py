@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from splatclip.fitting.fitter import fit_batch
+from splatclip.fitting.fitter import fit_batch, prefilter_px
 from splatclip.fitting.images import clip_crop
 from splatclip.fitting.init import grid_shape, ink_box, ink_init, random_init, structured_init
 from splatclip.fitting.metrics import psnr, ssim
@@ -16,6 +16,7 @@ from splatclip.fitting.prune import luminance, prune_mask
 from splatclip.cuda import render
 from splatclip.datasets import digits, stroke, zoom
 from splatclip.platform.specs import FitParams
+from splatclip.warps import blur_images
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
 
@@ -229,3 +230,36 @@ def test_a_signal_target_fits_a_digit_with_less_ink_as_closely_to_its_ink():
     # both: each image stops once it reaches the later of the two
     assert steps["both"] == [max(a, b) for a, b in zip(steps["psnr"], steps["snr"])], steps
     assert all(m["psnr"] >= 27.5 - 0.2 for m in both.metrics) and torch.all(snr(both) >= 17.5 - 0.2)
+
+
+def test_a_prefilter_fits_the_blurred_image_so_that_hard_edges_fit_as_soft_ones():
+    soft = [np.asarray(Image.open(io.BytesIO(s["png"]))) for s in digits("test", limit=4)]
+    hard = [np.where(x > 128, 255, 0).astype(np.uint8) for x in soft]  # the same digits with one-bit edges
+    images = torch.tensor(np.stack(soft + hard), dtype=torch.float32)[:, None].expand(-1, 3, -1, -1) / 255
+    base = dict(gaussians=49, size=28, iterations=100, coarse=0, init="ink", lr_position=0.12, lr_cholesky=0.04)
+    plain, filtered = fit_batch(images, cfg(**base)), fit_batch(images, cfg(**base, prefilter=0.027))
+    blurred = blur_images(images, prefilter_px(images, cfg(**base, prefilter=0.027)))
+
+    def drawn(result):
+        return render(result.splats.params, 28, 28, result.splats.mask)  # [8, 3, 28, 28]
+
+    # the metrics are against the images as given, the fit against them blurred
+    torch.testing.assert_close(torch.tensor([m["psnr"] for m in filtered.metrics]), psnr(drawn(filtered), images),
+                               atol=0.05, rtol=0)
+    assert torch.all(psnr(drawn(filtered), blurred) > psnr(drawn(filtered), images) + 2)
+    # a digit's one-bit and smooth renditions give nearer splat images through the prefilter than without
+    gap = {name: psnr(drawn(r)[4:], drawn(r)[:4]) for name, r in (("plain", plain), ("filtered", filtered))}
+    assert torch.all(gap["filtered"] > gap["plain"] + 1), gap
+    # and the hard edges need less negative ink (ringing) to be drawn
+    negative = {name: -r.splats.params[4:, :, 5:8].clamp(max=0).sum() for name, r in (("plain", plain), ("filtered", filtered))}
+    assert negative["filtered"] < 0.7 * negative["plain"], negative
+
+
+def test_the_prefilter_is_a_share_of_the_square_the_grid_is_laid_over():
+    plain = [np.asarray(Image.open(io.BytesIO(s["png"]))) for s in digits("test", limit=3)]
+    images = torch.tensor(np.stack(plain + [zoom(x, 0.5) for x in plain]), dtype=torch.float32)[:, None].expand(-1, 3, -1, -1) / 255
+    on_ink = prefilter_px(images, cfg(gaussians=49, size=28, init="ink", prefilter=0.02))  # [6]
+    assert torch.all((on_ink[:3] > 0.4) & (on_ink[:3] <= 0.56)), on_ink  # a box of 20-28 pixels
+    torch.testing.assert_close(on_ink[3:], on_ink[:3] / 2, atol=0.05, rtol=0)  # half the digit, half the blur
+    framed = prefilter_px(images, cfg(gaussians=49, size=28, init="structured", prefilter=0.02))
+    torch.testing.assert_close(framed, torch.full((6,), 0.56))

@@ -29,6 +29,11 @@ def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
     assert thick > 1.3 * ink and thin < 0.8 * ink
     bent = sum(pixels(s).sum() for s in shifted.shifted_digits("bent", 3, limit=20))
     assert 0.85 * ink < bent < 1.15 * ink  # the shape moves, the ink stays
+    for severity, box in zip((1, 2, 3), shifted.SEVERITY["filled"]):  # the ink's box as long as the severity, centered
+        for s in shifted.shifted_digits("filled", severity, limit=10):
+            ys, xs = np.nonzero(pixels(s) > 16)
+            assert abs(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 - box) <= 1
+            assert abs((ys.max() + ys.min()) / 2 - 13.5) <= 1 and abs((xs.max() + xs.min()) / 2 - 13.5) <= 1
     assert shifted.shifted_digits("rotated", 2, limit=5) == shifted.shifted_digits("rotated", 2, limit=5)
     with pytest.raises(ValueError, match="no shifted set"):
         shifted.shifted_digits("sheared", 1)
