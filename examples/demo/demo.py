@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ from splatclip.train.job import run as train
 
 log = logging.getLogger("splatclip.demo")
 SPECS = Path(__file__).parent / "specs"
+RECIPE = "recipe.json"  # in the demo's directory: the recipe its outputs come from (`recipe_digest`)
 REGISTERED = "splatclip-digits-g49"  # the first point's encoder, in MLflow's model registry
 POINTS = (49, 16)  # Gaussians per 28x28 digit: 784 and 256 bytes, 3.0x and 9.2x fewer than raw pixels (2352)
 SEVERITY = 2  # of splatclip.shifted's three, for the demo's shifted rows
@@ -345,6 +347,28 @@ def final_table(results: dict, png_bytes: float, seconds: float, say=print) -> d
     return table
 
 
+def recipe_digest(size: str) -> str:
+    """What the demo's outputs depend on, as a digest: its specs, this file and the size."""
+    digest = hashlib.sha256(size.encode())
+    for path in sorted([*SPECS.glob("*.yaml"), Path(__file__)], key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def other_recipe(root: Path, size: str) -> str | None:
+    """Why ROOT's outputs cannot be carried on by this recipe (its stages reuse what they find, and
+    would mix the two), or None: a new directory, or one this recipe began. Records the recipe."""
+    record = root / RECIPE
+    digest = recipe_digest(size)
+    if record.exists():
+        if json.loads(record.read_text()).get("recipe") != digest:
+            return f"{root} holds the outputs of another version of the demo's recipe (its specs or demo.py differ)"
+    elif any(root.iterdir()):
+        return f"{root} holds outputs the demo did not record a recipe for (an earlier version's)"
+    record.write_text(json.dumps({"recipe": digest, "size": size}))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="outputs/demo", help="the demo's directory, where its jobs run")
@@ -353,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    problem = other_recipe(root, "small" if args.small else "full")
+    if problem:
+        print(f"demo: {problem}; remove it (rm -rf {root}) or give another --root", file=sys.stderr)
+        return 2
     os.chdir(root)  # the specs' relative paths (and Ray's workers, started below) are the demo directory's
     Demo(root, "small" if args.small else "full").run()
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
