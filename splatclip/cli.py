@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
@@ -15,6 +16,7 @@ from splatclip.platform.serialize import public_dict
 from splatclip.platform.specs import SPECS, FitParams
 
 log = logging.getLogger("splatclip")
+INITS = get_args(FitParams.model_fields["init"].annotation)  # the fitter's initializations, for --init
 
 
 def spec_reference(schema) -> str:
@@ -237,10 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--init", choices=["structured", "ink", "random"], default="structured",
+    p.add_argument("--init", choices=INITS, default=FitParams.model_fields["init"].default,
                    help="ink: the grid over the box of an image's ink on black (digits, drawings)")
-    p.add_argument("--prefilter", type=float, default=0.0, help="fit each image blurred by this share of its grid's "
-                   "square (fit.prefilter; the metrics stay against the image)")
+    p.add_argument("--prefilter", type=float, default=FitParams.model_fields["prefilter"].default,
+                   help="fit each image blurred by this share of its grid's square (fit.prefilter; the metrics stay "
+                   "against the image)")
     p.add_argument("--prune-tau", type=float, default=0.0)
     p.add_argument("--target-psnr", type=float, help="stop each image at this PSNR (dB); --iterations is a ceiling")
     p.add_argument("--target-snr", type=float, help="stop each image once its error is this many dB under its own "
@@ -261,10 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-psnr", type=float, help="stop fitting at this PSNR (dB); --iterations is a ceiling")
     p.add_argument("--target-snr", type=float, help="stop fitting once the error is this many dB under the image's "
                    "own signal (with --target-psnr: once it reaches both)")
-    p.add_argument("--init", choices=["structured", "ink", "random"], default="structured")
-    p.add_argument("--prefilter", type=float, default=0.0, help="fit each image blurred by this share of its grid's "
-                   "square; fit as the encoder's training digits were (the demo's: --init ink --prefilter 0.018 "
-                   "--iterations 100 --target-psnr 27.5 --target-snr 20)")
+    p.add_argument("--init", choices=INITS, default=FitParams.model_fields["init"].default)
+    p.add_argument("--prefilter", type=float, default=FitParams.model_fields["prefilter"].default,
+                   help="fit each image blurred by this share of its grid's square; fit as the encoder's training "
+                   "digits were (the demo's: --init ink --prefilter 0.018 --iterations 100 --target-psnr 27.5 "
+                   "--target-snr 20)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
     p.set_defaults(func=cmd_send)
 

@@ -377,12 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    problem = other_recipe(root, "small" if args.small else "full")
+    size = "small" if args.small else "full"
+    problem = other_recipe(root, size)
     if problem:
         print(f"demo: {problem}; remove it (rm -rf {root}) or give another --root", file=sys.stderr)
         return 2
     os.chdir(root)  # the specs' relative paths (and Ray's workers, started below) are the demo directory's
-    Demo(root, "small" if args.small else "full").run()
+    Demo(root, size).run()
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.get_experiment_by_name("splatclip-demo").experiment_id
     # the runs page itself: a fresh browser would open MLflow 3 on its GenAI overview instead
