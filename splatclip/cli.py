@@ -166,19 +166,64 @@ def cmd_render(args) -> int:
     return 0
 
 
+QUICK_FIT = {"gaussians": 49, "size": 28, "iterations": 40}  # send's fit when the service names none
+SEND_OPTIONS = ("gaussians", "size", "iterations", "init", "prefilter", "target_psnr", "target_snr")
+
+
+def describe_fit(cfg: FitParams) -> str:
+    targets = [f"{v:g} dB {what}" for v, what in ((cfg.target_psnr, "PSNR"), (cfg.target_snr, "of signal")) if v]
+    return (f"{cfg.gaussians} Gaussians at {cfg.size}x{cfg.size}, init {cfg.init}, prefilter {cfg.prefilter:g}, "
+            f"{'up to ' if targets else ''}{cfg.iterations} iterations{' to ' + ' and '.join(targets) if targets else ''}")
+
+
+def send_fit(args) -> tuple[FitParams, str]:
+    """The fit settings `send` fits with, and where they came from: the service's (a GET of --url names
+    how its encoder's training splats were fitted), or QUICK_FIT where it names none; each option given
+    replaces its setting. ConnectionError when the service cannot be asked, ValueError for a bad option."""
+    from pydantic import ValidationError
+
+    from splatclip.pipelines.layout import SPEED_ONLY
+    from splatclip.serve.client import recipe
+
+    def usable(settings: dict) -> dict:  # this version's fit settings, less how fast they run
+        return {k: v for k, v in settings.items() if k in FitParams.model_fields and k not in SPEED_ONLY}
+
+    try:
+        status, answer = recipe(args.url, timeout=args.timeout)
+    except OSError as err:  # refused, unreachable, timed out
+        raise ConnectionError(f"{args.url}: {err}") from None
+    if status == 401:
+        raise ConnectionError(f"{args.url}: HTTP 401: {answer.get('error', answer)}")
+    fit = answer.get("fit") if status == 200 and isinstance(answer, dict) else None
+    base, source = QUICK_FIT, f"a quick fit: the service names no fit settings (HTTP {status})"
+    if isinstance(fit, dict):
+        try:
+            base = FitParams.model_validate(usable(fit)).model_dump(exclude=SPEED_ONLY)
+            source = "as the encoder's training splats were fitted"
+        except ValidationError as err:
+            source = f"a quick fit: the service's fit settings are not this version's ({str(err).splitlines()[0]})"
+    given = {k: getattr(args, k) for k in SEND_OPTIONS if getattr(args, k) is not None}
+    try:
+        cfg = FitParams.model_validate({**base, **given, "compile": not args.no_compile})
+    except ValidationError as err:  # pydantic names the field
+        raise ValueError(str(err)) from None
+    return cfg, source + (f"; {', '.join(sorted(given))} as given" if given else "")
+
+
 def cmd_send(args) -> int:
-    """Fit each image on this machine, POST its splat file to the serve application, print the answer
-    and the bytes sent against the image's PNG and JPEG."""
+    """Fit each image on this machine as the service says its encoder's training splats were fitted,
+    POST its splat file to the serve application, print the answer and the bytes sent against the
+    image's PNG and JPEG."""
     from splatclip import splats
     from splatclip.fitting.fitter import fit_batch
     from splatclip.serve.client import describe, encoded_sizes, post
 
     try:
-        cfg = FitParams(gaussians=args.gaussians, iterations=args.iterations, size=args.size, init=args.init,
-                        prefilter=args.prefilter, target_psnr=args.target_psnr, target_snr=args.target_snr)
-    except Exception as err:  # pydantic names the field
+        cfg, how = send_fit(args)
+    except (ConnectionError, ValueError) as err:
         print(f"splatclip send: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, ConnectionError) else 2
+    print(f"fitting {describe_fit(cfg)}: {how}")
     loaded = load_images("send", args.images, cfg.size)
     failed = len(args.images) - len(loaded)
     print(f"{'image':<24} {'PSNR':>9} {'sent':>7} {'PNG':>7} {'JPEG':>7} {'source':>8}  answer")
@@ -258,17 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--url", required=True, help="the application's URL (jobs/serve.py prints it); a bearer token "
                    "is read from $SPLATCLIP_SERVE_TOKEN")
-    p.add_argument("--gaussians", type=int, default=49, help="as many as the encoder was trained on")
-    p.add_argument("--size", type=int, default=28)
-    p.add_argument("--iterations", type=int, default=40)
-    p.add_argument("--target-psnr", type=float, help="stop fitting at this PSNR (dB); --iterations is a ceiling")
-    p.add_argument("--target-snr", type=float, help="stop fitting once the error is this many dB under the image's "
-                   "own signal (with --target-psnr: once it reaches both)")
-    p.add_argument("--init", choices=INITS, default=FitParams.model_fields["init"].default)
-    p.add_argument("--prefilter", type=float, default=FitParams.model_fields["prefilter"].default,
-                   help="fit each image blurred by this share of its grid's square; fit as the encoder's training "
-                   "digits were (the demo's: --init ink --prefilter 0.018 --iterations 100 --target-psnr 27.5 "
-                   "--target-snr 20)")
+    fitting = p.add_argument_group("fit settings", "by default those the service names (a GET of --url: how its "
+                                   "encoder's training splats were fitted), else 49 Gaussians at 28x28 in 40 "
+                                   "iterations; each option given replaces its setting")
+    fitting.add_argument("--gaussians", type=int)
+    fitting.add_argument("--size", type=int)
+    fitting.add_argument("--iterations", type=int)
+    fitting.add_argument("--target-psnr", type=float, help="stop fitting at this PSNR (dB); --iterations is a ceiling")
+    fitting.add_argument("--target-snr", type=float, help="stop fitting once the error is this many dB under the "
+                         "image's own signal (with --target-psnr: once it reaches both)")
+    fitting.add_argument("--init", choices=INITS)
+    fitting.add_argument("--prefilter", type=float, help="fit each image blurred by this share of its grid's square")
+    p.add_argument("--no-compile", action="store_true", help="render eagerly, without the kernels compiled for this "
+                   "machine (slower steps)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
     p.set_defaults(func=cmd_send)
 

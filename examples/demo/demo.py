@@ -393,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     version = max(int(v.version) for v in client.search_model_versions(f"name = '{REGISTERED}'"))
     print(f"the {POINTS[0]}-Gaussian encoder is registered as models:/{REGISTERED}/{version}; serve it with\n"
           f"  {sys.executable} {Path(__file__).resolve().parents[2] / 'jobs' / 'serve.py'} "
-          f"--set model=models:/{REGISTERED}/{version} --set tracking.uri=sqlite:///{root}/mlflow.db")
+          f"--set model=models:/{REGISTERED}/{version} --set tracking.uri=sqlite:///{root}/mlflow.db\n"
+          f"and send it digits, fitted here as its training digits were (it tells `send` how):\n"
+          f"  {Path(sys.executable).parent / 'splatclip'} send DIGIT.png ... --url http://127.0.0.1:8000/embed")
     return 0
 
 

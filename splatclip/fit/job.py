@@ -33,7 +33,7 @@ from splatclip.platform import lease, storage
 from splatclip.platform.progress import Meter
 from splatclip.platform.runtime import actor_request, pool_size, ray_options
 from splatclip.platform.secrets import redact
-from splatclip.platform.specs import FitParams, FitSpec
+from splatclip.platform.specs import FitSpec
 from splatclip.platform.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,9 @@ def unique_inputs(shards: list[str]) -> tuple[list[str], list[str]]:
     return unique, clashes
 
 
-SPEED_ONLY = {"backend", "compile"}  # fit settings that change how fast a sample is made, not what it holds
-
-
 def fit_settings(spec: FitSpec) -> dict:
     """The parts of a spec that change what a fitted sample holds (not how fast it is made)."""
-    fit = spec.fit.model_dump(exclude=SPEED_ONLY)
+    fit = spec.fit.model_dump(exclude=layout.SPEED_ONLY)
     teacher = spec.teacher.model_dump() if spec.teacher else None
     return {"fit": fit, "teacher": teacher}
 
@@ -105,9 +102,7 @@ def prepare_output(spec: FitSpec, shards: list[str]) -> list[str]:
     inputs that were made with other settings are deleted instead."""
     url = storage.join(spec.output, layout.SETTINGS)
     now = fit_settings(spec)
-    before = storage.read_json(url, spec.storage)["settings"] if storage.exists(url, spec.storage) else None
-    if before is not None:  # a setting added since the output was written: it was fitted as the default does
-        before = {**before, "fit": {**FitParams().model_dump(exclude=SPEED_ONLY), **before.get("fit", {})}}
+    before = layout.read_settings(spec.output, spec.storage)
     changes = settings_changes(before, now) if before is not None else []
     if changes and not spec.overwrite:
         return [f"output {redact(spec.output)} was fitted with other settings ({c}); set overwrite: true to refit "

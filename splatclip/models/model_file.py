@@ -1,6 +1,8 @@
 """A trained model as one file: the trainable weights and the reference to the backbone they sit on
-(name, pretrained weights, seed), so the frozen rest is rebuilt rather than stored. An RGB model also
-gets open_clip.pt beside it, a plain open_clip state dict usable as another model's `pretrained`."""
+(name, pretrained weights, seed), so the frozen rest is rebuilt rather than stored, and, for a splat
+encoder, the fit settings of the splats it was trained on (`fit`: a device fits its images the same
+way). An RGB model also gets open_clip.pt beside it, a plain open_clip state dict usable as another
+model's `pretrained`."""
 
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ MODEL_FORMAT = "splatclip-model/1"
 
 
 def save_model(model: GSCLIP, url: str, model_spec: ModelSpec, step: int, seed: int,
-               spec: StorageSpec | None = None) -> str:
-    """Write the model to `url` (model.pt in a run directory) and return the URL."""
+               spec: StorageSpec | None = None, fit: dict | None = None) -> str:
+    """Write the model to `url` (model.pt in a run directory) and return the URL. `fit`: the fit
+    settings of its training splats (FitParams' fields), when they came from one recipe."""
     payload = {"format": MODEL_FORMAT, "model": model_spec.model_dump(), "weights": model.trainable_state(),
-               "step": step, "seed": seed}
+               "step": step, "seed": seed, "fit": dict(fit) if fit else None}
     buf = io.BytesIO()
     torch.save(payload, buf)
     storage.write_bytes(url, buf.getvalue(), spec)
@@ -43,7 +46,12 @@ def load_model(url: str, spec: StorageSpec | None = None, device="cpu", referenc
     weights, and the seed, which reproduces a backbone that had no pretrained weights), then the
     trained weights on top. `reference`: fields of the reference replaced, such as the copies of the
     backbone's config and weights an MLflow model carries ({"name": path, "pretrained": path})."""
-    payload = read_payload(url, spec, device)
+    return model_from_payload(read_payload(url, spec, device), url, spec, device, reference)
+
+
+def model_from_payload(payload: dict, url: str, spec: StorageSpec | None = None, device="cpu",
+                       reference: dict | None = None) -> GSCLIP:
+    """`load_model` of a payload already read (`url` names it in errors)."""
     model_spec = ModelSpec.model_validate({**payload["model"], **(reference or {})})
     torch.manual_seed(payload["seed"])
     model = from_open_clip(model_spec.name, model_spec.pretrained, model_spec, spec, device)

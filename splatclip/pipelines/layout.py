@@ -12,12 +12,18 @@ NAME is the source shard's file name with any compression suffix made `.tar` (a.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 
 from splatclip.platform import storage
+from splatclip.platform.secrets import redact
+from splatclip.platform.specs import FitParams, StorageSpec
+
+log = logging.getLogger(__name__)
 
 METADATA_EXTS = ("txt", "cls", "json")
 SETTINGS = "_fit.json"
+SPEED_ONLY = {"backend", "compile"}  # fit settings that change how fast a sample is made, not what it holds
 SUMMARY = "_summary.json"
 _COMPRESSED = {".tar.gz": ".tar", ".tgz": ".tar", ".tar.bz2": ".tar", ".tar.xz": ".tar"}
 
@@ -29,6 +35,42 @@ def shard_name(url: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)] + plain
     return name
+
+
+def directory_of(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def read_settings(output: str, spec: StorageSpec | None = None) -> dict | None:
+    """The settings recorded in `output`'s SETTINGS ({"fit": ..., "teacher": ...}), or None when it has
+    none. A fit setting added since the record was written reads as its default: it was fitted as the
+    default does."""
+    url = storage.join(output, SETTINGS)
+    if not storage.exists(url, spec):
+        return None
+    recorded = storage.read_json(url, spec)["settings"]
+    return {**recorded, "fit": {**FitParams().model_dump(exclude=SPEED_ONLY), **recorded.get("fit", {})}}
+
+
+def fit_recipe(shards: list[str], spec: StorageSpec | None = None) -> dict | None:
+    """The fit settings splat shards were made with (FitParams' fields, less the speed-only ones), read
+    from their directories' records; None, with a warning, when a directory has no readable record or
+    two directories were fitted differently: a model trained on them can name no one recipe."""
+    recipes = {}
+    for directory in sorted({directory_of(url) for url in shards}):
+        try:
+            fit = (read_settings(directory, spec) or {}).get("fit")
+            recipes[directory] = FitParams.model_validate(fit).model_dump(exclude=SPEED_ONLY) if fit else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a damaged record
+            log.warning("%s: unreadable fit record (%s)", redact(storage.join(directory, SETTINGS)), redact(str(err))[:200])
+            recipes[directory] = None
+    found = list(recipes.values())
+    if not found or any(r is None for r in found) or any(r != found[0] for r in found):
+        unrecorded = [d for d, r in recipes.items() if r is None]
+        log.warning("the splat shards %s: the model records no fit recipe",
+                    f"of {redact(unrecorded[0])} have no fit record" if unrecorded else "were fitted with other settings")
+        return None
+    return found[0]
 
 
 def output_url(output: str, shard: str) -> str:
@@ -45,8 +87,7 @@ def parts_dir(output: str, shard: str) -> str:
 
 def stats_beside(splat_shard: str) -> str:
     """The `_stats` record of a splat shard, from the shard's own URL."""
-    directory = splat_shard.rsplit("/", 1)[0] if "/" in splat_shard else "."
-    return stats_url(directory, splat_shard)
+    return stats_url(directory_of(splat_shard), splat_shard)
 
 
 def class_id(data: bytes) -> int | None:

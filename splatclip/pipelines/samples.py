@@ -64,6 +64,7 @@ class ShardSet:
     storage: StorageSpec | None = None
     sources: Mapping[str, str] | None = None  # splat shard URL -> its source image shard (same name and keys)
     counts: Mapping[str, int] | None = None  # samples per shard (`count_samples`), for the steps of an epoch
+    fit: Mapping | None = None  # the fit settings the splat shards were made with (`layout.fit_recipe`), if one
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@
                    Authorization: Bearer TOKEN (when the spec has a token)
                    body: a splat file as `splatclip fit` writes it (float16 [n, 8] .npy)
     200 {"embedding": [D floats], "classes": [{"name", "score"}, ...], "gaussians": n}
+    GET {route}    (the same token)
+    200 {"fit": the fit settings of the encoder's training splats or null, "max_gaussians": n,
+         "classes": [names]}: how a client should fit the images it sends (`splatclip send` asks)
     4xx {"error": what was wrong}   (400 not a splat file or bad values, 401 token, 405 method,
                                      413 too large or too many Gaussians, 415 content type)
 
@@ -33,7 +36,7 @@ CONTENT_TYPES = ("application/octet-stream", "application/x-npy")
 def load_encoder(spec: ServeSpec, device: str) -> Encoder:
     """The encoder `spec.model` names: a registered MLflow model (models:/...) or a model.pt; with the
     spec's classes, or a registered model's own."""
-    from splatclip.models.model_file import load_model
+    from splatclip.models.model_file import model_from_payload, read_payload
     from splatclip.models.zeroshot import load_classes, load_templates
 
     if spec.model.startswith("models:/"):
@@ -42,13 +45,14 @@ def load_encoder(spec: ServeSpec, device: str) -> Encoder:
         mlflow.set_tracking_uri(spec.tracking.uri)
         mlflow.set_registry_uri(spec.tracking.uri)
         encoder = mlflow.pyfunc.load_model(spec.model).unwrap_python_model().encoder
-        model = encoder.model
+        model, fit = encoder.model, encoder.fit
         if not spec.classes:
             return encoder
     else:
-        model = load_model(spec.model, spec.storage, device)
+        payload = read_payload(spec.model, spec.storage, device)
+        model, fit = model_from_payload(payload, spec.model, spec.storage, device), payload.get("fit")
     classes = load_classes(spec.classes, spec.storage) if spec.classes else None
-    return Encoder(model, classes, load_templates(spec.templates, spec.storage) if classes else None, device)
+    return Encoder(model, classes, load_templates(spec.templates, spec.storage) if classes else None, device, fit)
 
 
 def refusal(status: int, message: str) -> JSONResponse:
@@ -88,19 +92,26 @@ class SplatEncoder:
         return self.encoder.answer(arrays, self.spec.top_k)
 
     def check(self, request: Request) -> None:
-        if request.method != "POST":
-            raise BadRequest(405, f"{request.method}: POST the bytes of a splat file")
+        if request.method not in ("POST", "GET"):
+            raise BadRequest(405, f"{request.method}: POST the bytes of a splat file (GET: how to fit them)")
         if self.token is not None:
             sent = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(sent, b"Bearer " + self.token):
                 raise BadRequest(401, "missing or wrong bearer token")
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind not in CONTENT_TYPES:
+        if request.method == "POST" and kind not in CONTENT_TYPES:
             raise BadRequest(415, f"content type {kind[:64] or 'none'!r}; send {' or '.join(CONTENT_TYPES)}")
+
+    def recipe(self) -> dict:
+        """What a client needs to make splat files this encoder reads as it was trained to."""
+        return {"fit": self.encoder.fit, "max_gaussians": self.spec.limits.max_gaussians,
+                "classes": self.encoder.classes}
 
     async def __call__(self, request: Request) -> JSONResponse:
         try:
             self.check(request)
+            if request.method == "GET":
+                return JSONResponse(self.recipe())
             arr = parse(await read_body(request, self.spec.max_body_bytes), self.spec.limits)
         except BadRequest as err:
             return refusal(err.status, str(err))

@@ -20,11 +20,21 @@ JPEG_QUALITY = 90
 def post(url: str, data: bytes, token: str | None = None, timeout: float = 60.0,
          content_type: str = "application/octet-stream") -> tuple[int, dict]:
     """(HTTP status, the JSON answer) of POSTing `data` to `url`."""
-    headers = {"Content-Type": content_type}
+    return call(url, data, token, timeout, {"Content-Type": content_type})
+
+
+def recipe(url: str, token: str | None = None, timeout: float = 60.0) -> tuple[int, dict]:
+    """(HTTP status, the JSON answer) of a GET of the application: the fit settings its encoder's
+    training splats were made with (`fit`), the Gaussians it accepts, its classes."""
+    return call(url, None, token, timeout, {})
+
+
+def call(url: str, data: bytes | None, token: str | None, timeout: float, headers: dict) -> tuple[int, dict]:
+    """(HTTP status, the JSON answer) of a POST of `data`, or of a GET when it is None."""
     token = token if token is not None else os.environ.get(TOKEN_ENV)
     if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        headers = {**headers, "Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             return reply.status, json.loads(reply.read())
@@ -62,16 +72,17 @@ def describe(answer: dict) -> str:
 
 
 def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> float:
-    """Seconds until the application at `url` answers (a GET gets its 405); RuntimeError if the serve
-    job `server` exits first or `seconds` pass."""
+    """Seconds until the application at `url` answers a GET (its recipe, or its 401 without the
+    token); RuntimeError if the serve job `server` exits first or `seconds` pass."""
     start = time.monotonic()
     while time.monotonic() - start < seconds:
         if server.poll() is not None:
             raise RuntimeError(f"the serve job exited with {server.returncode} before {url} answered")
         try:
             urllib.request.urlopen(url, timeout=5)
-        except urllib.error.HTTPError as err:
-            if err.code == 405:
+            return time.monotonic() - start
+        except urllib.error.HTTPError as err:  # before the application is deployed, Serve's proxy answers 404/503
+            if err.code == 401:
                 return time.monotonic() - start
         except OSError:
             pass

@@ -56,12 +56,13 @@ class Encoder:
     """A trained splat encoder with its class embeddings (when given class names)."""
 
     def __init__(self, model: GSCLIP, classes: list[str] | None = None, templates: list | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", fit: dict | None = None):
         """`classes`: names to rank (none: embeddings only); `templates`: prompt callables name -> text
-        (zeroshot.load_templates)."""
+        (zeroshot.load_templates); `fit`: the fit settings of the splats it was trained on (the model
+        file's), which a client fits its images with."""
         if model.encoder != "splat":
             raise ValueError("the model is an RGB model; serving takes a splat encoder")
-        self.model, self.device, self.classes = model.to(device).eval(), device, classes or []
+        self.model, self.device, self.classes, self.fit = model.to(device).eval(), device, classes or [], fit
         self.size = input_size(model.clip)
         self.text = None  # [C, D]
         if self.classes:

@@ -5,9 +5,12 @@ splat file, `.splats.npy`), its output a DataFrame with each row's `embedding` (
 and `score` (the top zero-shot class among the train spec's `classes`). Its artifacts
 are the run's model.pt, copies of the backbone weights and config file that model.pt names (so that
 it loads in a fresh process from the registry alone) and `config.json` (class names, templates,
-limits).
+limits, and the fit settings of the encoder's training splats). The fit settings are also the
+model's metadata (`fit` in its MLmodel file), for a client that fits images to send:
 
-    mlflow.pyfunc.load_model("models:/NAME/1").predict(pd.DataFrame({"splats": [data, ...]}))
+    model = mlflow.pyfunc.load_model("models:/NAME/1")
+    model.metadata.metadata["fit"]  # {"gaussians": 49, "size": 28, "init": "ink", ...}, or None
+    model.predict(pd.DataFrame({"splats": [data, ...]}))
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class SplatEncoderModel(mlflow.pyfunc.PythonModel):
                      if a in context.artifacts}
         model = load_model(context.artifacts["model"], device=device, reference=reference)
         templates = config["templates"] if config["templates"] in BUILT_IN else context.artifacts["templates"]
-        self.encoder = Encoder(model, config["classes"], load_templates(templates), device)
+        self.encoder = Encoder(model, config["classes"], load_templates(templates), device, config.get("fit"))
         self.limits = ShardLimits(max_gaussians=config["max_gaussians"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -82,13 +85,15 @@ def log_encoder(client, run_id: str, model_url: str, classes: str, templates: st
         if templates not in BUILT_IN:
             artifacts["templates"] = tmp / "templates.json"
             artifacts["templates"].write_text(json.dumps(storage.read_json(templates, spec)))
+        fit = payload.get("fit")  # None in a model file written before it was recorded
         artifacts["config"].write_text(json.dumps({"classes": names, "templates": templates,
-                                                   "max_gaussians": limits.max_gaussians}))
+                                                   "max_gaussians": limits.max_gaussians, "fit": fit}))
         example = pd.DataFrame({"splats": [b"\x93NUMPY"]})  # the column's type; not a model input
         output = pd.DataFrame({"embedding": [[0.0]], "label": ["a"], "score": [0.0]})
         mlflow.pyfunc.save_model(tmp / ARTIFACT, python_model=SplatEncoderModel(),
                                  artifacts={k: str(v) for k, v in artifacts.items()},
-                                 signature=infer_signature(example, output), pip_requirements=requirements())
+                                 signature=infer_signature(example, output), pip_requirements=requirements(),
+                                 metadata={"fit": fit})
         client.log_artifacts(run_id, str(tmp / ARTIFACT), ARTIFACT)
     from mlflow.exceptions import MlflowException
 

@@ -15,7 +15,7 @@ import threading
 from splatclip.models.backbone import missing_weights
 from splatclip.models.objectives import OBJECTIVES, stage_problems
 from splatclip.pipelines.job import Job
-from splatclip.pipelines.layout import shard_name
+from splatclip.pipelines.layout import fit_recipe, shard_name
 from splatclip.pipelines.samples import ShardSet, count_samples
 from splatclip.train.loop import train_loop
 from splatclip.train.state import run_dir
@@ -144,7 +144,8 @@ class TrainJob(Job):
         if spec.images and self.shard_list:
             self.sources = self.source_shards(problems)
         if not problems:
-            shards = ShardSet(tuple(self.shard_list), spec.storage, self.sources)
+            fit = fit_recipe(self.shard_list, spec.storage) if spec.model.encoder == "splat" else None
+            shards = ShardSet(tuple(self.shard_list), spec.storage, self.sources, fit=fit)
             self.data = dataclasses.replace(shards, counts=count_samples(shards, spec.limits))
             log.info("%d shards, %d samples", len(self.shard_list), sum(self.data.counts.values()))
         return problems

@@ -255,7 +255,7 @@ class Loop:
             return
         spec, tracker = self.spec, self.tracker
         url = save_model(self.model, storage.join(run_dir(spec), "model.pt"), spec.model, self.state.step, spec.seed,
-                         spec.storage)
+                         spec.storage, self.shards.fit)
         if tracker.active:
             with tempfile.TemporaryDirectory() as tmp:
                 Path(tmp, "model.pt").write_bytes(storage.read_bytes(url, spec.storage))

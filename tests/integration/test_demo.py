@@ -108,7 +108,9 @@ def test_serve_the_registered_encoder_answers_as_the_evaluate_job_and_refuses_ba
     from splatclip.datasets import DIGIT_CLASSES
     from splatclip.platform.runtime import free_port
     from splatclip.platform.shards import read_samples
-    from splatclip.serve.client import post, wait_until_up
+    from splatclip.cli import describe_fit
+    from splatclip.platform.specs import FitParams
+    from splatclip.serve.client import post, recipe, wait_until_up
 
     root, _ = demo
     port = free_port()
@@ -147,6 +149,24 @@ def test_serve_the_registered_encoder_answers_as_the_evaluate_job_and_refuses_ba
             got, answer = post(url, data, **{"token": TOKEN, **kwargs})
             assert got == status and words in answer["error"], (got, answer)
         assert post(url, good, token=TOKEN)[0] == 200  # the replica goes on serving
+
+        # a GET names how the encoder's training splats were fitted; `splatclip send` fits so by default
+        status, answer = recipe(url, token=TOKEN)
+        fitted = json.loads((root / "splats" / "g49" / "_fit.json").read_text())["settings"]["fit"]
+        assert status == 200 and answer["fit"] == fitted and answer["classes"] == list(DIGIT_CLASSES)
+        assert recipe(url, token="")[0] == 401
+        shard = sorted((root / "data").glob("test-*.tar"))[0]
+        digits = list(read_samples(str(shard)))[:2]
+        for sample in digits:
+            (root / f"{sample['__key__']}.png").write_bytes(sample["png"])
+        env = {**os.environ, "SPLATCLIP_SERVE_TOKEN": TOKEN}
+        sent = subprocess.run([sys.executable, "-m", "splatclip.cli", "send", *[f"{s['__key__']}.png" for s in digits],
+                               "--url", url], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert sent.returncode == 0, sent.stdout[-2000:] + sent.stderr[-2000:]
+        assert f"fitting {describe_fit(FitParams(**fitted))}: as the encoder's training splats were fitted" in sent.stdout
+        assert fitted["init"] == "ink" and fitted["prefilter"] > 0  # the demo's, not send's quick fit
+        answered = [ln for ln in sent.stdout.splitlines() if ln.split(" ")[0] in {f"{s['__key__']}.png" for s in digits}]
+        assert len(answered) == 2 and all(" 912 " in ln for ln in answered), sent.stdout  # 49 Gaussians sent
     finally:
         server.send_signal(signal.SIGTERM)  # the job shuts Serve down, then its local Ray
         try:

@@ -88,6 +88,9 @@ def test_two_workers_learn_and_checkpoint(digits, tmp_path, caplog):
     torch.manual_seed(0)
     fresh = from_open_clip(TINY, spec=spec.model)
     trained = load_model(str(run_dir / "model.pt"))
+    # the model file names how its training splats were fitted (the fit job's record of their directory)
+    recorded = json.loads((digits / "splats-train" / "_fit.json").read_text())["settings"]["fit"]
+    assert torch.load(run_dir / "model.pt", weights_only=True)["fit"] == recorded and recorded["gaussians"] == 36
     trainable = fresh.trainable_names(0)
     fresh_state, trained_state = fresh.state_dict(), trained.state_dict()
     for name, weight in fresh_state.items():
@@ -171,7 +174,7 @@ def test_train_on_s3_checkpoints_there_and_a_rerun_resumes(digits, s3_bucket, tm
                    if p.rsplit("/", 1)[-1].startswith("checkpoint_") and fs.isdir(p)]
     assert len(checkpoints) == 2 and fs.exists(f"{checkpoints[-1]}/state.pt")  # num_to_keep=2 of 3
     model = torch.load(io.BytesIO(storage.read_bytes(f"{run_dir}/model.pt", storage_spec)), weights_only=True)
-    assert model["step"] == 6
+    assert model["step"] == 6 and model["fit"] is None  # the shards came without their directory's fit record
     run_id = storage.read_json(f"{run_dir}/_mlflow_run.json", storage_spec)["run_id"]
     assert train.run(load_spec(TrainSpec, SPEC, args)) == 0  # resumes at the end: nothing trains again
     assert storage.read_json(f"{run_dir}/_mlflow_run.json", storage_spec)["run_id"] == run_id
@@ -392,7 +395,7 @@ def test_train_and_evaluate_under_storage_faults(digits, s3_bucket, fault_proxy,
     assert fault_proxy.injected["reset_after"] and fault_proxy.injected["truncate"], fault_proxy.injected
     run_dir = f"{bucket}/runs/faulty"
     model = torch.load(io.BytesIO(storage.read_bytes(f"{run_dir}/model.pt", clean_spec)), weights_only=True)
-    assert model["step"] == 6
+    assert model["step"] == 6 and model["fit"] is None  # the shards came without their directory's fit record
     fs, _ = storage.filesystem(run_dir, clean_spec)
     checkpoints = sorted(p for p in fs.ls(run_dir.removeprefix("s3://"))
                          if p.rsplit("/", 1)[-1].startswith("checkpoint_") and fs.isdir(p))

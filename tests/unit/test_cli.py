@@ -1,4 +1,7 @@
+import json
+
 import numpy as np
+import pytest
 from PIL import Image
 from skimage import data
 
@@ -69,3 +72,103 @@ def test_fit_on_the_ink_through_a_prefilter_and_a_bad_one(tmp_path, capsys):
     capsys.readouterr()
     assert main(["fit", str(tmp_path / "bar.png"), "--prefilter", "-1", "-o", str(tmp_path / "bad")]) == 2
     assert "prefilter" in capsys.readouterr().err
+
+
+class Service:
+    """A stand-in for the serve application on loopback: GET answers `recipe` (status, JSON), POST
+    answers one class and keeps the splat files it was sent."""
+
+    def __init__(self, status: int, recipe: dict):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        service = self
+        self.status, self.recipe, self.posted = status, recipe, []
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(self, status: int, answer: dict) -> None:
+                body = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self.reply(service.status, service.recipe)
+
+            def do_POST(self):
+                service.posted.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.reply(200, {"embedding": [1.0], "gaussians": 0, "classes": [{"name": "seven", "score": 0.9}]})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/embed"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def digit_file(tmp_path):
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255  # a one
+    Image.fromarray(digit).save(tmp_path / "one.png")
+    return str(tmp_path / "one.png")
+
+
+RECIPE = {"gaussians": 16, "size": 28, "iterations": 6, "init": "ink", "prefilter": 0.02, "coarse": 0,
+          "lr_position": 0.12, "some_future_setting": 1}
+
+
+def test_send_fits_as_the_service_says_its_encoder_was_trained(digit_file, capsys):
+    service = Service(200, {"fit": RECIPE, "max_gaussians": 100, "classes": ["seven"]})
+    try:
+        assert main(["send", digit_file, "--url", service.url, "--no-compile"]) == 0
+        out = capsys.readouterr().out
+        assert "fitting 16 Gaussians at 28x28, init ink, prefilter 0.02, 6 iterations: as the encoder's training " \
+               "splats were fitted" in out and "seven 0.900" in out
+        (sent,) = service.posted
+        assert splats.from_bytes(sent).shape == (16, 8)
+        # an option given replaces the service's setting, the rest stay the service's
+        assert main(["send", digit_file, "--url", service.url, "--no-compile", "--gaussians", "9"]) == 0
+        out = capsys.readouterr().out
+        assert "fitting 9 Gaussians at 28x28, init ink, prefilter 0.02" in out and "gaussians as given" in out
+        assert splats.from_bytes(service.posted[-1]).shape == (9, 8)
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("status, answer, words", [
+    (405, {"error": "GET: POST the bytes of a splat file"}, "names no fit settings (HTTP 405)"),  # an older service
+    (200, {"fit": None, "classes": []}, "names no fit settings (HTTP 200)"),  # a model trained on unrecorded splats
+    (200, {"fit": {"gaussians": -3}}, "not this version's"),
+], ids=["no-get", "no-recipe", "bad-recipe"])
+def test_send_falls_back_to_a_quick_fit_where_the_service_names_none(digit_file, capsys, status, answer, words):
+    service = Service(status, answer)
+    try:
+        assert main(["send", digit_file, "--url", service.url, "--no-compile", "--iterations", "3"]) == 0
+        out = capsys.readouterr().out
+        assert "fitting 49 Gaussians at 28x28, init structured, prefilter 0, 3 iterations: a quick fit" in out
+        assert words in out
+        assert splats.from_bytes(service.posted[0]).shape == (49, 8)
+    finally:
+        service.close()
+
+
+def test_send_stops_before_fitting_without_the_service_or_with_a_bad_option(digit_file, capsys):
+    service = Service(401, {"error": "missing or wrong bearer token"})
+    try:
+        assert main(["send", digit_file, "--url", service.url]) == 1
+        assert "HTTP 401: missing or wrong bearer token" in capsys.readouterr().err
+        service.status, service.recipe = 200, {"fit": RECIPE}
+        assert main(["send", digit_file, "--url", service.url, "--prefilter", "0.9"]) == 2
+        assert "prefilter" in capsys.readouterr().err
+    finally:
+        service.close()
+    assert main(["send", digit_file, "--url", service.url, "--timeout", "5"]) == 1  # nothing listens there now
+    assert service.url in capsys.readouterr().err and not service.posted

@@ -16,6 +16,7 @@ from splatclip.models.gsclip import from_open_clip
 from splatclip.models.model_file import load_model, save_model
 from splatclip.models.zeroshot import load_classes, load_templates
 from splatclip.platform.specs import ModelSpec, ServeSpec, ShardLimits
+from splatclip.serve.app import load_encoder
 from splatclip.serve.deploy import absolute, model_problem
 from splatclip.serve.encoder import BadRequest, Encoder, parse
 from splatclip.serve.pyfunc import ARTIFACT, log_encoder
@@ -81,7 +82,8 @@ def test_the_registered_model_loads_in_a_fresh_process_and_answers_as_the_encode
     with torch.no_grad():
         for p in model.splat.parameters():  # "trained" weights, so that loading them is seen
             p.add_(0.01 * torch.randn_like(p))
-    save_model(model, str(tmp_path / "run" / "model.pt"), spec, step=3, seed=0)
+    fit = {"gaussians": 12, "size": 28, "init": "ink", "prefilter": 0.018}  # how its training splats were fitted
+    save_model(model, str(tmp_path / "run" / "model.pt"), spec, step=3, seed=0, fit=fit)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri, registry_uri=uri)
     run = client.create_run(client.create_experiment("serve", artifact_location=str(tmp_path / "artifacts")))
@@ -98,7 +100,8 @@ mlflow.set_tracking_uri({uri!r}); mlflow.set_registry_uri({uri!r})
 model = mlflow.pyfunc.load_model("models:/tiny-encoder/1")
 payloads = [bytes.fromhex(h) for h in json.load(open("payloads.json"))]
 out = model.predict(pd.DataFrame({{"splats": payloads}}))
-print(json.dumps({{"embedding": [list(map(float, e)) for e in out["embedding"]], "label": list(out["label"])}}))
+print(json.dumps({{"embedding": [list(map(float, e)) for e in out["embedding"]], "label": list(out["label"]),
+                  "metadata": model.metadata.metadata, "fit": model.unwrap_python_model().encoder.fit}}))
 """
     # a fresh process, in another directory: the registry alone, nothing of this test's files
     (tmp_path / "elsewhere").mkdir()
@@ -114,3 +117,6 @@ print(json.dumps({{"embedding": [list(map(float, e)) for e in out["embedding"]],
     answers = encoder.answer([parse(f, LIMITS) for f in files], top_k=1)
     np.testing.assert_allclose(served["embedding"], [a.embedding for a in answers], atol=1e-5)
     assert served["label"] == [a.classes[0][0] for a in answers]
+    assert served["metadata"] == {"fit": fit} and served["fit"] == fit  # the registry names how to fit for it
+    from_file = load_encoder(ServeSpec(model=str(tmp_path / "run" / "model.pt"), classes="digits"), "cpu")
+    assert from_file.fit == fit and from_file.classes == load_classes("digits")

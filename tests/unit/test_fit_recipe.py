@@ -1,0 +1,46 @@
+"""The fit settings a model's training splats were made with, read from their directories' records."""
+
+import json
+import logging
+
+from splatclip.pipelines.layout import SETTINGS, SPEED_ONLY, fit_recipe
+from splatclip.platform.specs import FitParams
+
+
+def record(directory, **fit) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = FitParams(**fit).model_dump(exclude=SPEED_ONLY)
+    (directory / SETTINGS).write_text(json.dumps({"settings": {"fit": settings, "teacher": None}}))
+    return settings
+
+
+def test_shards_of_one_recipe_name_it(tmp_path):
+    settings = record(tmp_path / "a", gaussians=49, size=28, init="ink", prefilter=0.018)
+    assert settings == record(tmp_path / "b", gaussians=49, size=28, init="ink", prefilter=0.018)
+    recipe = fit_recipe([f"{tmp_path}/a/x-00000.tar", f"{tmp_path}/a/x-00001.tar", f"{tmp_path}/b/y-00000.tar"])
+    assert recipe == settings and recipe["prefilter"] == 0.018 and not SPEED_ONLY & set(recipe)
+
+
+def test_a_record_older_than_a_setting_reads_as_its_default(tmp_path):
+    settings = record(tmp_path / "a", gaussians=16)
+    del settings["prefilter"]  # written before the setting existed
+    (tmp_path / "a" / SETTINGS).write_text(json.dumps({"settings": {"fit": settings}}))
+    assert fit_recipe([f"{tmp_path}/a/x.tar"]) == FitParams(gaussians=16).model_dump(exclude=SPEED_ONLY)
+
+
+def test_no_recipe_from_mixed_missing_or_damaged_records(tmp_path, caplog):
+    record(tmp_path / "a", gaussians=49)
+    record(tmp_path / "b", gaussians=16)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / SETTINGS).write_text('{"settings": {"fit": {"gaussians": "many"}}}')
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / SETTINGS).write_text("[1, 2")
+    with caplog.at_level(logging.WARNING):
+        assert fit_recipe([f"{tmp_path}/a/x.tar", f"{tmp_path}/b/y.tar"]) is None
+        assert "fitted with other settings" in caplog.text
+        for other in ("none", "bad", "junk"):
+            caplog.clear()
+            assert fit_recipe([f"{tmp_path}/a/x.tar", f"{tmp_path}/{other}/y.tar"]) is None
+            assert f"{other} have no fit record" in caplog.text, other
+    assert fit_recipe([]) is None
