@@ -8,8 +8,9 @@ iterations, no prefilter: what send did before it asked, and what it does when a
 
 Sets: the demo's held-out digits, scikit-learn's digits and the typeset digits (its data shards), and
 the held-out digits under each shift at severity 3 (`splatclip.shifted`), `--limit` of each. Each
-digit is fitted both ways in batches of 256 (an image's fit does not depend on its batch: each stops
-on its own), and read zero-shot against the ten digit names, as the serve application ranks them.
+digit is fitted both ways in batches of 256 (each image stops on its own; alone, three digits' fits
+came out within 0.03 dB of their batched ones) and read zero-shot against the ten digit names, as
+the serve application ranks them.
 
 The last line: `send: the encoder's fit X.XXX top-1, the quick fit Y.YYY (Z.ZZx), N digits in K sets`.
 """

@@ -211,12 +211,13 @@ def send_fit(args) -> tuple[FitParams, str]:
 
 
 def cmd_send(args) -> int:
-    """Fit each image on this machine as the service says its encoder's training splats were fitted,
-    POST its splat file to the serve application, print the answer and the bytes sent against the
-    image's PNG and JPEG."""
+    """Fit the images on this machine (in batches) as the service says its encoder's training splats
+    were fitted, POST each splat file to the serve application, print the answer and the bytes sent
+    against the image's PNG and JPEG."""
+    import torch
+
     from splatclip import splats
     from splatclip.fitting.fitter import fit_batch
-    from splatclip.serve.client import describe, encoded_sizes, post
 
     try:
         cfg, how = send_fit(args)
@@ -227,23 +228,29 @@ def cmd_send(args) -> int:
     loaded = load_images("send", args.images, cfg.size)
     failed = len(args.images) - len(loaded)
     print(f"{'image':<24} {'PSNR':>9} {'sent':>7} {'PNG':>7} {'JPEG':>7} {'source':>8}  answer")
-    for path, image, source in loaded:
-        result = fit_batch(image[None], cfg)
-        data = splats.to_bytes(result.splats.encode(0))
-        try:
-            status, answer = post(args.url, data, timeout=args.timeout)
-        except OSError as err:  # refused, unreachable, timed out
-            print(f"splatclip send: {path}: {args.url}: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        if status != 200:
-            print(f"splatclip send: {path}: HTTP {status}: {answer.get('error', answer)}", file=sys.stderr)
-            failed += 1
-            continue
-        sizes = encoded_sizes(image)
-        print(f"{path.name[:24]:<24} {result.metrics[0]['psnr']:6.2f} dB {len(data):7d} {sizes['PNG']:7d} "
-              f"{sizes['JPEG']:7d} {source:8d}  {describe(answer)}")
+    for batch in _batches(loaded, args.batch_size):
+        result = fit_batch(torch.stack([b[1] for b in batch]), cfg)  # each image stops on its own
+        failed += sum(send_one(args, path, image, source, splats.to_bytes(result.splats.encode(i)), result.metrics[i])
+                      for i, (path, image, source) in enumerate(batch))
     return 1 if failed else 0
+
+
+def send_one(args, path: Path, image, source: int, data: bytes, metrics: dict) -> bool:
+    """POST one image's splat file and print its line; True when it failed (named on stderr)."""
+    from splatclip.serve.client import describe, encoded_sizes, post
+
+    try:
+        status, answer = post(args.url, data, timeout=args.timeout)
+    except OSError as err:  # refused, unreachable, timed out
+        print(f"splatclip send: {path}: {args.url}: {err}", file=sys.stderr)
+        return True
+    if status != 200:
+        print(f"splatclip send: {path}: HTTP {status}: {answer.get('error', answer)}", file=sys.stderr)
+        return True
+    sizes = encoded_sizes(image)
+    print(f"{path.name[:24]:<24} {metrics['psnr']:6.2f} dB {len(data):7d} {sizes['PNG']:7d} {sizes['JPEG']:7d} "
+          f"{source:8d}  {describe(answer)}", flush=True)
+    return False
 
 
 def cmd_cluster(args) -> int:
@@ -314,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "image's own signal (with --target-psnr: once it reaches both)")
     fitting.add_argument("--init", choices=INITS)
     fitting.add_argument("--prefilter", type=float, help="fit each image blurred by this share of its grid's square")
+    p.add_argument("--batch-size", type=int, default=64, help="images fitted together in one optimizer step")
     p.add_argument("--no-compile", action="store_true", help="render eagerly, without the kernels compiled for this "
                    "machine (slower steps)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")

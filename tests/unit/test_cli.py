@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,6 +142,25 @@ def test_send_fits_as_the_service_says_its_encoder_was_trained(digit_file, capsy
         assert splats.from_bytes(service.posted[-1]).shape == (9, 8)
     finally:
         service.close()
+
+
+def test_send_fits_its_images_in_batches_and_names_one_that_fails(digit_file, tmp_path, capsys, monkeypatch):
+    from splatclip.fitting import fitter
+
+    sizes, fit_batch = [], fitter.fit_batch
+    monkeypatch.setattr(fitter, "fit_batch", lambda images, cfg: sizes.append(len(images)) or fit_batch(images, cfg))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    files = [digit_file, str(tmp_path / "broken.png"), *(str(tmp_path / f"copy{i}.png") for i in range(4))]
+    for name in files[2:]:
+        Path(name).write_bytes(Path(digit_file).read_bytes())
+    service = Service(200, {"fit": RECIPE})
+    try:
+        assert main(["send", *files, "--url", service.url, "--no-compile", "--batch-size", "2"]) == 1
+    finally:
+        service.close()
+    captured = capsys.readouterr()
+    assert sizes == [2, 2, 1] and len(service.posted) == 5  # five images in three optimizer runs
+    assert "broken.png" in captured.err and sum(ln.startswith("copy") for ln in captured.out.splitlines()) == 4
 
 
 @pytest.mark.parametrize("status, answer, words", [
