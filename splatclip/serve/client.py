@@ -37,13 +37,19 @@ def call(url: str, data: bytes | None, token: str | None, timeout: float, header
     request = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return reply.status, json.loads(reply.read())
+            return reply.status, as_answer(reply.read())
     except urllib.error.HTTPError as err:  # a 4xx/5xx still carries the service's JSON
-        body = err.read()
-        try:
-            return err.code, json.loads(body)
-        except ValueError:
-            return err.code, {"error": body[:200].decode("utf-8", "replace")}
+        return err.code, as_answer(err.read())
+
+
+def as_answer(body: bytes) -> dict:
+    """A reply's body as the service's JSON object, or {"error": its first bytes} when it is not one
+    (another server at the URL, a proxy's page)."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    return answer if isinstance(answer, dict) else {"error": body[:200].decode("utf-8", "replace")}
 
 
 def encoded_sizes(image: torch.Tensor) -> dict[str, int]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.integration
@@ -44,6 +45,8 @@ def test_local_specs_chain_from_an_empty_directory(tmp_path):
     model = torch.load(tmp_path / "outputs/train/splat-encoder-local/model.pt", weights_only=True)
     assert model["step"] == 6  # 500 digits over 2 workers at 64: 3 steps an epoch, 1 + 1 epochs
     assert model["model"]["pretrained"] == str(tmp_path / "outputs/train/rgb-teacher-local/open_clip.pt")
+    fitted = json.loads((tmp_path / "outputs/splats/digits/_fit.json").read_text())["settings"]["fit"]
+    assert model["fit"] == fitted and fitted["gaussians"] == 49  # how its training splats were fitted
 
     ev = job(tmp_path, "evaluate.py")
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -68,3 +71,5 @@ def test_local_specs_chain_from_an_empty_directory(tmp_path):
     (registered,) = client.search_model_versions("name = 'splat-encoder-local'")  # what serve.local.yaml serves
     (encoder,) = [r for r in jobs if r.info.run_id == registered.run_id]
     assert encoder.data.tags["splatclip.job"] == "train" and registered.version == 1
+    mlmodel = yaml.safe_load(Path(client.download_artifacts(registered.run_id, "encoder/MLmodel", str(tmp_path))).read_text())
+    assert mlmodel["metadata"] == {"fit": fitted}  # the registered model carries them for a client

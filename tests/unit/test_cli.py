@@ -167,7 +167,8 @@ def test_send_fits_its_images_in_batches_and_names_one_that_fails(digit_file, tm
     (405, {"error": "GET: POST the bytes of a splat file"}, "names no fit settings (HTTP 405)"),  # an older service
     (200, {"fit": None, "classes": []}, "names no fit settings (HTTP 200)"),  # a model trained on unrecorded splats
     (200, {"fit": {"gaussians": -3}}, "not this version's"),
-], ids=["no-get", "no-recipe", "bad-recipe"])
+    (200, ["not", "an", "object"], "names no fit settings (HTTP 200)"),  # another server at the URL
+], ids=["no-get", "no-recipe", "bad-recipe", "not-an-object"])
 def test_send_falls_back_to_a_quick_fit_where_the_service_names_none(digit_file, capsys, status, answer, words):
     service = Service(status, answer)
     try:
