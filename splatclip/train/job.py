@@ -185,6 +185,8 @@ class TrainJob(Job):
         from ray.train import TrainingFailedError
 
         spec = self.spec
+        if self.data.fit:  # how the training splats were fitted, beside the spec on the run's page
+            tracker.log_params({f"data_fit.{key}": value for key, value in self.data.fit.items()})
         try:
             with Watch() as progress:
                 trainer = make_trainer(spec, {"spec": spec, "shards": self.data, "run_id": tracker.run_id,

@@ -81,6 +81,8 @@ def test_two_workers_learn_and_checkpoint(digits, tmp_path, caplog):
     run_dir = digits / "runs" / "learn"
     run_id = json.loads((run_dir / "_mlflow_run.json").read_text())["run_id"]
     losses = [m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss/distill")]
+    params = MlflowClient(uri).get_run(run_id).data.params
+    assert params["data_fit.gaussians"] == "36" and params["data_fit.init"] == "structured"  # the splats' fit
     assert len(losses) == 30  # 48 samples per worker / 8 = 6 steps per epoch, 5 epochs
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
