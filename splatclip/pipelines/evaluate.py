@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splatclip.models.model_file import load_model
+from splatclip.models.model_file import load_model, model_from_payload, read_payload
 from splatclip.pipelines.job import Job
+from splatclip.pipelines.layout import fit_recipe
 from splatclip.pipelines.samples import readable
 from splatclip.pipelines.scoring import LabeledSet, zero_shot
 from splatclip.platform import storage
@@ -45,13 +46,26 @@ def compression(spec: EvalSpec) -> dict:
             "psnr": mean("psnr"), "gaussians": mean("gaussians")}
 
 
+def fit_differences(trained: dict | None, evaluated: dict | None) -> list[str]:
+    """'prefilter: 0.018 in training, 0.0 here' for each fit setting of the evaluation splats that is
+    not the encoder's training splats' (none when either is unknown), each logged as a warning: an
+    encoder reads splats best fitted as it was trained (README, 'Serve the encoder')."""
+    if not trained or not evaluated:
+        return []
+    differences = [f"{key}: {trained.get(key)!r} in training, {evaluated.get(key)!r} here"
+                   for key in sorted(set(trained) | set(evaluated)) if trained.get(key) != evaluated.get(key)]
+    for line in differences:
+        log.warning("the evaluation splats were fitted otherwise than the encoder's training splats: fit.%s", line)
+    return differences
+
+
 class EvalJob(Job):
     name = "evaluate"
     inputs = ("data", "rgb_data")
 
     def check(self) -> list[str]:
         spec, problems = self.spec, []
-        self.shards(spec.data, "evaluation", problems)
+        self.shard_list = self.shards(spec.data, "evaluation", problems)[0]
         for field, url in (("checkpoint", spec.checkpoint), ("rgb_checkpoint", spec.rgb_checkpoint)):
             if url and not storage.exists(url, spec.storage):
                 problems.append(f"{field} {url}: no such model file (a train run writes model.pt in its directory)")
@@ -61,8 +75,10 @@ class EvalJob(Job):
         spec = self.spec
         device = "cuda" if torch.cuda.is_available() else "cpu"
         splats = LabeledSet(spec.data, spec.classes, spec.templates, spec.storage, spec.limits)
-        results = {"splat": zero_shot(load_model(spec.checkpoint, spec.storage, device), splats, spec.batch_size,
-                                      device)}
+        payload = read_payload(spec.checkpoint, spec.storage, device)
+        results = {"splat": zero_shot(model_from_payload(payload, spec.checkpoint, spec.storage, device), splats,
+                                      spec.batch_size, device)}
+        results["fit_differences"] = fit_differences(payload.get("fit"), fit_recipe(self.shard_list, spec.storage))
         if spec.rgb_checkpoint and spec.rgb_data:
             rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
             images = dataclasses.replace(splats, data=spec.rgb_data)
@@ -102,3 +118,5 @@ def print_table(results: dict) -> None:
         print(f"bytes per image: splats {c['splat_bytes']:.0f}, raw pixels {c['raw_bytes']:.0f} "
               f"({c['ratio_raw']:.1f}x), source files {c['source_bytes']:.0f} ({c['ratio_source']:.1f}x); "
               f"PSNR {c['psnr']:.2f} dB")
+    for line in results.get("fit_differences", []):
+        print(f"fitted otherwise than the encoder's training splats: {line}")

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,6 +326,19 @@ def test_evaluate_matches_accuracy_by_hand(digits, tmp_path):
     assert result["splat"]["images"] == len(samples) == 40
     assert result["splat"]["top1"] == pytest.approx(correct / 40)
     assert result["compression"]["ratio_raw"] == pytest.approx(28 * 28 * 3 / (36 * 16), rel=1e-6)
+    assert result["fit_differences"] == []  # the test digits were fitted as the training digits
+
+    # splats fitted otherwise: the same figures, and the evaluation says how they differ
+    other = tmp_path / "other-fit"
+    other.mkdir()
+    shutil.copy(digits / "splats-test" / "test-00000.tar", other)
+    record = json.loads((digits / "splats-test" / "_fit.json").read_text())
+    record["settings"]["fit"]["prefilter"] = 0.05
+    (other / "_fit.json").write_text(json.dumps(record))
+    espec = espec.model_copy(update={"data": f"{other}/test-00000.tar", "output": str(tmp_path / "other.json")})
+    assert evaluate(espec) == 0
+    again = json.loads((tmp_path / "other.json").read_text())
+    assert again["splat"] == result["splat"] and again["fit_differences"] == ["prefilter: 0.0 in training, 0.05 here"]
 
 
 def npy(arr) -> bytes:

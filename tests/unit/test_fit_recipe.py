@@ -44,3 +44,16 @@ def test_no_recipe_from_mixed_missing_or_damaged_records(tmp_path, caplog):
             assert fit_recipe([f"{tmp_path}/a/x.tar", f"{tmp_path}/{other}/y.tar"]) is None
             assert f"{other} have no fit record" in caplog.text, other
     assert fit_recipe([]) is None
+
+
+def test_evaluation_names_each_setting_fitted_otherwise(caplog):
+    from splatclip.pipelines.evaluate import fit_differences
+
+    trained = FitParams(gaussians=49, init="ink", prefilter=0.018).model_dump(exclude=SPEED_ONLY)
+    assert fit_differences(trained, dict(trained)) == []
+    assert fit_differences(trained, None) == fit_differences(None, trained) == []  # one side unknown: nothing said
+    with caplog.at_level(logging.WARNING):
+        other = {**trained, "prefilter": 0.0, "init": "structured"}
+        assert fit_differences(trained, other) == ["init: 'ink' in training, 'structured' here",
+                                                   "prefilter: 0.018 in training, 0.0 here"]
+    assert "fit.prefilter: 0.018 in training, 0.0 here" in caplog.text
