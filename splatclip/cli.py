@@ -17,6 +17,7 @@ from splatclip.platform.specs import SPECS, FitParams
 
 log = logging.getLogger("splatclip")
 INITS = get_args(FitParams.model_fields["init"].annotation)  # the fitter's initializations, for --init
+FRAMES = get_args(FitParams.model_fields["frame"].annotation)  # how a non-square image is made square, for --frame
 
 
 def spec_reference(schema) -> str:
@@ -66,15 +67,15 @@ def _batches(items: list, size: int):
         yield items[s : s + size]
 
 
-def load_images(command: str, paths: list[str], size: int) -> list[tuple]:
-    """(path, image [3, size, size], source bytes) of each image that loads; each that does not is
-    named on stderr."""
+def load_images(command: str, paths: list[str], size: int, frame: str) -> list[tuple]:
+    """(path, image [3, size, size], source bytes) of each image that loads, made square by `frame`;
+    each that does not is named on stderr."""
     from splatclip.fitting.images import ImageError, load_file
 
     loaded = []
     for path in paths:
         try:
-            image, nbytes = load_file(path, size)
+            image, nbytes = load_file(path, size, frame=frame)
         except (ImageError, OSError) as err:
             print(f"splatclip {command}: {path}: {err}", file=sys.stderr)
             continue
@@ -100,6 +101,7 @@ def cmd_fit(args) -> int:
             coarse=args.coarse,
             backend=args.backend,
             init=args.init,
+            frame=args.frame,
             compile=not args.no_compile,
         )
     except Exception as err:  # pydantic names the field
@@ -107,7 +109,7 @@ def cmd_fit(args) -> int:
         return 2
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_images("fit", args.images, cfg.size)
+    loaded = load_images("fit", args.images, cfg.size, cfg.frame)
     failed = len(args.images) - len(loaded)
     rows = []
     for batch in _batches(loaded, args.batch_size):
@@ -167,12 +169,13 @@ def cmd_render(args) -> int:
 
 
 QUICK_FIT = {"gaussians": 49, "size": 28, "iterations": 40}  # send's fit when the service names none
-SEND_OPTIONS = ("gaussians", "size", "iterations", "init", "prefilter", "target_psnr", "target_snr")
+SEND_OPTIONS = ("gaussians", "size", "iterations", "init", "prefilter", "target_psnr", "target_snr", "frame")
 
 
 def describe_fit(cfg: FitParams) -> str:
     targets = [f"{v:g} dB {what}" for v, what in ((cfg.target_psnr, "PSNR"), (cfg.target_snr, "of signal")) if v]
-    return (f"{cfg.gaussians} Gaussians at {cfg.size}x{cfg.size}, init {cfg.init}, prefilter {cfg.prefilter:g}, "
+    padded = " (padded square)" if cfg.frame == "pad" else ""
+    return (f"{cfg.gaussians} Gaussians at {cfg.size}x{cfg.size}{padded}, init {cfg.init}, prefilter {cfg.prefilter:g}, "
             f"{'up to ' if targets else ''}{cfg.iterations} iterations{' to ' + ' and '.join(targets) if targets else ''}")
 
 
@@ -225,7 +228,7 @@ def cmd_send(args) -> int:
         print(f"splatclip send: {err}", file=sys.stderr)
         return 1 if isinstance(err, ConnectionError) else 2
     print(f"fitting {describe_fit(cfg)}: {how}")
-    loaded = load_images("send", args.images, cfg.size)
+    loaded = load_images("send", args.images, cfg.size, cfg.frame)
     failed = len(args.images) - len(loaded)
     print(f"{'image':<24} {'PSNR':>9} {'sent':>7} {'PNG':>7} {'JPEG':>7} {'source':>8}  answer")
     for batch in _batches(loaded, args.batch_size):
@@ -296,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefilter", type=float, default=FitParams.model_fields["prefilter"].default,
                    help="fit each image blurred by this share of its grid's square (fit.prefilter; the metrics stay "
                    "against the image)")
+    p.add_argument("--frame", choices=FRAMES, default=FitParams.model_fields["frame"].default,
+                   help="pad: an image that is not square is padded to a square with its ground, not cropped (digits)")
     p.add_argument("--prune-tau", type=float, default=0.0)
     p.add_argument("--target-psnr", type=float, help="stop each image at this PSNR (dB); --iterations is a ceiling")
     p.add_argument("--target-snr", type=float, help="stop each image once its error is this many dB under its own "
@@ -321,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "image's own signal (with --target-psnr: once it reaches both)")
     fitting.add_argument("--init", choices=INITS)
     fitting.add_argument("--prefilter", type=float, help="fit each image blurred by this share of its grid's square")
+    fitting.add_argument("--frame", choices=FRAMES, help="pad: an image that is not square is padded to a square "
+                         "with its ground, not cropped")
     p.add_argument("--batch-size", type=int, default=64, help="images fitted together in one optimizer step")
     p.add_argument("--no-compile", action="store_true", help="render eagerly, without the kernels compiled for this "
                    "machine (slower steps)")

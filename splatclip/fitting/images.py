@@ -103,31 +103,53 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         raise ImageError("unsupported_mode", f"mode {img.mode}: {err}") from None
 
 
-def crop(rgb: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the center square of the short side, resized to
-    `size` with PIL's bicubic filter (antialiased when shrinking; what CLIP's own preprocessing
-    uses), at any aspect ratio. Needs no torch, so decode workers stay small."""
+def square(rgb: np.ndarray, frame: str = "crop") -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [S, S, 3]: "crop", the center square of the short side (S = min(H, W);
+    CLIP's framing, for photos); "pad", the whole image centered on a square of the long side filled
+    with its ground (S = max(H, W); the median of its border pixels: black for ink on black), so a
+    digit cut out taller or wider than it is broad keeps all its ink."""
     h, w = rgb.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = Image.fromarray(np.ascontiguousarray(rgb[top : top + side, left : left + side]))
+    if h == w:
+        return rgb
+    if frame == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return rgb[top : top + side, left : left + side]
+    if frame != "pad":
+        raise ValueError(f"frame {frame!r}: crop or pad")
+    side = max(h, w)
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])  # [2(H + W), 3]
+    out = np.empty((side, side, 3), np.uint8)
+    out[:] = np.median(border, axis=0).astype(np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = rgb
+    return out
+
+
+def crop(rgb: np.ndarray, size: int, frame: str = "crop") -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the image made square (`square`: the center square of
+    the short side, or padded to the long side), resized to `size` with PIL's bicubic filter
+    (antialiased when shrinking; what CLIP's own preprocessing uses), at any aspect ratio. Needs no
+    torch, so decode workers stay small."""
+    squared = Image.fromarray(np.ascontiguousarray(square(rgb, frame)))
+    side = squared.size[0]
     factor = side // (2 * size)
     if factor >= 2:  # a box filter by a whole factor first: the bicubic below then works on <= 4x size
-        square = square.reduce(factor)
-    if square.size != (size, size):
-        square = square.resize((size, size), Image.Resampling.BICUBIC)
-    return np.array(square, dtype=np.uint8)
+        squared = squared.reduce(factor)
+    if squared.size != (size, size):
+        squared = squared.resize((size, size), Image.Resampling.BICUBIC)
+    return np.array(squared, dtype=np.uint8)
 
 
-def clip_crop(rgb: np.ndarray, size: int):
+def clip_crop(rgb: np.ndarray, size: int, frame: str = "crop"):
     """uint8 [H, W, 3] -> float32 tensor [3, size, size] in [0, 1] (`crop`, for the fitter)."""
     import torch  # here, not at the top: the decode stage imports this module and never needs torch
 
-    return torch.from_numpy(crop(rgb, size)).permute(2, 0, 1).float().div_(255.0).contiguous()
+    return torch.from_numpy(crop(rgb, size, frame)).permute(2, 0, 1).float().div_(255.0).contiguous()
 
 
-def load_file(path: str, size: int, limits: ShardLimits = DEFAULT_LIMITS):
+def load_file(path: str, size: int, limits: ShardLimits = DEFAULT_LIMITS, frame: str = "crop"):
     """An image file -> (float32 tensor [3, size, size], source bytes)."""
     with open(path, "rb") as f:
         data = f.read()
-    return clip_crop(decode(data, limits), size), len(data)
+    return clip_crop(decode(data, limits), size, frame), len(data)

@@ -78,10 +78,12 @@ class EvalJob(Job):
         payload = read_payload(spec.checkpoint, spec.storage, device)
         results = {"splat": zero_shot(model_from_payload(payload, spec.checkpoint, spec.storage, device), splats,
                                       spec.batch_size, device)}
-        results["fit_differences"] = fit_differences(payload.get("fit"), fit_recipe(self.shard_list, spec.storage))
+        fitted = fit_recipe(self.shard_list, spec.storage)
+        results["fit_differences"] = fit_differences(payload.get("fit"), fitted)
         if spec.rgb_checkpoint and spec.rgb_data:
             rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
-            images = dataclasses.replace(splats, data=spec.rgb_data)
+            # the RGB model reads the source images framed as their splats were
+            images = dataclasses.replace(splats, data=spec.rgb_data, frame=(fitted or {}).get("frame", "crop"))
             results["rgb"] = zero_shot(rgb, images, spec.batch_size, device)
             results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
         results["compression"] = compression(spec)

@@ -52,6 +52,7 @@ class SampleFormat:
     need_text: bool = True  # a sample without a caption is skipped (training); evaluation needs none
     classes: int | None = None  # a label is required, below this count (zero-shot evaluation)
     source_size: int | None = None  # also carry the joined source image at this size (a teacher embeds it)
+    frame: str = "crop"  # how an image that is not square is made square (`images.square`): as its splats were
     embed_dim: int | None = None  # a stored teacher embedding must have this size
     limits: ShardLimits = field(default_factory=ShardLimits)
 
@@ -107,11 +108,12 @@ def _count(shards: ShardSet, url: str, limits: ShardLimits) -> int:
         return 0
 
 
-def decode_image(sample: dict, size: int, limits: ShardLimits = DEFAULT_LIMITS) -> torch.Tensor | None:
-    """The sample's image, CLIP-cropped to [3, size, size] in [0, 1]; None when missing or bad."""
+def decode_image(sample: dict, size: int, limits: ShardLimits = DEFAULT_LIMITS,
+                 frame: str = "crop") -> torch.Tensor | None:
+    """The sample's image, made square (`frame`) at [3, size, size] in [0, 1]; None when missing or bad."""
     ext = image_member(sample)
     try:
-        return clip_crop(decode(sample[ext], limits), size) if ext else None
+        return clip_crop(decode(sample[ext], limits), size, frame) if ext else None
     except ImageError:
         return None
 
@@ -177,7 +179,7 @@ def decode_sample(sample: dict, fmt: SampleFormat, skipped: Skipped) -> dict | N
             skipped.add(why, key)
             return None
     else:
-        out["image"] = decode_image(sample, fmt.image_size, limits)
+        out["image"] = decode_image(sample, fmt.image_size, limits, fmt.frame)
         if out["image"] is None:
             skipped.add("bad_image", key)
             return None
@@ -242,7 +244,7 @@ def check_sample(raw: dict, source: dict | None, fmt: SampleFormat, skipped: Ski
         skipped.add("empty_caption", raw["__key__"])
         return None
     if fmt.source_size is not None:
-        s["image"] = decode_image(source, fmt.source_size, fmt.limits) if source is not None else None
+        s["image"] = decode_image(source, fmt.source_size, fmt.limits, fmt.frame) if source is not None else None
         if s["image"] is None:
             skipped.add("bad_source_image" if source is not None else "no_source_image", raw["__key__"])
             return None

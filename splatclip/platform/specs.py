@@ -160,8 +160,14 @@ class FitParams(Model):
 
     gaussians: int = Field(400, ge=1, le=1 << 18, description="Gaussians per image, N.")
     iterations: int = Field(2000, ge=0, le=1_000_000)
-    size: int = Field(224, ge=16, le=4096, description="Images are center-cropped (a square of the short side) and "
-                      "resized to size x size; at least 16 (SSIM's window).")
+    size: int = Field(224, ge=16, le=4096, description="Images are made square (`frame`) and resized to size x size; "
+                      "at least 16 (SSIM's window).")
+    frame: Literal["crop", "pad"] = Field("crop", description="How an image that is not square is made square: crop, "
+                                          "the center square of its short side (CLIP's framing, for photos); pad, "
+                                          "the whole image centered on a square of its long side filled with its "
+                                          "ground (the median of its border), so a digit cut out taller than it is "
+                                          "wide keeps all its ink. The RGB model that evaluates or distils from "
+                                          "the source images frames them as their splats were.")
     init: Literal["structured", "ink", "random"] = Field("structured", description="structured: a grid of Gaussians "
                                                          "over the frame, colored by its cells; ink: that grid over "
                                                          "the box holding the ink of an image on black (digits, "

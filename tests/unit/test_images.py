@@ -200,3 +200,25 @@ def test_fitted_colours_are_the_converted_ones_region_by_region():
     for rendered, (_, _, (left, right)) in zip(out, sources):
         got_left, got_right = rendered[:, 4:28, 2:12].mean((1, 2)).numpy(), rendered[:, 4:28, 20:30].mean((1, 2)).numpy()
         assert np.abs(got_left - reference(left)).max() < 0.03 and np.abs(got_right - reference(right)).max() < 0.03
+
+
+def test_pad_keeps_the_ink_a_crop_cuts_off_and_fills_with_the_ground():
+    from splatclip.fitting.images import crop, square
+    from splatclip.pipelines.samples import decode_image
+
+    tall = np.zeros((40, 20, 3), np.uint8)  # a digit cut out taller than it is wide, ink at its ends
+    tall[2:6, 6:14] = tall[34:38, 6:14] = tall[6:34, 9:11] = 255
+    cropped, padded = square(tall, "crop"), square(tall, "pad")
+    assert cropped.shape == (20, 20, 3) and padded.shape == (40, 40, 3)
+    assert cropped.sum() < 0.6 * tall.sum()  # the bars at top and bottom are gone
+    assert padded.sum() == tall.sum() and (padded[:, :10] == 0).all()  # all the ink, on black
+    assert square(255 - tall, "pad")[:, :10].min() == 255  # ink on white is padded with white
+    square_image = tall[:20]
+    assert square(square_image, "pad") is square_image and square(square_image, "crop") is square_image
+    # what a model reads: the top bar is in the padded view (ink across its top rows), not in the crop's
+    sample = {"png": encoded(Image.fromarray(tall), "PNG")}
+    views = {frame: decode_image(sample, 28, frame=frame)[0] for frame in ("crop", "pad")}  # [28, 28]
+    assert crop(tall, 28, "pad").shape == (28, 28, 3)
+    assert (views["pad"][1:5] > 0.5).sum(1).max() >= 5 and (views["crop"][1:5] > 0.5).sum(1).max() <= 3
+    with pytest.raises(ValueError, match="crop or pad"):
+        square(tall, "stretch")
