@@ -43,9 +43,10 @@ def demo_set(root: Path, split: str, limit: int) -> list[dict]:
     return samples[:limit]
 
 
-def as_images(samples: list[dict], size: int) -> tuple[torch.Tensor, list[int]]:
-    """[B, 3, size, size] in [0, 1] as `send` loads an image file, the labels."""
-    return torch.stack([clip_crop(decode(s["png"]), size) for s in samples]), [int(s["cls"]) for s in samples]
+def as_images(samples: list[dict], cfg: FitParams) -> tuple[torch.Tensor, list[int]]:
+    """[B, 3, size, size] in [0, 1] as `send` loads an image file for `cfg`, the labels."""
+    images = [clip_crop(decode(s["png"]), cfg.size, cfg.frame) for s in samples]
+    return torch.stack(images), [int(s["cls"]) for s in samples]
 
 
 def read(encoder: Encoder, images: torch.Tensor, labels: list[int], cfg: FitParams) -> tuple[float, float, float]:
@@ -86,14 +87,14 @@ def main():
     print(f"{'test set':<28} {'images':>6} {'encoder fit':>11} {'dB':>6} {'quick fit':>9} {'dB':>6} {'quick/enc':>9}")
     totals = {"trained": 0.0, "quick": 0.0, "n": 0, "s_trained": 0.0, "s_quick": 0.0}
     for label, samples in sets.items():
-        images, labels = as_images(samples, trained.size)
-        top_t, db_t, s_t = read(encoder, images, labels, trained)
-        top_q, db_q, s_q = read(encoder, images, labels, quick)
-        print(f"{label:<28} {len(labels):>6} {top_t:>11.3f} {db_t:>6.2f} {top_q:>9.3f} {db_q:>6.2f} "
+        top_t, db_t, s_t = read(encoder, *as_images(samples, trained), trained)
+        top_q, db_q, s_q = read(encoder, *as_images(samples, quick), quick)
+        n = len(samples)
+        print(f"{label:<28} {n:>6} {top_t:>11.3f} {db_t:>6.2f} {top_q:>9.3f} {db_q:>6.2f} "
               f"{top_q / top_t:>9.3f}", flush=True)
-        totals["trained"] += top_t * len(labels)
-        totals["quick"] += top_q * len(labels)
-        totals["n"] += len(labels)
+        totals["trained"] += top_t * n
+        totals["quick"] += top_q * n
+        totals["n"] += n
         totals["s_trained"] += s_t
         totals["s_quick"] += s_q
     n = totals["n"]

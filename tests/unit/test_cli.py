@@ -123,7 +123,7 @@ def digit_file(tmp_path):
 
 
 RECIPE = {"gaussians": 16, "size": 28, "iterations": 6, "init": "ink", "prefilter": 0.02, "coarse": 0,
-          "lr_position": 0.12, "some_future_setting": 1}
+          "lr_position": 0.12, "frame": "pad", "some_future_setting": 1}
 
 
 def test_send_fits_as_the_service_says_its_encoder_was_trained(digit_file, capsys):
@@ -131,14 +131,15 @@ def test_send_fits_as_the_service_says_its_encoder_was_trained(digit_file, capsy
     try:
         assert main(["send", digit_file, "--url", service.url, "--no-compile"]) == 0
         out = capsys.readouterr().out
-        assert "fitting 16 Gaussians at 28x28, init ink, prefilter 0.02, 6 iterations: as the encoder's training " \
-               "splats were fitted" in out and "seven 0.900" in out
+        assert "fitting 16 Gaussians at 28x28 (padded square), init ink, prefilter 0.02, 6 iterations: as the " \
+               "encoder's training splats were fitted" in out and "seven 0.900" in out
         (sent,) = service.posted
         assert splats.from_bytes(sent).shape == (16, 8)
         # an option given replaces the service's setting, the rest stay the service's
         assert main(["send", digit_file, "--url", service.url, "--no-compile", "--gaussians", "9"]) == 0
         out = capsys.readouterr().out
-        assert "fitting 9 Gaussians at 28x28, init ink, prefilter 0.02" in out and "gaussians as given" in out
+        assert "fitting 9 Gaussians at 28x28 (padded square), init ink, prefilter 0.02" in out
+        assert "gaussians as given" in out
         assert splats.from_bytes(service.posted[-1]).shape == (9, 8)
     finally:
         service.close()

@@ -75,3 +75,14 @@ def test_decoding_crops_good_images_and_records_bad_ones():
     assert list(out["error"]) == ["", "undecodable", "no_image"] and out["src_w"][0] == 40 and out["src_h"][0] == 20
     assert out["src_bytes"].tolist() == [len(b) for b in batch["image"]] and not out["pixels"][1].any()
     assert np.asarray(out["src_w"][1:]).tolist() == [0, 0]
+
+
+def test_decoding_with_frame_pad_keeps_a_wide_image_whole_on_its_ground():
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[8:12, 1:4] = wide[8:12, 36:39] = 255  # ink at both ends, which a center crop drops
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    batch = {"key": ["a"], "image": [buf.getvalue()], "error": [""], "detail": [""]}
+    cropped, padded = (decode_batch(dict(batch), 20, ShardLimits(), frame)["pixels"][0] for frame in ("crop", "pad"))
+    assert cropped.max() == 0  # the crop kept only the empty middle
+    assert padded[:, :3].max() > 100 and padded[:, -3:].max() > 100 and padded[:5].max() == 0  # ends kept, black pad
