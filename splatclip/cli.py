@@ -117,7 +117,7 @@ def cmd_fit(args) -> int:
         result = fit_batch(images, cfg, [b[2] for b in batch], progress=True)
         for i, (path, _, _) in enumerate(batch):
             target = out_dir / (path.stem + splats.SUFFIX)
-            meta = {"source": str(path), **result.metrics[i]}
+            meta = {"source": str(path), "frame": cfg.frame, **result.metrics[i]}
             splats.save(target, result.splats.encode(i), meta)
             rows.append((path.name, result.metrics[i], target))
     if rows:
@@ -153,7 +153,7 @@ def cmd_render(args) -> int:
         image = render(batch.params, h, w, batch.mask, args.backend)[0]
     if args.compare:
         try:
-            original = clip_crop(decode(Path(args.compare).read_bytes()), min(h, w))
+            original = clip_crop(decode(Path(args.compare).read_bytes()), min(h, w), meta.get("frame", "crop"))
         except (ImageError, OSError) as err:
             print(f"splatclip render: {args.compare}: {err}", file=sys.stderr)
             return 1
@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--size", type=int, help="short side in pixels (default: the fitted size)")
-    p.add_argument("--compare", metavar="IMAGE", help="write original | render | error heat map")
+    p.add_argument("--compare", metavar="IMAGE", help="write original | render | error heat map (the original made "
+                   "square as the splat file's fit did: cropped, or padded with --frame pad)")
     p.add_argument("--backend", default="auto")
     p.set_defaults(func=cmd_render)
 

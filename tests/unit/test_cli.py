@@ -33,6 +33,22 @@ def test_fit_then_render(tmp_path, capsys):
     assert cmp.shape == (32, 3 * 32 + 2 * 4, 3)
 
 
+def test_a_padded_fit_is_compared_with_the_padded_original(tmp_path):
+    from splatclip.fitting.images import crop
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[6:14, 2:8] = wide[6:14, 32:38] = 255  # ink at both ends, which a center crop drops
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert main(["fit", str(tmp_path / "wide.png"), "--gaussians", "16", "--iterations", "5", "--size", "32",
+                 "--frame", "pad", "--no-compile", "-o", str(tmp_path / "out")]) == 0
+    _, meta = splats.load(tmp_path / "out" / "wide.splats.npy")
+    assert meta["frame"] == "pad"
+    assert main(["render", str(tmp_path / "out" / "wide.splats.npy"), "-o", str(tmp_path / "cmp.png"),
+                 "--compare", str(tmp_path / "wide.png")]) == 0
+    original = np.asarray(Image.open(tmp_path / "cmp.png"))[:, :32]  # original | render | error
+    assert np.abs(original.astype(int) - crop(wide, 32, "pad")).max() <= 1 and original[:, :4].max() > 100
+
+
 def test_render_rejects_corrupt_file(tmp_path, capsys):
     bad = tmp_path / "x.splats.npy"
     bad.write_bytes(b"garbage")
