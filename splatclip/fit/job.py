@@ -63,18 +63,6 @@ def fit_settings(spec: FitSpec) -> dict:
     return {"fit": fit, "teacher": teacher}
 
 
-def settings_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
-    """'fit.gaussians: 49 in the output, 16 in this spec' for each setting that differs."""
-    out = []
-    for key in sorted(set(before) | set(now)):
-        a, b = before.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += settings_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} in the output, {b!r} in this spec")
-    return out
-
-
 def planted_links(spec: FitSpec, shards: list[str]) -> list[str]:
     """One problem line for each place the job will write inside a local output that is a symbolic
     link (its records, each shard, its record and its parts folder, the parts already in it): the job
@@ -103,7 +91,7 @@ def prepare_output(spec: FitSpec, shards: list[str]) -> list[str]:
     url = storage.join(spec.output, layout.SETTINGS)
     now = fit_settings(spec)
     before = layout.read_settings(spec.output, spec.storage)
-    changes = settings_changes(before, now) if before is not None else []
+    changes = layout.settings_changes(before, now) if before is not None else []
     if changes and not spec.overwrite:
         return [f"output {redact(spec.output)} was fitted with other settings ({c}); set overwrite: true to refit "
                 "it, or choose another output" for c in changes]

@@ -16,7 +16,7 @@ import torch
 
 from splatclip.models.model_file import load_model, model_from_payload, read_payload
 from splatclip.pipelines.job import Job
-from splatclip.pipelines.layout import fit_recipe
+from splatclip.pipelines.layout import fit_recipe, frame_of, settings_changes
 from splatclip.pipelines.samples import readable
 from splatclip.pipelines.scoring import LabeledSet, zero_shot
 from splatclip.platform import storage
@@ -52,8 +52,7 @@ def fit_differences(trained: dict | None, evaluated: dict | None) -> list[str]:
     encoder reads splats best fitted as it was trained (README, 'Serve the encoder')."""
     if not trained or not evaluated:
         return []
-    differences = [f"{key}: {trained.get(key)!r} in training, {evaluated.get(key)!r} here"
-                   for key in sorted(set(trained) | set(evaluated)) if trained.get(key) != evaluated.get(key)]
+    differences = settings_changes(trained, evaluated, sides=("in training", "here"))
     for line in differences:
         log.warning("the evaluation splats were fitted otherwise than the encoder's training splats: fit.%s", line)
     return differences
@@ -83,7 +82,7 @@ class EvalJob(Job):
         if spec.rgb_checkpoint and spec.rgb_data:
             rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
             # the RGB model reads the source images framed as their splats were
-            images = dataclasses.replace(splats, data=spec.rgb_data, frame=(fitted or {}).get("frame", "crop"))
+            images = dataclasses.replace(splats, data=spec.rgb_data, frame=frame_of(fitted))
             results["rgb"] = zero_shot(rgb, images, spec.batch_size, device)
             results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
         results["compression"] = compression(spec)

@@ -52,6 +52,26 @@ def read_settings(output: str, spec: StorageSpec | None = None) -> dict | None:
     return {**recorded, "fit": {**FitParams().model_dump(exclude=SPEED_ONLY), **recorded.get("fit", {})}}
 
 
+def settings_changes(before: dict, now: dict, prefix: str = "",
+                     sides: tuple[str, str] = ("in the output", "in this spec")) -> list[str]:
+    """'fit.gaussians: 49 in the output, 16 in this spec' for each setting that differs (nested dicts
+    by their dotted keys; `sides` names where each value is from)."""
+    out = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_changes(a, b, f"{prefix}{key}.", sides)
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} {sides[0]}, {b!r} {sides[1]}")
+    return out
+
+
+def frame_of(recipe: dict | None) -> str:
+    """How the images of splats fitted with `recipe` were made square (FitParams' default where no
+    recipe is known): the RGB model reads the source images so."""
+    return (recipe or {}).get("frame", FitParams.model_fields["frame"].default)
+
+
 def fit_recipe(shards: list[str], spec: StorageSpec | None = None) -> dict | None:
     """The fit settings splat shards were made with (FitParams' fields, less the speed-only ones), read
     from their directories' records; None, with a warning, when a directory has no readable record or
