@@ -45,7 +45,7 @@ def demo_set(root: Path, split: str, limit: int) -> list[dict]:
 
 def as_images(samples: list[dict], cfg: FitParams) -> tuple[torch.Tensor, list[int]]:
     """[B, 3, size, size] in [0, 1] as `send` loads an image file for `cfg`, the labels."""
-    images = [clip_crop(decode(s["png"]), cfg.size, cfg.frame) for s in samples]
+    images = [clip_crop(decode(s["png"]), cfg.size, cfg.frame, cfg.ground) for s in samples]
     return torch.stack(images), [int(s["cls"]) for s in samples]
 
 

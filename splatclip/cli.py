@@ -18,6 +18,7 @@ from splatclip.platform.specs import SPECS, FitParams
 log = logging.getLogger("splatclip")
 INITS = get_args(FitParams.model_fields["init"].annotation)  # the fitter's initializations, for --init
 FRAMES = get_args(FitParams.model_fields["frame"].annotation)  # how a non-square image is made square, for --frame
+GROUNDS = get_args(FitParams.model_fields["ground"].annotation)  # what becomes of an image's ground, for --ground
 
 
 def spec_reference(schema) -> str:
@@ -67,15 +68,15 @@ def _batches(items: list, size: int):
         yield items[s : s + size]
 
 
-def load_images(command: str, paths: list[str], size: int, frame: str) -> list[tuple]:
-    """(path, image [3, size, size], source bytes) of each image that loads, made square by `frame`;
-    each that does not is named on stderr."""
+def load_images(command: str, paths: list[str], cfg: FitParams) -> list[tuple]:
+    """(path, image [3, size, size], source bytes) of each image that loads, made square and given its
+    ground as `cfg` says; each that does not is named on stderr."""
     from splatclip.fitting.images import ImageError, load_file
 
     loaded = []
     for path in paths:
         try:
-            image, nbytes = load_file(path, size, frame=frame)
+            image, nbytes = load_file(path, cfg.size, frame=cfg.frame, ground=cfg.ground)
         except (ImageError, OSError) as err:
             print(f"splatclip {command}: {path}: {err}", file=sys.stderr)
             continue
@@ -102,6 +103,7 @@ def cmd_fit(args) -> int:
             backend=args.backend,
             init=args.init,
             frame=args.frame,
+            ground=args.ground,
             compile=not args.no_compile,
         )
     except Exception as err:  # pydantic names the field
@@ -109,7 +111,7 @@ def cmd_fit(args) -> int:
         return 2
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_images("fit", args.images, cfg.size, cfg.frame)
+    loaded = load_images("fit", args.images, cfg)
     failed = len(args.images) - len(loaded)
     rows = []
     for batch in _batches(loaded, args.batch_size):
@@ -117,7 +119,7 @@ def cmd_fit(args) -> int:
         result = fit_batch(images, cfg, [b[2] for b in batch], progress=True)
         for i, (path, _, _) in enumerate(batch):
             target = out_dir / (path.stem + splats.SUFFIX)
-            meta = {"source": str(path), "frame": cfg.frame, **result.metrics[i]}
+            meta = {"source": str(path), "frame": cfg.frame, "ground": cfg.ground, **result.metrics[i]}
             splats.save(target, result.splats.encode(i), meta)
             rows.append((path.name, result.metrics[i], target))
     if rows:
@@ -153,7 +155,8 @@ def cmd_render(args) -> int:
         image = render(batch.params, h, w, batch.mask, args.backend)[0]
     if args.compare:
         try:
-            original = clip_crop(decode(Path(args.compare).read_bytes()), min(h, w), meta.get("frame", "crop"))
+            original = clip_crop(decode(Path(args.compare).read_bytes()), min(h, w), meta.get("frame", "crop"),
+                                 meta.get("ground", "keep"))
         except (ImageError, OSError) as err:
             print(f"splatclip render: {args.compare}: {err}", file=sys.stderr)
             return 1
@@ -169,13 +172,14 @@ def cmd_render(args) -> int:
 
 
 QUICK_FIT = {"gaussians": 49, "size": 28, "iterations": 40}  # send's fit when the service names none
-SEND_OPTIONS = ("gaussians", "size", "iterations", "init", "prefilter", "target_psnr", "target_snr", "frame")
+SEND_OPTIONS = ("gaussians", "size", "iterations", "init", "prefilter", "target_psnr", "target_snr", "frame", "ground")
 
 
 def describe_fit(cfg: FitParams) -> str:
     targets = [f"{v:g} dB {what}" for v, what in ((cfg.target_psnr, "PSNR"), (cfg.target_snr, "of signal")) if v]
-    padded = " (padded square)" if cfg.frame == "pad" else ""
-    return (f"{cfg.gaussians} Gaussians at {cfg.size}x{cfg.size}{padded}, init {cfg.init}, prefilter {cfg.prefilter:g}, "
+    view = [w for w, on in (("padded square", cfg.frame == "pad"), ("ground to black", cfg.ground == "black")) if on]
+    view = f" ({', '.join(view)})" if view else ""
+    return (f"{cfg.gaussians} Gaussians at {cfg.size}x{cfg.size}{view}, init {cfg.init}, prefilter {cfg.prefilter:g}, "
             f"{'up to ' if targets else ''}{cfg.iterations} iterations{' to ' + ' and '.join(targets) if targets else ''}")
 
 
@@ -228,7 +232,7 @@ def cmd_send(args) -> int:
         print(f"splatclip send: {err}", file=sys.stderr)
         return 1 if isinstance(err, ConnectionError) else 2
     print(f"fitting {describe_fit(cfg)}: {how}")
-    loaded = load_images("send", args.images, cfg.size, cfg.frame)
+    loaded = load_images("send", args.images, cfg)
     failed = len(args.images) - len(loaded)
     print(f"{'image':<24} {'PSNR':>9} {'sent':>7} {'PNG':>7} {'JPEG':>7} {'source':>8}  answer")
     for batch in _batches(loaded, args.batch_size):
@@ -301,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "against the image)")
     p.add_argument("--frame", choices=FRAMES, default=FitParams.model_fields["frame"].default,
                    help="pad: an image that is not square is padded to a square with its ground, not cropped (digits)")
+    p.add_argument("--ground", choices=GROUNDS, default=FitParams.model_fields["ground"].default,
+                   help="black: bring the image's ground to black and its ink to light (dark ink on paper is inverted)")
     p.add_argument("--prune-tau", type=float, default=0.0)
     p.add_argument("--target-psnr", type=float, help="stop each image at this PSNR (dB); --iterations is a ceiling")
     p.add_argument("--target-snr", type=float, help="stop each image once its error is this many dB under its own "
@@ -328,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     fitting.add_argument("--prefilter", type=float, help="fit each image blurred by this share of its grid's square")
     fitting.add_argument("--frame", choices=FRAMES, help="pad: an image that is not square is padded to a square "
                          "with its ground, not cropped")
+    fitting.add_argument("--ground", choices=GROUNDS, help="black: bring the image's ground to black and its ink to "
+                         "light (dark ink on paper is inverted)")
     p.add_argument("--batch-size", type=int, default=64, help="images fitted together in one optimizer step")
     p.add_argument("--no-compile", action="store_true", help="render eagerly, without the kernels compiled for this "
                    "machine (slower steps)")
@@ -339,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--size", type=int, help="short side in pixels (default: the fitted size)")
     p.add_argument("--compare", metavar="IMAGE", help="write original | render | error heat map (the original made "
-                   "square as the splat file's fit did: cropped, or padded with --frame pad)")
+                   "square and grounded as the splat file's fit did: cropped, or padded with --frame pad; with --ground black, "
+                   "its ground at black)")
     p.add_argument("--backend", default="auto")
     p.set_defaults(func=cmd_render)
 

@@ -9,6 +9,10 @@ how a model holds up under a change of source (docs/method.md, 'Shifted test set
   smoothed by a Gaussian of 4 pixels, Simard et al. 2003), its root-mean-square displacement 1,
   1.75 or 2.5 pixels; or `filled`, cut to the ink and scaled to fill 23, 25 or 27 of the 28 pixels,
   framed by that box (a scan normalized to its ink's box, with an image library's bicubic resize);
+  or `paper`, written dark on a light ground as ink on paper is: black on white; then on gray paper
+  of a random shade, the ink at 0.75 of the contrast, with sensor noise; then at half the contrast,
+  more noise, and light falling unevenly across the page (a model trained on MNIST's light-on-black
+  digits reads these only through `fit.ground: black`);
 - `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
   STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
   placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
@@ -39,12 +43,15 @@ SEVERITY = {
     "blurred": (0.6, 1.0, 1.4),  # Gaussian sigma
     "bent": (1.0, 1.75, 2.5),  # root-mean-square displacement of the elastic field
     "filled": (23, 25, 27),  # the ink's longer side, pixels (MNIST's box: 20)
+    # the paper's gray (drawn between the two), the ink's share of its contrast, the noise's sd and the
+    # light's fall across the page (gray levels, corner to corner, in a random direction)
+    "paper": ((255, 255, 1.0, 0, 0), (200, 245, 0.75, 4, 0), (170, 230, 0.5, 8, 24)),
 }
 ELASTIC_SMOOTHING = 4.0  # pixels: the Gaussian that smooths the elastic field's noise
 # combined: a pen (thicker or thinner, at random), then smaller, rotated and shifted, each at the severity
 COMBINED = ("smaller", "rotated", "shifted")
 # a kind's place here seeds its draws, so new kinds go last and the older sets stay as they were
-SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent", "filled")
+SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent", "filled", "paper")
 # matplotlib's fonts with Latin digits: the families and their weights and slants
 FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
          for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
@@ -75,6 +82,8 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
         return zoom(image, amount)
     elif kind == "filled":
         return boxed(image, amount, Image.Resampling.BICUBIC).astype(np.uint8)  # an 8-bit resize: in range
+    elif kind == "paper":
+        return on_paper(x, *amount, rng)
     elif kind == "bent":
         field = ndimage.gaussian_filter(rng.uniform(-1, 1, (2, *x.shape)), (0, ELASTIC_SMOOTHING, ELASTIC_SMOOTHING))
         field *= amount / np.sqrt((field**2).sum(0).mean())  # [2, H, W]: (dy, dx), scaled to its size
@@ -83,6 +92,18 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
     else:  # blurred
         x = ndimage.gaussian_filter(x, amount)
     return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
+def on_paper(ink: np.ndarray, darkest: float, lightest: float, contrast: float, noise: float, fall: float,
+             rng: np.random.Generator) -> np.ndarray:
+    """A light-on-black digit (float [H, W]) written dark on paper: the paper's gray g drawn from
+    [darkest, lightest], the ink darkening it to g (1 - contrast ink / 255), light falling by `fall`
+    gray levels from one corner to the other in a random direction, and noise of sd `noise`: uint8."""
+    paper, angle = rng.uniform(darkest, lightest), rng.uniform(0, 2 * math.pi)
+    y, x = np.mgrid[0 : ink.shape[0], 0 : ink.shape[1]] / (np.array(ink.shape)[:, None, None] - 1) - 0.5  # [2, H, W]
+    light = fall * math.sqrt(0.5) * (math.cos(angle) * x + math.sin(angle) * y)  # [H, W], at most +-fall / 2
+    page = paper * (1 - contrast * ink / 255) + light + rng.normal(0, noise, ink.shape)
+    return np.clip(page, 0, 255).round().astype(np.uint8)
 
 
 def shifted_digits(kind: str, severity: int, limit: int | None = None, seed: int = 0) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Decode untrusted images safely and crop them the way CLIP does (center square, then resize).
+"""Decode untrusted images safely and crop them the way CLIP does (center square, then resize), or pad
+them square; optionally bring their ground to black (`to_black_ground`).
 
 Decoding is bounded before any pixel is read: only the accepted formats are opened, and the
 declared size must pass the pixel and aspect-ratio limits. Cropping takes the center square of the
@@ -15,6 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from splatclip.fitting.prune import REC709
 from splatclip.platform.specs import DEFAULT_LIMITS, ShardLimits
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the members of a shard's sample that can hold its image
@@ -103,11 +105,16 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         raise ImageError("unsupported_mode", f"mode {img.mode}: {err}") from None
 
 
+def border(rgb: np.ndarray) -> np.ndarray:
+    """The border pixels of an image: uint8 [H, W, 3] -> [2(H + W), 3]."""
+    return np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+
+
 def square(rgb: np.ndarray, frame: str = "crop") -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [S, S, 3]: "crop", the center square of the short side (S = min(H, W);
     CLIP's framing, for photos); "pad", the whole image centered on a square of the long side filled
-    with its ground (S = max(H, W); the median of its border pixels: black for ink on black), so a
-    digit cut out taller or wider than it is broad keeps all its ink."""
+    with its ground (S = max(H, W); the median of its border pixels: black for ink on black), so a digit cut out
+    taller or wider than it is broad keeps all its ink."""
     h, w = rgb.shape[:2]
     if h == w:
         return rgb
@@ -118,18 +125,37 @@ def square(rgb: np.ndarray, frame: str = "crop") -> np.ndarray:
     if frame != "pad":
         raise ValueError(f"frame {frame!r}: crop or pad")
     side = max(h, w)
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])  # [2(H + W), 3]
     out = np.empty((side, side, 3), np.uint8)
-    out[:] = np.median(border, axis=0).astype(np.uint8)
+    out[:] = np.median(border(rgb), axis=0).astype(np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
     out[top : top + h, left : left + w] = rgb
     return out
 
 
-def crop(rgb: np.ndarray, size: int, frame: str = "crop") -> np.ndarray:
+def to_black_ground(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [H, W, 3] with its ground at black and its ink light. The ground g is
+    the median of the border pixels and its spread s their robust sd (1.4826 x their median absolute
+    deviation; noise and uneven light), per channel. A pixel's ink is how far it is from g toward the
+    ink's side, less 3 s, stretched so that the darkest ink possible is 255: on a light ground (luminance
+    over half; dark ink on paper) (g - x - 3s) / (g - 3s), the image inverted; on a dark ground
+    (x - g - 3s) / (255 - g - 3s), which leaves ink on a clean black ground as it is. Clipped to 0..255:
+    ink lighter than paper is ground, and so is the ground's own noise. So digits written dark on paper
+    read as the light-on-black digits a model trained on MNIST knows."""
+    edge = border(rgb).astype(np.float32)  # [2(H + W), 3]
+    ground = np.median(edge, axis=0)  # [3]
+    floor = 3 * 1.4826 * np.median(np.abs(edge - ground), axis=0)  # [3]
+    x = rgb.astype(np.float32)
+    light = float(ground @ np.array(REC709)) > 127.5  # luminance
+    ink, full = (ground - x, ground) if light else (x - ground, 255.0 - ground)
+    out = (ink - floor) * (255.0 / np.maximum(full - floor, 1.0))
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def crop(rgb: np.ndarray, size: int, frame: str = "crop", ground: str = "keep") -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [size, size, 3]: the image made square (`square`: the center square of
     the short side, or padded to the long side), resized to `size` with PIL's bicubic filter
-    (antialiased when shrinking; what CLIP's own preprocessing uses), at any aspect ratio. Needs no
+    (antialiased when shrinking; what CLIP's own preprocessing uses), at any aspect ratio; then, with
+    ground "black", its ground brought to black (`to_black_ground`; "keep": as it is). Needs no
     torch, so decode workers stay small."""
     squared = Image.fromarray(np.ascontiguousarray(square(rgb, frame)))
     side = squared.size[0]
@@ -138,18 +164,23 @@ def crop(rgb: np.ndarray, size: int, frame: str = "crop") -> np.ndarray:
         squared = squared.reduce(factor)
     if squared.size != (size, size):
         squared = squared.resize((size, size), Image.Resampling.BICUBIC)
-    return np.array(squared, dtype=np.uint8)
+    out = np.array(squared, dtype=np.uint8)
+    if ground == "black":
+        return to_black_ground(out)
+    if ground != "keep":
+        raise ValueError(f"ground {ground!r}: keep or black")
+    return out
 
 
-def clip_crop(rgb: np.ndarray, size: int, frame: str = "crop"):
+def clip_crop(rgb: np.ndarray, size: int, frame: str = "crop", ground: str = "keep"):
     """uint8 [H, W, 3] -> float32 tensor [3, size, size] in [0, 1] (`crop`, for the fitter)."""
     import torch  # here, not at the top: the decode stage imports this module and never needs torch
 
-    return torch.from_numpy(crop(rgb, size, frame)).permute(2, 0, 1).float().div_(255.0).contiguous()
+    return torch.from_numpy(crop(rgb, size, frame, ground)).permute(2, 0, 1).float().div_(255.0).contiguous()
 
 
-def load_file(path: str, size: int, limits: ShardLimits = DEFAULT_LIMITS, frame: str = "crop"):
+def load_file(path: str, size: int, limits: ShardLimits = DEFAULT_LIMITS, frame: str = "crop", ground: str = "keep"):
     """An image file -> (float32 tensor [3, size, size], source bytes)."""
     with open(path, "rb") as f:
         data = f.read()
-    return clip_crop(decode(data, limits), size, frame), len(data)
+    return clip_crop(decode(data, limits), size, frame, ground), len(data)

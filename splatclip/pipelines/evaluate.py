@@ -16,7 +16,7 @@ import torch
 
 from splatclip.models.model_file import load_model, model_from_payload, read_payload
 from splatclip.pipelines.job import Job
-from splatclip.pipelines.layout import fit_recipe, frame_of, settings_changes
+from splatclip.pipelines.layout import fit_recipe, settings_changes, view_of
 from splatclip.pipelines.samples import readable
 from splatclip.pipelines.scoring import LabeledSet, zero_shot
 from splatclip.platform import storage
@@ -81,8 +81,8 @@ class EvalJob(Job):
         results["fit_differences"] = fit_differences(payload.get("fit"), fitted)
         if spec.rgb_checkpoint and spec.rgb_data:
             rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
-            # the RGB model reads the source images framed as their splats were
-            images = dataclasses.replace(splats, data=spec.rgb_data, frame=frame_of(fitted))
+            # the RGB model reads the source images framed and grounded as their splats were
+            images = dataclasses.replace(splats, data=spec.rgb_data, **view_of(fitted))
             results["rgb"] = zero_shot(rgb, images, spec.batch_size, device)
             results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
         results["compression"] = compression(spec)

@@ -66,10 +66,14 @@ def settings_changes(before: dict, now: dict, prefix: str = "",
     return out
 
 
-def frame_of(recipe: dict | None) -> str:
-    """How the images of splats fitted with `recipe` were made square (FitParams' default where no
-    recipe is known): the RGB model reads the source images so."""
-    return (recipe or {}).get("frame", FitParams.model_fields["frame"].default)
+VIEW = ("frame", "ground")  # the fit settings that say how a source image became the square that was fitted
+
+
+def view_of(recipe: dict | None) -> dict[str, str]:
+    """How the images of splats fitted with `recipe` were made square and given their ground
+    ({"frame", "ground"}; FitParams' defaults where no recipe is known): the RGB model reads the
+    source images so."""
+    return {k: (recipe or {}).get(k, FitParams.model_fields[k].default) for k in VIEW}
 
 
 def fit_recipe(shards: list[str], spec: StorageSpec | None = None) -> dict | None:

@@ -168,6 +168,14 @@ class FitParams(Model):
                                           "ground (the median of its border), so a digit cut out taller than it is "
                                           "wide keeps all its ink. The RGB model that evaluates or distils from "
                                           "the source images frames them as their splats were.")
+    ground: Literal["keep", "black"] = Field("keep", description="black: after `frame`, bring each image's ground "
+                                             "(the median of its border) to black and its ink to light, the ground's "
+                                             "own noise (3 robust sd of its border) under black: an image on a light "
+                                             "ground (dark ink on paper) is inverted, so digits written on paper read "
+                                             "as the light-on-black digits a model trained on MNIST knows, and ink on "
+                                             "a clean black ground stays as it is; keep: as it is (photos). The RGB "
+                                             "model that evaluates or distils from the source images reads them so "
+                                             "too.")
     init: Literal["structured", "ink", "random"] = Field("structured", description="structured: a grid of Gaussians "
                                                          "over the frame, colored by its cells; ink: that grid over "
                                                          "the box holding the ink of an image on black (digits, "

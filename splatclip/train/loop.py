@@ -24,7 +24,7 @@ from splatclip.models.backbone import create, input_size
 from splatclip.models.gsclip import from_open_clip
 from splatclip.models.model_file import save_model
 from splatclip.models.objectives import OBJECTIVES, Objective, settings
-from splatclip.pipelines.layout import frame_of
+from splatclip.pipelines.layout import view_of
 from splatclip.pipelines.samples import SampleFormat, ShardSet, Skipped, WorkerShare
 from splatclip.pipelines.scoring import LabeledSet, zero_shot
 from splatclip.train.ingest import Ingest, on_device, steps_per_epoch
@@ -73,7 +73,7 @@ class Stage:
         fmt = SampleFormat(encoder=spec.model.encoder, image_size=input_size(loop.model.clip),
                            source_size=input_size(teacher) if teacher is not None else None,
                            embed_dim=loop.model.clip.visual.output_dim, limits=spec.limits,
-                           frame=frame_of(loop.shards.fit))  # the source images as their splats
+                           **view_of(loop.shards.fit))  # the source images as their splats
         shards = loop.shards if teacher is not None else dataclasses.replace(loop.shards, sources=None)
         ingest = Ingest(spec, shards, fmt, loop.share, loop.model.tokenizer)
         self.data = on_device(ingest.batches((loop.state.epoch, loop.state.batch), loop.skipped, loop.poisoned,

@@ -161,6 +161,28 @@ def test_send_fits_as_the_service_says_its_encoder_was_trained(digit_file, capsy
         service.close()
 
 
+def test_send_lifts_a_digit_off_paper_when_the_encoder_was_trained_so(digit_file, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from splatclip.fitting import fitter
+
+    seen, fit_batch = [], fitter.fit_batch
+    monkeypatch.setattr(fitter, "fit_batch", lambda images, cfg: seen.append(images) or fit_batch(images, cfg))
+    Image.fromarray(230 - np.asarray(Image.open(digit_file)) * 0.8).convert("L").save(tmp_path / "paper.png")
+    service = Service(200, {"fit": {**RECIPE, "ground": "black"}})
+    try:
+        assert main(["send", str(tmp_path / "paper.png"), "--url", service.url, "--no-compile"]) == 0
+        assert "(padded square, ground to black)" in capsys.readouterr().out
+        assert main(["send", str(tmp_path / "paper.png"), "--url", service.url, "--no-compile", "--ground", "keep"]) == 0
+        assert "(padded square), init ink" in capsys.readouterr().out
+    finally:
+        service.close()
+    lifted, kept = seen  # [1, 3, 28, 28] each: the one as the ground setting made it
+    one = torch.from_numpy(np.asarray(Image.open(digit_file)) > 0)
+    assert lifted[0, 0][~one].max() == 0 and lifted[0, 0][one].min() > 0.7
+    assert kept[0, 0][~one].min() > 0.85 and kept[0, 0][one].max() < 0.2
+
+
 def test_send_fits_its_images_in_batches_and_names_one_that_fails(digit_file, tmp_path, capsys, monkeypatch):
     from splatclip.fitting import fitter
 

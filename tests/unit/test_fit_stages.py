@@ -86,3 +86,14 @@ def test_decoding_with_frame_pad_keeps_a_wide_image_whole_on_its_ground():
     cropped, padded = (decode_batch(dict(batch), 20, ShardLimits(), frame)["pixels"][0] for frame in ("crop", "pad"))
     assert cropped.max() == 0  # the crop kept only the empty middle
     assert padded[:, :3].max() > 100 and padded[:, -3:].max() > 100 and padded[:5].max() == 0  # ends kept, black pad
+
+
+def test_decoding_with_ground_black_lifts_dark_ink_off_a_light_page():
+    digit = np.zeros((20, 20, 3), np.uint8)
+    digit[3:17, 8:12] = 255
+    buf = io.BytesIO()
+    Image.fromarray(225 - (digit * 0.7).astype(np.uint8)).save(buf, format="PNG")  # gray paper, ink at 0.7
+    batch = {"key": ["a"], "image": [buf.getvalue()], "error": [""], "detail": [""]}
+    kept, black = (decode_batch(dict(batch), 20, ShardLimits(), "crop", ground)["pixels"][0] for ground in ("keep", "black"))
+    assert kept[0, 0, 0] == 225 and kept[10, 10, 0] < 50  # the page as it is
+    assert black[digit == 0].max() == 0 and black[digit == 255].min() > 170  # light ink on black

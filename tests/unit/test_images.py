@@ -222,3 +222,36 @@ def test_pad_keeps_the_ink_a_crop_cuts_off_and_fills_with_the_ground():
     assert (views["pad"][1:5] > 0.5).sum(1).max() >= 5 and (views["crop"][1:5] > 0.5).sum(1).max() <= 3
     with pytest.raises(ValueError, match="crop or pad"):
         square(tall, "stretch")
+
+
+def test_ground_black_turns_ink_on_paper_into_ink_on_black_and_leaves_ink_on_black_as_it_is():
+    import torch
+
+    from splatclip.fitting.images import crop, to_black_ground
+    from splatclip.pipelines.samples import decode_image
+
+    rng = np.random.default_rng(0)
+    digit = np.zeros((28, 28, 3), np.uint8)
+    digit[4:24, 12:16] = 255
+    digit[4:8, 8:16] = 180  # a softer stroke
+    digit[12, :] = 255  # ink that reaches the border (a minority of the border's pixels)
+    assert (to_black_ground(digit) == digit).all()  # ink on a clean black ground: as it is
+    assert (to_black_ground(255 - digit) == digit).all()  # black on white: inverted exactly
+    # gray paper, the ink at 0.6 of the contrast, noise of sd 6 and light falling across the page
+    fall = np.linspace(-10, 10, 28)[None, :, None]
+    page = 210 * (1 - 0.6 * digit / 255.0) + fall + rng.normal(0, 6, digit.shape)
+    out = to_black_ground(np.clip(page, 0, 255).round().astype(np.uint8)).astype(int)
+    ground, ink = digit[..., 0] == 0, digit[..., 0] == 255
+    assert (out[ground] == 0).mean() > 0.95 and out[ground].mean() < 2  # the ground is black, its noise gone
+    assert out[ink].min() > 90 and out[ink].mean() > 110  # the ink light
+    # a colour page: blue ink on yellowish paper becomes light ink on black in each channel's own scale
+    paper = np.array([245, 235, 190], np.float32)
+    colour = (paper - digit / 255.0 * (paper - np.array([30, 40, 120]))).round().astype(np.uint8)
+    out = to_black_ground(colour)
+    assert (out[ground] == 0).all() and (out[ink] > 90).all()
+    # through the image paths: crop, and a shard sample's image as the RGB model reads it
+    assert (crop(255 - digit, 28, ground="black") == digit).all()
+    view = decode_image({"png": encoded(Image.fromarray(255 - digit), "PNG")}, 28, ground="black")  # [3, 28, 28]
+    assert torch.equal(view, torch.from_numpy(digit).permute(2, 0, 1).float() / 255)
+    with pytest.raises(ValueError, match="keep or black"):
+        crop(digit, 28, ground="white")

@@ -18,7 +18,7 @@ def pixels(sample) -> np.ndarray:
 def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
     plain = digits("test", limit=20)
     ink = sum(pixels(s).sum() for s in plain)
-    for kind in shifted.SEVERITY:  # one transform each (combined: below; its pixels saturate as the ink moves off)
+    for kind in set(shifted.SEVERITY) - {"paper"}:  # one transform each (combined, paper: below)
         sets = [shifted.shifted_digits(kind, severity, limit=20) for severity in (1, 2, 3)]
         for samples in sets:
             assert [s["cls"] for s in samples] == [s["cls"] for s in plain]
@@ -64,6 +64,22 @@ def test_combined_moves_and_shrinks_the_ink_more_at_each_severity_and_changes_it
         assert abs(np.median(moved) - shift) < 1.0, (severity, moved)
         assert abs(np.median(scale) - zoom) < 0.12, (severity, scale)
         assert min(ink) < 0.85 and max(ink) > 1.15, (severity, ink)  # both pens, lighter and heavier
+
+
+def test_paper_writes_the_digits_dark_on_a_light_page_and_harder_to_lift_off_it_at_each_severity():
+    from splatclip.fitting.images import to_black_ground
+
+    plain = digits("test", limit=20)
+    lifted = []  # how far the page brought back to ink on black is from the digit, at each severity
+    for severity in (1, 2, 3):
+        pages = shifted.shifted_digits("paper", severity, limit=20)
+        assert [s["cls"] for s in pages] == [s["cls"] for s in plain]
+        for a, b in zip(plain, pages):
+            page = pixels(b)
+            assert np.median(page) > 160 and page[pixels(a) > 200].mean() < np.median(page) - 60  # dark ink, light page
+        lifted.append(np.mean([np.abs(to_black_ground(np.repeat(pixels(b)[..., None].astype(np.uint8), 3, -1))[..., 0]
+                                      - pixels(a)).mean() for a, b in zip(plain, pages)]))
+    assert lifted[0] == 0 and lifted[0] < lifted[1] < lifted[2], lifted  # black on white is MNIST inverted
 
 
 def test_printed_digits_cover_the_classes_in_mnist_framing():
