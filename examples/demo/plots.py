@@ -15,6 +15,7 @@ from PIL import Image
 from splatclip import pictures
 from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop, decode
+from splatclip.pipelines.layout import fit_recipe, view_of
 from splatclip.platform.shards import read_samples
 from splatclip.platform.specs import FitParams
 
@@ -23,12 +24,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def contact_sheet(root: Path, points: tuple[int, ...]) -> np.ndarray:
-    """Photos, then digits at each point and sklearn's digits: original | splats | error, row by row."""
+    """Photos, then digits at each point and sklearn's digits: original (as its fit saw it) | splats |
+    error, row by row."""
     rows = []
     sources = [("photos", "photos", 128)] + [("test", f"g{n}", 28) for n in points] + [("sklearn", f"g{points[0]}", 28)]
     for prefix, out, size in sources:
         shard = root / "data" / f"{prefix}-00000.tar"
-        originals, renders = pictures.fitted_pairs(str(shard), str(root / "splats" / out / shard.name), size, 8)
+        fitted = str(root / "splats" / out / shard.name)
+        originals, renders = pictures.fitted_pairs(str(shard), fitted, size, 8, **view_of(fit_recipe([fitted])))
         if size < 100:  # digits: enlarge to be visible
             originals = [torch.nn.functional.interpolate(o[None], scale_factor=4, mode="nearest")[0] for o in originals]
             renders = [torch.nn.functional.interpolate(r[None], scale_factor=4, mode="nearest")[0] for r in renders]

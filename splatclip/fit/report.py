@@ -116,7 +116,7 @@ def report(summary: dict, spec: FitSpec, tracker: Tracker, shards: list[str]) ->
 
 
 def contact_sheet(spec: FitSpec, shards: list[str], count: int = 8):
-    """Up to `count` originals (cropped as fitted) above their renders and error maps."""
+    """Up to `count` originals (made square and grounded as fitted) above their renders and error maps."""
     from splatclip import pictures
 
     originals, renders = [], []
@@ -124,6 +124,6 @@ def contact_sheet(spec: FitSpec, shards: list[str], count: int = 8):
         fitted = layout.output_url(spec.output, shard)
         if len(originals) < count and storage.exists(fitted, spec.storage):
             o, r = pictures.fitted_pairs(shard, fitted, spec.fit.size, count - len(originals), spec.storage,
-                                         spec.limits)
+                                         spec.limits, spec.fit.frame, spec.fit.ground)
             originals, renders = originals + o, renders + r
     return pictures.contact_sheet(originals, renders) if originals else None

@@ -39,3 +39,28 @@ def test_the_summary_and_the_budget():
                                                "2 of 4 shards unreadable or missing"]
     unfinished = summarize(records, [], ["e.tar"], wall=2.0, actors=1)
     assert over_budget(unfinished, spec(1.0)) == ["1 shards unfinished; rerun to complete them"]
+
+
+def test_the_contact_sheet_shows_each_original_as_its_fit_saw_it(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from splatclip import pictures, splats
+    from splatclip.platform.shards import write_shard
+
+    digit = np.zeros((20, 40, 3), np.uint8)  # wider than tall, ink at both ends
+    digit[6:14, 2:8] = digit[6:14, 32:38] = 255
+    page = io.BytesIO()
+    Image.fromarray(230 - (digit * 0.8).astype(np.uint8)).save(page, format="PNG")  # written dark on paper
+    with write_shard(str(tmp_path / "src.tar")) as w:
+        w.write({"__key__": "a", "png": page.getvalue()})
+    with write_shard(str(tmp_path / "fit.tar")) as w:
+        w.write({"__key__": "a", "splats.npy": splats.to_bytes(np.array([[0.5, 0.5, 0.1, 0, 0.1, 1, 1, 1]], np.float16))})
+    (kept,), _ = pictures.fitted_pairs(str(tmp_path / "src.tar"), str(tmp_path / "fit.tar"), 20, 8)
+    (seen,), (render,) = pictures.fitted_pairs(str(tmp_path / "src.tar"), str(tmp_path / "fit.tar"), 20, 8,
+                                               frame="pad", ground="black")
+    assert kept.shape == seen.shape == render.shape == (3, 20, 20)
+    assert kept.min() > 0.85  # the crop: the empty middle of the page
+    assert seen[:, :, :3].max() > 0.5 and seen[:, :, -3:].max() > 0.5 and seen[:, :4].max() == 0  # light ends on black
