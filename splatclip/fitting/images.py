@@ -113,8 +113,8 @@ def border(rgb: np.ndarray) -> np.ndarray:
 def square(rgb: np.ndarray, frame: str = "crop") -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [S, S, 3]: "crop", the center square of the short side (S = min(H, W);
     CLIP's framing, for photos); "pad", the whole image centered on a square of the long side filled
-    with its ground (S = max(H, W); the median of its border pixels: black for ink on black), so a digit cut out
-    taller or wider than it is broad keeps all its ink."""
+    with its ground (S = max(H, W); the median of its border pixels: black for ink on black), so a
+    digit cut out taller or wider than it is broad keeps all its ink."""
     h, w = rgb.shape[:2]
     if h == w:
         return rgb

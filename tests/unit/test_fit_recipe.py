@@ -3,7 +3,7 @@
 import json
 import logging
 
-from splatclip.pipelines.layout import SETTINGS, SPEED_ONLY, fit_recipe
+from splatclip.pipelines.layout import SETTINGS, SPEED_ONLY, fit_recipe, view_of
 from splatclip.platform.specs import FitParams
 
 
@@ -26,6 +26,16 @@ def test_a_record_older_than_a_setting_reads_as_its_default(tmp_path):
     del settings["prefilter"]  # written before the setting existed
     (tmp_path / "a" / SETTINGS).write_text(json.dumps({"settings": {"fit": settings}}))
     assert fit_recipe([f"{tmp_path}/a/x.tar"]) == FitParams(gaussians=16).model_dump(exclude=SPEED_ONLY)
+
+
+def test_the_rgb_side_reads_source_images_as_the_record_says_they_were_fitted(tmp_path):
+    record(tmp_path / "a", gaussians=49, frame="pad", ground="black")
+    assert view_of(fit_recipe([f"{tmp_path}/a/x.tar"])) == {"frame": "pad", "ground": "black"}
+    settings = record(tmp_path / "old", gaussians=49, frame="pad")
+    del settings["ground"]  # a record written before the setting: its images kept their ground
+    (tmp_path / "old" / SETTINGS).write_text(json.dumps({"settings": {"fit": settings}}))
+    assert view_of(fit_recipe([f"{tmp_path}/old/x.tar"])) == {"frame": "pad", "ground": "keep"}
+    assert view_of(None) == {"frame": "crop", "ground": "keep"}  # no recipe known: as the defaults
 
 
 def test_no_recipe_from_mixed_missing_or_damaged_records(tmp_path, caplog):
