@@ -12,7 +12,9 @@ how a model holds up under a change of source (docs/method.md, 'Shifted test set
   or `paper`, written dark on a light ground as ink on paper is: black on white; then on gray paper
   of a random shade, the ink at 0.75 of the contrast, with sensor noise; then at half the contrast,
   more noise, and light falling unevenly across the page (a model trained on MNIST's light-on-black
-  digits reads these only through `fit.ground: black`);
+  digits reads these only through `fit.ground: black`); or `dim`, light ink on a ground that is not
+  black (a scan with a raised black level, a photo of a screen, chalk on a slate): a gray ground of
+  40, 70 or 100, the ink's peak lowered to 255, 210 or 180, with noise of sd 0, 4 or 8;
 - `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
   STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
   placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
@@ -46,12 +48,14 @@ SEVERITY = {
     # the paper's gray (drawn between the two), the ink's share of its contrast, the noise's sd and the
     # light's fall across the page (gray levels, corner to corner, in a random direction)
     "paper": ((255, 255, 1.0, 0, 0), (200, 245, 0.75, 4, 0), (170, 230, 0.5, 8, 24)),
+    "dim": ((40, 255, 0), (70, 210, 4), (100, 180, 8)),  # the ground's gray, the ink's peak, the noise's sd
 }
 ELASTIC_SMOOTHING = 4.0  # pixels: the Gaussian that smooths the elastic field's noise
 # combined: a pen (thicker or thinner, at random), then smaller, rotated and shifted, each at the severity
 COMBINED = ("smaller", "rotated", "shifted")
 # a kind's place here seeds its draws, so new kinds go last and the older sets stay as they were
-SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent", "filled", "paper")
+SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent", "filled", "paper",
+          "dim")
 # matplotlib's fonts with Latin digits: the families and their weights and slants
 FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
          for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
@@ -84,6 +88,9 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
         return boxed(image, amount, Image.Resampling.BICUBIC).astype(np.uint8)  # an 8-bit resize: in range
     elif kind == "paper":
         return on_paper(x, *amount, rng)
+    elif kind == "dim":
+        ground, peak, noise = amount
+        x = ground + x * (peak - ground) / 255 + rng.normal(0, noise, x.shape)
     elif kind == "bent":
         field = ndimage.gaussian_filter(rng.uniform(-1, 1, (2, *x.shape)), (0, ELASTIC_SMOOTHING, ELASTIC_SMOOTHING))
         field *= amount / np.sqrt((field**2).sum(0).mean())  # [2, H, W]: (dy, dx), scaled to its size

@@ -66,7 +66,7 @@ def test_combined_moves_and_shrinks_the_ink_more_at_each_severity_and_changes_it
         assert min(ink) < 0.85 and max(ink) > 1.15, (severity, ink)  # both pens, lighter and heavier
 
 
-def test_paper_writes_the_digits_dark_on_a_light_page_and_harder_to_lift_off_it_at_each_severity():
+def test_paper_and_dim_grounds_are_lifted_to_black_less_exactly_at_each_severity():
     from splatclip.fitting.images import to_black_ground
 
     plain = digits("test", limit=20)
@@ -80,6 +80,11 @@ def test_paper_writes_the_digits_dark_on_a_light_page_and_harder_to_lift_off_it_
         lifted.append(np.mean([np.abs(to_black_ground(np.repeat(pixels(b)[..., None].astype(np.uint8), 3, -1))[..., 0]
                                       - pixels(a)).mean() for a, b in zip(plain, pages)]))
     assert lifted[0] == 0 and lifted[0] < lifted[1] < lifted[2], lifted  # black on white is MNIST inverted
+    for severity, (ground, peak, noise) in zip((1, 2, 3), shifted.SEVERITY["dim"]):  # light ink on a gray ground
+        for a, b in zip(plain, shifted.shifted_digits("dim", severity, limit=20)):
+            page, lifted = pixels(b), to_black_ground(np.repeat(pixels(b)[..., None].astype(np.uint8), 3, -1))[..., 0]
+            assert abs(np.median(page) - ground) <= 4 and page.max() <= peak + 5 * noise
+            assert np.median(lifted) == 0 and lifted[pixels(a) > 200].mean() > 80  # the ground black, the ink light
 
 
 def test_printed_digits_cover_the_classes_in_mnist_framing():
