@@ -40,21 +40,30 @@ def contact_sheet(root: Path, points: tuple[int, ...]) -> np.ndarray:
 
 
 def accuracy_plot(results: dict, sets: dict[str, str], points: tuple[int, ...], path: Path) -> None:
-    """Zero-shot top-1 against bytes per image: splats at each point, the RGB teacher at raw pixels."""
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for split, label in sets.items():
+    """Zero-shot top-1 against bytes per image: splats at each point (circles, joined), the RGB teacher
+    at raw pixels (squares), a colour per test set."""
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    lowest = 1.0
+    for (split, label), color in zip(sets.items(), colors * 2):
         xy = sorted((results[(split, n)]["compression"]["splat_bytes"], results[(split, n)]["splat"]["top1"])
                     for n in points if (split, n) in results)
-        line, = ax.plot(*zip(*xy), marker="o", label=f"splats, {label}")
         rgb = results[(split, points[0])]
-        ax.plot([rgb["compression"]["raw_bytes"]], [rgb["rgb"]["top1"]], marker="s", color=line.get_color(),
-                linestyle="none", label=f"RGB teacher, {label}")
+        ax.plot(*zip(*xy), marker="o", color=color, label=label)
+        ax.plot([rgb["compression"]["raw_bytes"]], [rgb["rgb"]["top1"]], marker="s", color=color, linestyle="none")
+        lowest = min(lowest, rgb["rgb"]["top1"], *(y for _, y in xy))
     ax.set_xscale("log")
     ax.set_xlabel("bytes per image (28x28)")
     ax.set_ylabel("zero-shot top-1")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(min(0.7, lowest - 0.05), 1)
     ax.set_title("Accuracy against compression")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the axes, not over the points
+    kinds = [Line2D([], [], marker=m, color="gray", linestyle=ls, label=name)
+             for m, ls, name in (("o", "-", "splats"), ("s", "none", "RGB teacher, raw pixels"))]
+    first = ax.legend(handles=kinds, fontsize=7, loc="lower right")
+    ax.add_artist(first)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # the sets, beside the axes
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
