@@ -27,7 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# Modules whose tests fork processes from the test process (DataLoader workers): run first, so that a
+# worker forks before any in-process Ray (the session's `ray_local`) has started its threads. Forked
+# with a live Ray driver in the process, a loader child once died of "double free or corruption".
+FORK_FIRST = ("test_ingest.py",)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in FORK_FIRST)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
