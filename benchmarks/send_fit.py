@@ -28,6 +28,7 @@ from splatclip.fitting.fitter import fit_batch
 from splatclip.fitting.images import clip_crop, decode
 from splatclip.models.model_file import model_from_payload, read_payload
 from splatclip.models.zeroshot import load_templates
+from splatclip.pipelines.layout import view_of
 from splatclip.platform.shards import read_samples
 from splatclip.platform.specs import FitParams
 from splatclip.serve.encoder import Encoder
@@ -45,7 +46,7 @@ def demo_set(root: Path, split: str, limit: int) -> list[dict]:
 
 def as_images(samples: list[dict], cfg: FitParams) -> tuple[torch.Tensor, list[int]]:
     """[B, 3, size, size] in [0, 1] as `send` loads an image file for `cfg`, the labels."""
-    images = [clip_crop(decode(s["png"]), cfg.size, cfg.frame, cfg.ground) for s in samples]
+    images = [clip_crop(decode(s["png"]), cfg.size, **view_of(cfg)) for s in samples]
     return torch.stack(images), [int(s["cls"]) for s in samples]
 
 

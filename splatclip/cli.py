@@ -72,11 +72,12 @@ def load_images(command: str, paths: list[str], cfg: FitParams) -> list[tuple]:
     """(path, image [3, size, size], source bytes) of each image that loads, made square and given its
     ground as `cfg` says; each that does not is named on stderr."""
     from splatclip.fitting.images import ImageError, load_file
+    from splatclip.pipelines.layout import view_of
 
     loaded = []
     for path in paths:
         try:
-            image, nbytes = load_file(path, cfg.size, frame=cfg.frame, ground=cfg.ground)
+            image, nbytes = load_file(path, cfg.size, **view_of(cfg))
         except (ImageError, OSError) as err:
             print(f"splatclip {command}: {path}: {err}", file=sys.stderr)
             continue
@@ -89,6 +90,7 @@ def cmd_fit(args) -> int:
 
     from splatclip import splats
     from splatclip.fitting.fitter import fit_batch
+    from splatclip.pipelines.layout import view_of
 
     try:
         cfg = FitParams(
@@ -119,7 +121,7 @@ def cmd_fit(args) -> int:
         result = fit_batch(images, cfg, [b[2] for b in batch], progress=True)
         for i, (path, _, _) in enumerate(batch):
             target = out_dir / (path.stem + splats.SUFFIX)
-            meta = {"source": str(path), "frame": cfg.frame, "ground": cfg.ground, **result.metrics[i]}
+            meta = {"source": str(path), **view_of(cfg), **result.metrics[i]}
             splats.save(target, result.splats.encode(i), meta)
             rows.append((path.name, result.metrics[i], target))
     if rows:
@@ -140,6 +142,7 @@ def cmd_render(args) -> int:
     from splatclip import pictures, splats
     from splatclip.cuda import render
     from splatclip.fitting.images import ImageError, clip_crop, decode
+    from splatclip.pipelines.layout import view_of
 
     try:
         arr, meta = splats.load(args.file)
@@ -155,8 +158,7 @@ def cmd_render(args) -> int:
         image = render(batch.params, h, w, batch.mask, args.backend)[0]
     if args.compare:
         try:
-            original = clip_crop(decode(Path(args.compare).read_bytes()), min(h, w), meta.get("frame", "crop"),
-                                 meta.get("ground", "keep"))
+            original = clip_crop(decode(Path(args.compare).read_bytes()), min(h, w), **view_of(meta))
         except (ImageError, OSError) as err:
             print(f"splatclip render: {args.compare}: {err}", file=sys.stderr)
             return 1

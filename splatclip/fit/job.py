@@ -164,8 +164,7 @@ def build_dataset(spec: FitSpec, todo: list[str], actor: dict[str, float], decod
     lo, hi = pool_size(spec.ray)
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=max(1, len(todo)))
     ds = ds.flat_map(read_shard, fn_kwargs={"spec": spec})
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.fit.size, "limits": spec.limits, "frame": spec.fit.frame,
-                                                  "ground": spec.fit.ground},
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": spec.fit.size, "limits": spec.limits, **layout.view_of(spec.fit)},
                         batch_size=spec.batch_size, **ray_options(decode))
     # The pool starts at `ray.actors` (never at one actor that the autoscaler grows slowly) and each
     # actor has IN_FLIGHT batches sent to it (one fitting, the rest waiting), so it never waits on

@@ -124,6 +124,6 @@ def contact_sheet(spec: FitSpec, shards: list[str], count: int = 8):
         fitted = layout.output_url(spec.output, shard)
         if len(originals) < count and storage.exists(fitted, spec.storage):
             o, r = pictures.fitted_pairs(shard, fitted, spec.fit.size, count - len(originals), spec.storage,
-                                         spec.limits, spec.fit.frame, spec.fit.ground)
+                                         spec.limits, **layout.view_of(spec.fit))
             originals, renders = originals + o, renders + r
     return pictures.contact_sheet(originals, renders) if originals else None
