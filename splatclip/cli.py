@@ -19,6 +19,7 @@ log = logging.getLogger("splatclip")
 INITS = get_args(FitParams.model_fields["init"].annotation)  # the fitter's initializations, for --init
 FRAMES = get_args(FitParams.model_fields["frame"].annotation)  # how a non-square image is made square, for --frame
 GROUNDS = get_args(FitParams.model_fields["ground"].annotation)  # what becomes of an image's ground, for --ground
+STROKES = get_args(FitParams.model_fields["stroke"].annotation)  # what becomes of a heavy pen's strokes, for --stroke
 
 
 def spec_reference(schema) -> str:
@@ -106,6 +107,7 @@ def cmd_fit(args) -> int:
             init=args.init,
             frame=args.frame,
             ground=args.ground,
+            stroke=args.stroke,
             compile=not args.no_compile,
         )
     except Exception as err:  # pydantic names the field
@@ -174,12 +176,14 @@ def cmd_render(args) -> int:
 
 
 QUICK_FIT = {"gaussians": 49, "size": 28, "iterations": 40}  # send's fit when the service names none
-SEND_OPTIONS = ("gaussians", "size", "iterations", "init", "prefilter", "target_psnr", "target_snr", "frame", "ground")
+SEND_OPTIONS = ("gaussians", "size", "iterations", "init", "prefilter", "target_psnr", "target_snr", "frame", "ground",
+                "stroke")
 
 
 def describe_fit(cfg: FitParams) -> str:
     targets = [f"{v:g} dB {what}" for v, what in ((cfg.target_psnr, "PSNR"), (cfg.target_snr, "of signal")) if v]
-    view = [w for w, on in (("padded square", cfg.frame == "pad"), ("ground to black", cfg.ground == "black")) if on]
+    view = [w for w, on in (("padded square", cfg.frame == "pad"), ("ground to black", cfg.ground == "black"),
+                            ("heavy pens thinned", cfg.stroke == "thin")) if on]
     view = f" ({', '.join(view)})" if view else ""
     return (f"{cfg.gaussians} Gaussians at {cfg.size}x{cfg.size}{view}, init {cfg.init}, prefilter {cfg.prefilter:g}, "
             f"{'up to ' if targets else ''}{cfg.iterations} iterations{' to ' + ' and '.join(targets) if targets else ''}")
@@ -309,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad: an image that is not square is padded to a square with its ground, not cropped (digits)")
     p.add_argument("--ground", choices=GROUNDS, default=FitParams.model_fields["ground"].default,
                    help="black: bring the image's ground to black and its ink to light (dark ink on paper is inverted)")
+    p.add_argument("--stroke", choices=STROKES, default=FitParams.model_fields["stroke"].default,
+                   help="thin: thin the strokes of a digit drawn with a heavier pen than MNIST's (light ink on a dark "
+                   "ground: with --ground black, any)")
     p.add_argument("--prune-tau", type=float, default=0.0)
     p.add_argument("--target-psnr", type=float, help="stop each image at this PSNR (dB); --iterations is a ceiling")
     p.add_argument("--target-snr", type=float, help="stop each image once its error is this many dB under its own "
@@ -338,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "with its ground, not cropped")
     fitting.add_argument("--ground", choices=GROUNDS, help="black: bring the image's ground to black and its ink to "
                          "light (dark ink on paper is inverted)")
+    fitting.add_argument("--stroke", choices=STROKES, help="thin: thin the strokes of a digit drawn with a heavier "
+                         "pen than MNIST's (light ink on a dark ground: with --ground black, any)")
     p.add_argument("--batch-size", type=int, default=64, help="images fitted together in one optimizer step")
     p.add_argument("--no-compile", action="store_true", help="render eagerly, without the kernels compiled for this "
                    "machine (slower steps)")
@@ -349,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--size", type=int, help="short side in pixels (default: the fitted size)")
     p.add_argument("--compare", metavar="IMAGE", help="write original | render | error heat map (the original made "
-                   "square and grounded as the splat file's fit did: cropped, or padded with --frame pad; with --ground black, "
-                   "its ground at black)")
+                   "square, grounded and stroked as the splat file's fit did: cropped, or padded with --frame pad; with "
+                   "--ground black, its ground at black; with --stroke thin, a heavy pen thinned)")
     p.add_argument("--backend", default="auto")
     p.set_defaults(func=cmd_render)
 

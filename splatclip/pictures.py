@@ -64,9 +64,8 @@ def contact_sheet(originals: list[torch.Tensor], renders: list[torch.Tensor], pe
 
 
 def fitted_pairs(source: str, fitted: str, size: int, count: int, storage: StorageSpec | None = None,
-                 limits: ShardLimits = DEFAULT_LIMITS, frame: str = "crop",
-                 ground: str = "keep") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Up to `count` (original made square and grounded as fitted (`frame`, `ground`) [3, S, S],
+                 limits: ShardLimits = DEFAULT_LIMITS, **view: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Up to `count` (original made square, grounded and stroked as fitted (`view`: `images.crop`'s) [3, S, S],
     render of its splats [3, S, S]) pairs from a source shard and its splat shard."""
     splat_bytes = {s["__key__"]: s["splats.npy"] for s in read_samples(fitted, storage, limits) if "splats.npy" in s}
     originals, renders = [], []
@@ -76,7 +75,7 @@ def fitted_pairs(source: str, fitted: str, size: int, count: int, storage: Stora
             break
         if sample["__key__"] not in splat_bytes or ext is None:
             continue
-        originals.append(clip_crop(decode(sample[ext], limits), size, frame, ground))
+        originals.append(clip_crop(decode(sample[ext], limits), size, **view))
         batch = splats.Splats.from_arrays([splats.from_bytes(splat_bytes[sample["__key__"]])], size, size)
         with torch.no_grad():
             renders.append(render(batch.params, size, size, batch.mask)[0])

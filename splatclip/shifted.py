@@ -14,7 +14,9 @@ how a model holds up under a change of source (docs/method.md, 'Shifted test set
   more noise, and light falling unevenly across the page (a model trained on MNIST's light-on-black
   digits reads these only through `fit.ground: black`); or `dim`, light ink on a ground that is not
   black (a scan with a raised black level, a photo of a screen, chalk on a slate): a gray ground of
-  40, 70 or 100, the ink's peak lowered to 255, 210 or 180, with noise of sd 0, 4 or 8;
+  40, 70 or 100, the ink's peak lowered to 255, 210 or 180, with noise of sd 0, 4 or 8; or `heavy`,
+  drawn with a felt pen to a marker: strokes 2, 2.5 or 3 pixels thicker a side (a model trained on
+  MNIST's thin pens reads the heaviest well only through `fit.stroke: thin`);
 - `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
   STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
   placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
@@ -49,13 +51,14 @@ SEVERITY = {
     # light's fall across the page (gray levels, corner to corner, in a random direction)
     "paper": ((255, 255, 1.0, 0, 0), (200, 245, 0.75, 4, 0), (170, 230, 0.5, 8, 24)),
     "dim": ((40, 255, 0), (70, 210, 4), (100, 180, 8)),  # the ground's gray, the ink's peak, the noise's sd
+    "heavy": (2.0, 2.5, 3.0),  # a felt pen to a marker: the stroke grows by this on each side
 }
 ELASTIC_SMOOTHING = 4.0  # pixels: the Gaussian that smooths the elastic field's noise
 # combined: a pen (thicker or thinner, at random), then smaller, rotated and shifted, each at the severity
 COMBINED = ("smaller", "rotated", "shifted")
 # a kind's place here seeds its draws, so new kinds go last and the older sets stay as they were
 SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent", "filled", "paper",
-          "dim")
+          "dim", "heavy")
 # matplotlib's fonts with Latin digits: the families and their weights and slants
 FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
          for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
@@ -75,8 +78,8 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
         raise ValueError(f"unknown shift {kind!r} (known: {', '.join(SHIFTS)})")
     amount = SEVERITY[kind][severity - 1]
     x = image.astype(np.float32)
-    if kind in ("thicker", "thinner"):
-        return stroke(image, amount if kind == "thicker" else -amount)
+    if kind in ("thicker", "thinner", "heavy"):
+        return stroke(image, -amount if kind == "thinner" else amount)
     if kind == "rotated":
         x = ndimage.rotate(x, amount * rng.choice((-1, 1)), reshape=False, order=1)
     elif kind == "shifted":

@@ -155,9 +155,9 @@ def sample_row(url: str, index: int, sample: dict, limits: ShardLimits) -> dict:
     return _row(url, index, key=key, image=sample[ext], **meta, notes=json.dumps(notes + meta_notes))
 
 
-def decode_batch(batch: dict, size: int, limits: ShardLimits, frame: str = "crop", ground: str = "keep") -> dict:
-    """Encoded bytes -> squared (`frame`) uint8 [S, S, 3], its ground as `ground` says (a CPU task per
-    batch). Drops the encoded bytes."""
+def decode_batch(batch: dict, size: int, limits: ShardLimits, **view: str) -> dict:
+    """Encoded bytes -> uint8 [S, S, 3], made square, grounded and stroked as `view` says (`images.crop`;
+    a CPU task per batch). Drops the encoded bytes."""
     n = len(batch["key"])
     pixels = np.zeros((n, size, size, 3), np.uint8)
     src_w, src_h = np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -167,7 +167,7 @@ def decode_batch(batch: dict, size: int, limits: ShardLimits, frame: str = "crop
             continue
         try:
             rgb = decode(batch["image"][i], limits)
-            pixels[i] = crop(rgb, size, frame, ground)
+            pixels[i] = crop(rgb, size, **view)
         except ImageError as err:
             errors[i], details[i] = err.reason, str(err)
             continue

@@ -82,7 +82,7 @@ class EvalJob(Job):
         if spec.rgb_checkpoint and spec.rgb_data:
             rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
             # the RGB model reads the source images framed and grounded as their splats were
-            images = dataclasses.replace(splats, data=spec.rgb_data, **view_of(fitted))
+            images = dataclasses.replace(splats, data=spec.rgb_data, view=view_of(fitted))
             results["rgb"] = zero_shot(rgb, images, spec.batch_size, device)
             results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)
         results["compression"] = compression(spec)

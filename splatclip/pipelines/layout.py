@@ -66,14 +66,14 @@ def settings_changes(before: dict, now: dict, prefix: str = "",
     return out
 
 
-VIEW = ("frame", "ground")  # the fit settings that say how a source image became the square that was fitted
+VIEW = ("frame", "ground", "stroke")  # the fit settings that say how a source image became the square that was fitted
 
 
 def view_of(recipe: dict | FitParams | None) -> dict[str, str]:
     """How the images of splats fitted with `recipe` (a record's settings, a splat file's JSON, or
-    FitParams) were made square and given their ground ({"frame", "ground"}, the keyword arguments of
-    `images.crop`; FitParams' defaults where no recipe is known): whatever reads the source images
-    beside the splats reads them so."""
+    FitParams) were made square, grounded and stroked ({"frame", "ground", "stroke"}, the keyword
+    arguments of `images.crop`; FitParams' defaults where no recipe is known): whatever reads the source
+    images beside the splats reads them so."""
     if isinstance(recipe, FitParams):
         recipe = recipe.model_dump(include=set(VIEW))
     return {k: (recipe or {}).get(k, FitParams.model_fields[k].default) for k in VIEW}

@@ -52,8 +52,9 @@ class SampleFormat:
     need_text: bool = True  # a sample without a caption is skipped (training); evaluation needs none
     classes: int | None = None  # a label is required, below this count (zero-shot evaluation)
     source_size: int | None = None  # also carry the joined source image at this size (a teacher embeds it)
-    frame: str = "crop"  # how an image that is not square is made square (`images.square`): as its splats were
-    ground: str = "keep"  # "black": its ground brought to black (`images.to_black_ground`): as its splats were
+    # how its source images are made square, grounded and stroked (`images.crop`'s frame, ground, stroke;
+    # `layout.view_of`): as its splats' were; {}: crop's defaults
+    view: Mapping[str, str] = field(default_factory=dict)
     embed_dim: int | None = None  # a stored teacher embedding must have this size
     limits: ShardLimits = field(default_factory=ShardLimits)
 
@@ -109,13 +110,12 @@ def _count(shards: ShardSet, url: str, limits: ShardLimits) -> int:
         return 0
 
 
-def decode_image(sample: dict, size: int, limits: ShardLimits = DEFAULT_LIMITS,
-                 frame: str = "crop", ground: str = "keep") -> torch.Tensor | None:
-    """The sample's image, made square (`frame`) at [3, size, size] in [0, 1], its ground as `ground`
-    says; None when missing or bad."""
+def decode_image(sample: dict, size: int, limits: ShardLimits = DEFAULT_LIMITS, **view: str) -> torch.Tensor | None:
+    """The sample's image at [3, size, size] in [0, 1], made square, grounded and stroked as `view` says
+    (`images.crop`); None when missing or bad."""
     ext = image_member(sample)
     try:
-        return clip_crop(decode(sample[ext], limits), size, frame, ground) if ext else None
+        return clip_crop(decode(sample[ext], limits), size, **view) if ext else None
     except ImageError:
         return None
 
@@ -181,7 +181,7 @@ def decode_sample(sample: dict, fmt: SampleFormat, skipped: Skipped) -> dict | N
             skipped.add(why, key)
             return None
     else:
-        out["image"] = decode_image(sample, fmt.image_size, limits, fmt.frame, fmt.ground)
+        out["image"] = decode_image(sample, fmt.image_size, limits, **fmt.view)
         if out["image"] is None:
             skipped.add("bad_image", key)
             return None
@@ -246,7 +246,7 @@ def check_sample(raw: dict, source: dict | None, fmt: SampleFormat, skipped: Ski
         skipped.add("empty_caption", raw["__key__"])
         return None
     if fmt.source_size is not None:
-        s["image"] = decode_image(source, fmt.source_size, fmt.limits, fmt.frame, fmt.ground) if source is not None else None
+        s["image"] = decode_image(source, fmt.source_size, fmt.limits, **fmt.view) if source is not None else None
         if s["image"] is None:
             skipped.add("bad_source_image" if source is not None else "no_source_image", raw["__key__"])
             return None

@@ -3,6 +3,7 @@ the train job logs while it trains."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -23,8 +24,7 @@ class LabeledSet:
     templates: str  # likewise, prompt templates with {c}
     storage: StorageSpec | None = None
     limits: ShardLimits = field(default_factory=ShardLimits)
-    frame: str = "crop"  # how an image that is not square is made square (`images.square`), as its splats were
-    ground: str = "keep"  # "black": its ground brought to black (`images.to_black_ground`), as its splats' was
+    view: Mapping[str, str] = field(default_factory=dict)  # `images.crop`'s frame, ground, stroke: as its splats'
 
 
 @torch.no_grad()
@@ -61,7 +61,7 @@ def zero_shot(model, labeled: LabeledSet, batch_size: int, device="cpu") -> dict
     if not urls:
         raise FileNotFoundError(f"no shards match {labeled.data}")
     fmt = SampleFormat(encoder=model.encoder, image_size=input_size(model.clip), need_text=False, classes=len(classes),
-                       limits=labeled.limits, frame=labeled.frame, ground=labeled.ground)
+                       limits=labeled.limits, view=labeled.view)
     feats, labels, skipped = embed(model, ShardSet(tuple(urls), labeled.storage), fmt, batch_size, device)
     hits = topk_correct(feats, text, labels, ks=(1, 5))
     n = len(labels)

@@ -73,7 +73,7 @@ class Stage:
         fmt = SampleFormat(encoder=spec.model.encoder, image_size=input_size(loop.model.clip),
                            source_size=input_size(teacher) if teacher is not None else None,
                            embed_dim=loop.model.clip.visual.output_dim, limits=spec.limits,
-                           **view_of(loop.shards.fit))  # the source images as their splats
+                           view=view_of(loop.shards.fit))  # the source images as their splats
         shards = loop.shards if teacher is not None else dataclasses.replace(loop.shards, sources=None)
         ingest = Ingest(spec, shards, fmt, loop.share, loop.model.tokenizer)
         self.data = on_device(ingest.batches((loop.state.epoch, loop.state.batch), loop.skipped, loop.poisoned,

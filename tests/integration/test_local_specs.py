@@ -26,7 +26,7 @@ def job(cwd: Path, script: str, *args: str, spec: str | None = None) -> subproce
 
 
 def test_local_specs_chain_from_an_empty_directory(tmp_path):
-    fit = job(tmp_path, "fit.py", "input=examples://digits/{train-00000,test-00000}.tar", "fit.iterations=20",
+    fit = job(tmp_path, "fit.py", "input=examples://digits/{train-00000,test-00000}.tar", "fit.iterations=5",
               "fit.compile=false")
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "outputs/splats/digits").glob("*.tar")) == ["test-00000.tar",
@@ -37,7 +37,7 @@ def test_local_specs_chain_from_an_empty_directory(tmp_path):
     assert early.returncode == 2
     assert "pretrained weights outputs/train/rgb-teacher-local/open_clip.pt: no such file" in early.stderr
 
-    rgb = job(tmp_path, "train.py", "data=examples://digits/train-00000.tar", "stages.0.epochs=2",
+    rgb = job(tmp_path, "train.py", "data=examples://digits/train-00000.tar", "stages.0.epochs=1",
               spec="train-rgb.local.yaml")
     assert rgb.returncode == 0, rgb.stderr[-3000:]
     splat = job(tmp_path, "train.py", *small)

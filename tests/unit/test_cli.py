@@ -183,6 +183,31 @@ def test_send_lifts_a_digit_off_paper_when_the_encoder_was_trained_so(digit_file
     assert kept[0, 0][~one].min() > 0.85 and kept[0, 0][one].max() < 0.2
 
 
+def test_send_and_fit_thin_a_heavy_pen_when_the_encoder_was_trained_so(tmp_path, capsys, monkeypatch):
+    from splatclip.fitting import fitter
+
+    seen, fit_batch = [], fitter.fit_batch
+    monkeypatch.setattr(fitter, "fit_batch", lambda images, cfg, *a, **k: seen.append(images) or fit_batch(images, cfg,
+                                                                                                       *a, **k))
+    marker = np.zeros((28, 28), np.uint8)
+    marker[4:24, 10:17] = 255  # a one drawn with a marker: a stroke 7 px wide (MNIST's pens: 2-3.6)
+    Image.fromarray(marker).save(tmp_path / "marker.png")
+    service = Service(200, {"fit": {**RECIPE, "ground": "black", "stroke": "thin"}})
+    try:
+        assert main(["send", str(tmp_path / "marker.png"), "--url", service.url, "--no-compile"]) == 0
+        assert "(padded square, ground to black, heavy pens thinned)" in capsys.readouterr().out
+        assert main(["send", str(tmp_path / "marker.png"), "--url", service.url, "--no-compile", "--stroke", "keep"]) == 0
+        assert "(padded square, ground to black), init ink" in capsys.readouterr().out
+    finally:
+        service.close()
+    # splatclip fit thins it alike, and records the setting beside the splats (render --compare reads it)
+    assert main(["fit", str(tmp_path / "marker.png"), "-o", str(tmp_path / "out"), "--gaussians", "9", "--size", "28",
+                 "--iterations", "2", "--no-compile", "--ground", "black", "--stroke", "thin"]) == 0
+    assert json.loads((tmp_path / "out" / "marker.json").read_text())["stroke"] == "thin"
+    thinned, kept, fitted = (images[0, 0] > 0.5 for images in seen)  # [28, 28] each
+    assert kept.sum() == 140 and 40 < thinned.sum() < 100 and not (thinned & ~kept).any() and (fitted == thinned).all()
+
+
 def test_send_fits_its_images_in_batches_and_names_one_that_fails(digit_file, tmp_path, capsys, monkeypatch):
     from splatclip.fitting import fitter
 

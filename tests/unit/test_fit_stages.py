@@ -83,7 +83,7 @@ def test_decoding_with_frame_pad_keeps_a_wide_image_whole_on_its_ground():
     buf = io.BytesIO()
     Image.fromarray(wide).save(buf, format="PNG")
     batch = {"key": ["a"], "image": [buf.getvalue()], "error": [""], "detail": [""]}
-    cropped, padded = (decode_batch(dict(batch), 20, ShardLimits(), frame)["pixels"][0] for frame in ("crop", "pad"))
+    cropped, padded = (decode_batch(dict(batch), 20, ShardLimits(), frame=frame)["pixels"][0] for frame in ("crop", "pad"))
     assert cropped.max() == 0  # the crop kept only the empty middle
     assert padded[:, :3].max() > 100 and padded[:, -3:].max() > 100 and padded[:5].max() == 0  # ends kept, black pad
 
@@ -94,6 +94,9 @@ def test_decoding_with_ground_black_lifts_dark_ink_off_a_light_page():
     buf = io.BytesIO()
     Image.fromarray(225 - (digit * 0.7).astype(np.uint8)).save(buf, format="PNG")  # gray paper, ink at 0.7
     batch = {"key": ["a"], "image": [buf.getvalue()], "error": [""], "detail": [""]}
-    kept, black = (decode_batch(dict(batch), 20, ShardLimits(), "crop", ground)["pixels"][0] for ground in ("keep", "black"))
+    kept, black = (decode_batch(dict(batch), 20, ShardLimits(), ground=ground)["pixels"][0] for ground in ("keep", "black"))
     assert kept[0, 0, 0] == 225 and kept[10, 10, 0] < 50  # the page as it is
     assert black[digit == 0].max() == 0 and black[digit == 255].min() > 170  # light ink on black
+    # a stroke 4 px wide in 20 (a fifth of the side; MNIST's pens are a tenth): thinned as well
+    thin = decode_batch(dict(batch), 20, ShardLimits(), ground="black", stroke="thin")["pixels"][0]
+    assert thin.max() > 170 and (thin > 85).sum() < 0.75 * (black > 85).sum() and (thin[digit == 0] == 0).all()

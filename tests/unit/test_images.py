@@ -255,3 +255,34 @@ def test_ground_black_turns_ink_on_paper_into_ink_on_black_and_leaves_ink_on_bla
     assert torch.equal(view, torch.from_numpy(digit).permute(2, 0, 1).float() / 255)
     with pytest.raises(ValueError, match="keep or black"):
         crop(digit, 28, ground="white")
+
+
+def test_stroke_thin_brings_a_heavy_pen_to_mnists_and_leaves_other_digits_as_they_are():
+    from splatclip import datasets
+    from splatclip.fitting.images import HEAVY_PEN, PEN_WIDTH, crop, pen_width, thin_strokes
+    from splatclip.pipelines.samples import decode_image
+
+    bar = np.zeros((28, 28), np.float32)
+    bar[2:26, 10:13] = 1.0  # a stroke 3 px wide and 24 long
+    assert pen_width(bar) == pytest.approx(3.0, rel=0.15) and pen_width(np.zeros((28, 28), np.float32)) == 0.0
+    rgb = lambda gray: np.repeat(gray[..., None], 3, -1)  # noqa: E731 [28, 28] -> [28, 28, 3]
+    width = lambda image: pen_width(image[..., 0].astype(np.float32) / 255)  # noqa: E731
+    plain = [rgb(np.asarray(Image.open(io.BytesIO(s["png"])))) for s in datasets.digits("train", limit=200)]
+    kept = sum(thin_strokes(d) is d for d in plain)
+    assert kept >= 180  # MNIST's own pens: 95% are under the threshold, and are returned as they are
+    for heavier in (1.0, 2.0, 3.0):  # a side, at 28 px: a felt pen to a marker
+        for digit in plain[:10]:
+            heavy = rgb(datasets.stroke(digit[..., 0], heavier))
+            thin = thin_strokes(heavy)
+            excess = width(heavy) - PEN_WIDTH * 28
+            assert width(heavy) > HEAVY_PEN * 28 and width(heavy) - width(thin) > 0.45 * excess, (heavier, width(thin))
+            assert width(thin) > PEN_WIDTH * 28  # thinned toward MNIST's pen, not erased
+            assert (thin[..., 0] == thin[..., 2]).all() and thin.max() > 200  # gray stays gray, the ink full
+    # through the image paths: crop after the ground, and a shard sample's image
+    heavy = rgb(datasets.stroke(plain[0][..., 0], 2.0))
+    assert (crop(255 - heavy, 28, ground="black", stroke="thin") == thin_strokes(heavy)).all()
+    view = decode_image({"png": encoded(Image.fromarray(heavy), "PNG")}, 28, stroke="thin")  # [3, 28, 28]
+    assert np.array_equal((view.permute(1, 2, 0).numpy() * 255).round(), thin_strokes(heavy))
+    assert (thin_strokes(np.full((28, 28, 3), 255, np.uint8)) == 255).all()  # all ink: no outline, nothing to thin
+    with pytest.raises(ValueError, match="keep or thin"):
+        crop(heavy, 28, stroke="bold")

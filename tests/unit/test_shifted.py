@@ -25,8 +25,9 @@ def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
             assert json.loads(samples[0]["json"])["shift"] == kind
         change = [np.mean([np.abs(pixels(a) - pixels(b)).mean() for a, b in zip(plain, s)]) for s in sets]
         assert 0 < change[0] < change[1] < change[2], (kind, change)
-    thick, thin = (sum(pixels(s).sum() for s in shifted.shifted_digits(k, 2, limit=20)) for k in ("thicker", "thinner"))
-    assert thick > 1.3 * ink and thin < 0.8 * ink
+    thick, thin, heavy = (sum(pixels(s).sum() for s in shifted.shifted_digits(k, 2, limit=20))
+                          for k in ("thicker", "thinner", "heavy"))
+    assert thick > 1.3 * ink and thin < 0.8 * ink and heavy > 1.6 * thick
     bent = sum(pixels(s).sum() for s in shifted.shifted_digits("bent", 3, limit=20))
     assert 0.85 * ink < bent < 1.15 * ink  # the shape moves, the ink stays
     for severity, box in zip((1, 2, 3), shifted.SEVERITY["filled"]):  # the ink's box as long as the severity, centered
