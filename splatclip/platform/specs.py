@@ -176,14 +176,14 @@ class FitParams(Model):
                                              "a clean black ground stays as it is; keep: as it is (photos). The RGB "
                                              "model that evaluates or distils from the source images reads them so "
                                              "too.")
-    stroke: Literal["keep", "thin"] = Field("keep", description="thin: after `ground`, a digit drawn with a pen "
-                                            "heavier than MNIST's (its strokes' mean width, twice its ink over the "
-                                            "length of its outline, over 3.64/28 of the side: their 95th percentile) "
-                                            "has its strokes thinned to MNIST's median width (2.54/28 of the side) by "
-                                            "a grey erosion; other images stay as they are. It thins light ink on a "
-                                            "dark ground: digits on black, or any with ground black. keep: as they "
-                                            "are (photos). The RGB model that evaluates "
-                                            "or distils from the source images reads them so too.")
+    stroke: Literal["keep", "thin"] = Field("keep", description="thin: after `ground`, an image drawn with a pen "
+                                            "heavier than 95% of MNIST's digits (its strokes' mean width, twice its "
+                                            "ink over its outline's length, over 3.64/28 of the side) has its strokes "
+                                            "thinned toward MNIST's median pen (2.54/28 of the side) by one grey "
+                                            "erosion of half the excess a side; other images stay as they are. It "
+                                            "thins light ink on a dark ground: digits on black, or any with ground "
+                                            "black. keep: as they are (photos). The RGB model that evaluates or "
+                                            "distils from the source images reads them so too.")
     init: Literal["structured", "ink", "random"] = Field("structured", description="structured: a grid of Gaussians "
                                                          "over the frame, colored by its cells; ink: that grid over "
                                                          "the box holding the ink of an image on black (digits, "
