@@ -161,51 +161,55 @@ def test_send_fits_as_the_service_says_its_encoder_was_trained(digit_file, capsy
         service.close()
 
 
-def test_send_lifts_a_digit_off_paper_when_the_encoder_was_trained_so(digit_file, tmp_path, capsys, monkeypatch):
-    import torch
-
+def send_as_told_and_kept(image: Path, recipe: dict, option: str, monkeypatch, capsys) -> list[tuple]:
+    """`send IMAGE` to a service whose encoder was fitted with `recipe`, then with `--OPTION keep`:
+    [(the images fitted [1, 3, 28, 28], the first line printed)] for each."""
     from splatclip.fitting import fitter
 
     seen, fit_batch = [], fitter.fit_batch
-    monkeypatch.setattr(fitter, "fit_batch", lambda images, cfg: seen.append(images) or fit_batch(images, cfg))
-    Image.fromarray(230 - np.asarray(Image.open(digit_file)) * 0.8).convert("L").save(tmp_path / "paper.png")
-    service = Service(200, {"fit": {**RECIPE, "ground": "black"}})
+    monkeypatch.setattr(fitter, "fit_batch", lambda images, cfg, *a, **k: seen.append(images) or fit_batch(images, cfg,
+                                                                                                       *a, **k))
+    service = Service(200, {"fit": {**RECIPE, **recipe}})
+    lines = []
     try:
-        assert main(["send", str(tmp_path / "paper.png"), "--url", service.url, "--no-compile"]) == 0
-        assert "(padded square, ground to black)" in capsys.readouterr().out
-        assert main(["send", str(tmp_path / "paper.png"), "--url", service.url, "--no-compile", "--ground", "keep"]) == 0
-        assert "(padded square), init ink" in capsys.readouterr().out
+        for extra in ([], [f"--{option}", "keep"]):
+            assert main(["send", str(image), "--url", service.url, "--no-compile", *extra]) == 0
+            lines.append(capsys.readouterr().out.splitlines()[0])
     finally:
         service.close()
-    lifted, kept = seen  # [1, 3, 28, 28] each: the one as the ground setting made it
+    return list(zip(seen, lines))
+
+
+def test_send_lifts_a_digit_off_paper_when_the_encoder_was_trained_so(digit_file, tmp_path, capsys, monkeypatch):
+    import torch
+
+    Image.fromarray(230 - np.asarray(Image.open(digit_file)) * 0.8).convert("L").save(tmp_path / "paper.png")
+    (lifted, told), (kept, given) = send_as_told_and_kept(tmp_path / "paper.png", {"ground": "black"}, "ground",
+                                                          monkeypatch, capsys)
+    assert "(padded square, ground to black)" in told and "(padded square), init ink" in given
     one = torch.from_numpy(np.asarray(Image.open(digit_file)) > 0)
     assert lifted[0, 0][~one].max() == 0 and lifted[0, 0][one].min() > 0.7
     assert kept[0, 0][~one].min() > 0.85 and kept[0, 0][one].max() < 0.2
 
 
 def test_send_and_fit_thin_a_heavy_pen_when_the_encoder_was_trained_so(tmp_path, capsys, monkeypatch):
-    from splatclip.fitting import fitter
+    from splatclip.fitting.images import load_file
 
-    seen, fit_batch = [], fitter.fit_batch
-    monkeypatch.setattr(fitter, "fit_batch", lambda images, cfg, *a, **k: seen.append(images) or fit_batch(images, cfg,
-                                                                                                       *a, **k))
     marker = np.zeros((28, 28), np.uint8)
     marker[4:24, 10:17] = 255  # a one drawn with a marker: a stroke 7 px wide (MNIST's pens: 2-3.6)
     Image.fromarray(marker).save(tmp_path / "marker.png")
-    service = Service(200, {"fit": {**RECIPE, "ground": "black", "stroke": "thin"}})
-    try:
-        assert main(["send", str(tmp_path / "marker.png"), "--url", service.url, "--no-compile"]) == 0
-        assert "(padded square, ground to black, heavy pens thinned)" in capsys.readouterr().out
-        assert main(["send", str(tmp_path / "marker.png"), "--url", service.url, "--no-compile", "--stroke", "keep"]) == 0
-        assert "(padded square, ground to black), init ink" in capsys.readouterr().out
-    finally:
-        service.close()
+    (thinned, told), (kept, given) = send_as_told_and_kept(tmp_path / "marker.png", {"ground": "black", "stroke": "thin"},
+                                                           "stroke", monkeypatch, capsys)
+    assert "(padded square, ground to black, heavy pens thinned)" in told
+    assert "(padded square, ground to black), init ink" in given
+    thinned, kept = thinned[0, 0] > 0.5, kept[0, 0] > 0.5  # [28, 28] each
+    assert kept.sum() == 140 and 40 < thinned.sum() < 100 and not (thinned & ~kept).any()
     # splatclip fit thins it alike, and records the setting beside the splats (render --compare reads it)
     assert main(["fit", str(tmp_path / "marker.png"), "-o", str(tmp_path / "out"), "--gaussians", "9", "--size", "28",
                  "--iterations", "2", "--no-compile", "--ground", "black", "--stroke", "thin"]) == 0
     assert json.loads((tmp_path / "out" / "marker.json").read_text())["stroke"] == "thin"
-    thinned, kept, fitted = (images[0, 0] > 0.5 for images in seen)  # [28, 28] each
-    assert kept.sum() == 140 and 40 < thinned.sum() < 100 and not (thinned & ~kept).any() and (fitted == thinned).all()
+    image, _ = load_file(str(tmp_path / "marker.png"), 28, ground="black", stroke="thin")  # [3, 28, 28]
+    assert ((image[0] > 0.5) == thinned).all()
 
 
 def test_send_fits_its_images_in_batches_and_names_one_that_fails(digit_file, tmp_path, capsys, monkeypatch):
