@@ -181,8 +181,9 @@ class FitParams(Model):
                                             "ink over its outline's length, over 3.64/28 of the side) has its strokes "
                                             "thinned toward MNIST's median pen (2.54/28 of the side) by one grey "
                                             "erosion of half the excess a side; other images stay as they are. It "
-                                            "thins light ink on a dark ground: digits on black, or any with ground "
-                                            "black. keep: as they are (photos). The RGB model that evaluates or "
+                                            "thins light ink on a dark ground (digits on black, or any with ground "
+                                            "black); an image on a light ground is left as it is. keep: as they are "
+                                            "(photos). The RGB model that evaluates or "
                                             "distils from the source images reads them so too.")
     init: Literal["structured", "ink", "random"] = Field("structured", description="structured: a grid of Gaussians "
                                                          "over the frame, colored by its cells; ink: that grid over "

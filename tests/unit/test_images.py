@@ -284,6 +284,8 @@ def test_stroke_thin_brings_a_heavy_pen_to_mnists_and_leaves_other_digits_as_the
     view = decode_image({"png": encoded(Image.fromarray(heavy), "PNG")}, 28, stroke="thin")  # [3, 28, 28]
     assert np.array_equal((view.permute(1, 2, 0).numpy() * 255).round(), thin_strokes(heavy))
     assert (thin_strokes(np.full((28, 28, 3), 255, np.uint8)) == 255).all()  # all ink: no outline, nothing to thin
+    page = 255 - heavy  # the marker on paper, its ground kept: eroding the page would thicken the ink
+    assert thin_strokes(page) is page and (crop(page, 28, stroke="thin") == page).all()
     # at any size alike: the pen is a share of the side, and the erosion works on WORK x WORK whatever the size
     share = width(thin_strokes(heavy)) / 28
     for side in (56, 100, 224):
