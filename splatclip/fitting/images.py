@@ -134,6 +134,12 @@ def square(rgb: np.ndarray, frame: str = "crop") -> np.ndarray:
     return out
 
 
+def is_light(colour: np.ndarray) -> bool:
+    """Whether an RGB colour [3] (0..255; an image's ground, the median of its border) is over half in
+    luminance: dark ink on paper, where ink on black has a dark ground."""
+    return float(colour @ np.asarray(REC709)) > 127.5
+
+
 def to_black_ground(rgb: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [H, W, 3] with its ground at black and its ink light. The ground g is
     the median of the border pixels and its spread s their robust sd (1.4826 x their median absolute
@@ -147,7 +153,7 @@ def to_black_ground(rgb: np.ndarray) -> np.ndarray:
     ground = np.median(edge, axis=0)  # [3]
     floor = 3 * 1.4826 * np.median(np.abs(edge - ground), axis=0)  # [3]
     x = rgb.astype(np.float32)
-    light = float(ground @ np.array(REC709)) > 127.5  # luminance
+    light = is_light(ground)
     ink, full = (ground - x, ground) if light else (x - ground, 255.0 - ground)
     out = (ink - floor) * (255.0 / np.maximum(full - floor, 1.0))
     return np.clip(out, 0, 255).round().astype(np.uint8)
@@ -173,18 +179,17 @@ def thin_strokes(rgb: np.ndarray) -> np.ndarray:
     """uint8 [S, S, 3] of light ink on black -> the same with a heavy pen's strokes thinned: where the
     pen is wider than HEAVY_PEN of the side (`pen_width` of the luminance), a grey erosion by a disk takes
     (width - PEN_WIDTH x S) / 2 pixels (at most MAX_THINNING x S) off each side of every stroke; any other
-    image, and any on a light ground (the median of its border over half in luminance: dark ink on paper,
-    whose erosion would thicken the ink; `to_black_ground` inverts it first), is returned as it is. The erosion works on the image resampled to WORK x WORK (bilinear; back
+    image, and any on a light ground (`is_light`: dark ink on paper, whose erosion would thicken the ink;
+    `to_black_ground` inverts it first), is returned as it is. The erosion works on the image resampled to WORK x WORK (bilinear; back
     down by the mean of each block where WORK is a multiple of S), so that edges stay antialiased and
     its cost does not grow with S. One step, not more: the width measure of a heavy pen's digit runs
     high (its loops close up), and eroding until it reads as MNIST's median erases strokes (thicker by
     2 px a side, the demo's models: RGB 0.936, splats 0.876 as it is; 0.932, 0.912 thinned once; 0.732,
     0.700 thinned to the median). A heavy pen's digits fit worse with few Gaussians and read worse."""
     side = rgb.shape[0]
-    luminance = rgb.astype(np.float32) @ np.asarray(REC709, np.float32) / 255.0  # [S, S]
-    if np.median(border(luminance[..., None])) > 0.5:
+    if is_light(np.median(border(rgb), axis=0)):
         return rgb
-    width = pen_width(luminance) / side  # a share of the side
+    width = pen_width(rgb.astype(np.float32) @ np.asarray(REC709, np.float32) / 255.0) / side  # a share of the side
     if width <= HEAVY_PEN:
         return rgb
     r = round(min((width - PEN_WIDTH) / 2, MAX_THINNING) * WORK)  # the erosion's radius, in WORK's pixels
