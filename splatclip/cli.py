@@ -19,6 +19,7 @@ log = logging.getLogger("splatclip")
 INITS = get_args(FitParams.model_fields["init"].annotation)  # the fitter's initializations, for --init
 FRAMES = get_args(FitParams.model_fields["frame"].annotation)  # how a non-square image is made square, for --frame
 GROUNDS = get_args(FitParams.model_fields["ground"].annotation)  # what becomes of an image's ground, for --ground
+CLUTTERS = get_args(FitParams.model_fields["clutter"].annotation)  # what becomes of ink apart from the digit, for --clutter
 STROKES = get_args(FitParams.model_fields["stroke"].annotation)  # what becomes of a heavy pen's strokes, for --stroke
 
 
@@ -107,6 +108,7 @@ def cmd_fit(args) -> int:
             init=args.init,
             frame=args.frame,
             ground=args.ground,
+            clutter=args.clutter,
             stroke=args.stroke,
             compile=not args.no_compile,
         )
@@ -177,13 +179,13 @@ def cmd_render(args) -> int:
 
 QUICK_FIT = {"gaussians": 49, "size": 28, "iterations": 40}  # send's fit when the service names none
 SEND_OPTIONS = ("gaussians", "size", "iterations", "init", "prefilter", "target_psnr", "target_snr", "frame", "ground",
-                "stroke")
+                "clutter", "stroke")
 
 
 def describe_fit(cfg: FitParams) -> str:
     targets = [f"{v:g} dB {what}" for v, what in ((cfg.target_psnr, "PSNR"), (cfg.target_snr, "of signal")) if v]
     view = [w for w, on in (("padded square", cfg.frame == "pad"), ("ground to black", cfg.ground == "black"),
-                            ("heavy pens thinned", cfg.stroke == "thin")) if on]
+                            ("clutter dropped", cfg.clutter == "drop"), ("heavy pens thinned", cfg.stroke == "thin")) if on]
     view = f" ({', '.join(view)})" if view else ""
     return (f"{cfg.gaussians} Gaussians at {cfg.size}x{cfg.size}{view}, init {cfg.init}, prefilter {cfg.prefilter:g}, "
             f"{'up to ' if targets else ''}{cfg.iterations} iterations{' to ' + ' and '.join(targets) if targets else ''}")
@@ -313,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad: an image that is not square is padded to a square with its ground, not cropped (digits)")
     p.add_argument("--ground", choices=GROUNDS, default=FitParams.model_fields["ground"].default,
                    help="black: bring the image's ground to black and its ink to light (dark ink on paper is inverted)")
+    p.add_argument("--clutter", choices=CLUTTERS, default=FitParams.model_fields["clutter"].default,
+                   help="drop: set ink apart from the digit to black (a neighbour's cut fragment at the left or right "
+                   "edge, a form's rule or box, specks; light ink on a dark ground: with --ground black, any)")
     p.add_argument("--stroke", choices=STROKES, default=FitParams.model_fields["stroke"].default,
                    help="thin: thin the strokes of a digit drawn with a heavier pen than MNIST's (light ink on a dark "
                    "ground: with --ground black, any)")
@@ -345,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "with its ground, not cropped")
     fitting.add_argument("--ground", choices=GROUNDS, help="black: bring the image's ground to black and its ink to "
                          "light (dark ink on paper is inverted)")
+    fitting.add_argument("--clutter", choices=CLUTTERS, help="drop: set ink apart from the digit to black (a "
+                         "neighbour's cut fragment at the left or right edge, a form's rule or box, specks)")
     fitting.add_argument("--stroke", choices=STROKES, help="thin: thin the strokes of a digit drawn with a heavier "
                          "pen than MNIST's (light ink on a dark ground: with --ground black, any)")
     p.add_argument("--batch-size", type=int, default=64, help="images fitted together in one optimizer step")
@@ -358,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--size", type=int, help="short side in pixels (default: the fitted size)")
     p.add_argument("--compare", metavar="IMAGE", help="write original | render | error heat map (the original made "
-                   "square, grounded and stroked as the splat file's fit did: cropped, or padded with --frame pad; with "
-                   "--ground black, its ground at black; with --stroke thin, a heavy pen thinned)")
+                   "square, grounded, cleared and stroked as the splat file's fit did: cropped, or padded with --frame pad; "
+                   "with --ground black, its ground at black; with --clutter drop, ink apart from the digit dropped; "
+                   "with --stroke thin, a heavy pen thinned)")
     p.add_argument("--backend", default="auto")
     p.set_defaults(func=cmd_render)
 

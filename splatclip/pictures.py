@@ -65,7 +65,7 @@ def contact_sheet(originals: list[torch.Tensor], renders: list[torch.Tensor], pe
 
 def fitted_pairs(source: str, fitted: str, size: int, count: int, storage: StorageSpec | None = None,
                  limits: ShardLimits = DEFAULT_LIMITS, **view: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Up to `count` (original made square, grounded and stroked as fitted (`view`: `images.crop`'s) [3, S, S],
+    """Up to `count` (original made square, grounded, cleared and stroked as fitted (`view`: `images.crop`'s) [3, S, S],
     render of its splats [3, S, S]) pairs from a source shard and its splat shard."""
     splat_bytes = {s["__key__"]: s["splats.npy"] for s in read_samples(fitted, storage, limits) if "splats.npy" in s}
     originals, renders = [], []

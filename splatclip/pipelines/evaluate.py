@@ -81,7 +81,7 @@ class EvalJob(Job):
         results["fit_differences"] = fit_differences(payload.get("fit"), fitted)
         if spec.rgb_checkpoint and spec.rgb_data:
             rgb = load_model(spec.rgb_checkpoint, spec.storage, device)
-            # the RGB model reads the source images framed, grounded and stroked as their splats were
+            # the RGB model reads the source images framed, grounded, cleared and stroked as their splats were
             images = dataclasses.replace(splats, data=spec.rgb_data, view=view_of(fitted))
             results["rgb"] = zero_shot(rgb, images, spec.batch_size, device)
             results["ratio_top1"] = results["splat"]["top1"] / max(results["rgb"]["top1"], 1e-9)

@@ -66,12 +66,12 @@ def settings_changes(before: dict, now: dict, prefix: str = "",
     return out
 
 
-VIEW = ("frame", "ground", "stroke")  # the fit settings that say how a source image became the square that was fitted
+VIEW = ("frame", "ground", "clutter", "stroke")  # the fit settings that say how a source image became the square that was fitted
 
 
 def view_of(recipe: dict | FitParams | None) -> dict[str, str]:
     """How the images of splats fitted with `recipe` (a record's settings, a splat file's JSON, or
-    FitParams) were made square, grounded and stroked ({"frame", "ground", "stroke"}, the keyword
+    FitParams) were made square, grounded, cleared and stroked ({"frame", "ground", "clutter", "stroke"}, the keyword
     arguments of `images.crop`; FitParams' defaults where no recipe is known): whatever reads the source
     images beside the splats reads them so."""
     if isinstance(recipe, FitParams):

@@ -52,7 +52,7 @@ class SampleFormat:
     need_text: bool = True  # a sample without a caption is skipped (training); evaluation needs none
     classes: int | None = None  # a label is required, below this count (zero-shot evaluation)
     source_size: int | None = None  # also carry the joined source image at this size (a teacher embeds it)
-    # how its source images are made square, grounded and stroked (`images.crop`'s frame, ground, stroke;
+    # how its source images are made square, grounded, cleared and stroked (`images.crop`'s frame, ground, clutter, stroke;
     # `layout.view_of`): as its splats' were; {}: crop's defaults
     view: Mapping[str, str] = field(default_factory=dict)
     embed_dim: int | None = None  # a stored teacher embedding must have this size
@@ -111,7 +111,7 @@ def _count(shards: ShardSet, url: str, limits: ShardLimits) -> int:
 
 
 def decode_image(sample: dict, size: int, limits: ShardLimits = DEFAULT_LIMITS, **view: str) -> torch.Tensor | None:
-    """The sample's image at [3, size, size] in [0, 1], made square, grounded and stroked as `view` says
+    """The sample's image at [3, size, size] in [0, 1], made square, grounded, cleared and stroked as `view` says
     (`images.crop`); None when missing or bad."""
     ext = image_member(sample)
     try:

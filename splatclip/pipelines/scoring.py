@@ -24,7 +24,7 @@ class LabeledSet:
     templates: str  # likewise, prompt templates with {c}
     storage: StorageSpec | None = None
     limits: ShardLimits = field(default_factory=ShardLimits)
-    view: Mapping[str, str] = field(default_factory=dict)  # `images.crop`'s frame, ground, stroke: as its splats'
+    view: Mapping[str, str] = field(default_factory=dict)  # `images.crop`'s frame, ground, clutter, stroke: as its splats'
 
 
 @torch.no_grad()

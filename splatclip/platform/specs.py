@@ -176,7 +176,17 @@ class FitParams(Model):
                                              "a clean black ground stays as it is; keep: as it is (photos). The RGB "
                                              "model that evaluates or distils from the source images reads them so "
                                              "too.")
-    stroke: Literal["keep", "thin"] = Field("keep", description="thin: after `ground`, an image drawn with a pen "
+    clutter: Literal["keep", "drop"] = Field("keep", description="drop: after `ground`, ink apart from the digit "
+                                             "is set to black: a piece of ink (8-connected) that a neighbour's cut "
+                                             "left on the left or right edge beside the digit, that reaches past the "
+                                             "digit's box at both ends (a form's rule or box), or a group of specks "
+                                             "with under 0.15 of the digit's ink farther than 0.1 of the side from it "
+                                             "(the digit: the piece with the most ink weighted by nearness to the "
+                                             "center). Ink touching the digit stays. Light ink on a dark ground only "
+                                             "(digits on black, or any with ground black). keep: as it is (photos). "
+                                             "The RGB model that evaluates or distils from the source images reads "
+                                             "them so too.")
+    stroke: Literal["keep", "thin"] = Field("keep", description="thin: after `clutter`, an image drawn with a pen "
                                             "heavier than 95% of MNIST's digits (its strokes' mean width, twice its "
                                             "ink over its outline's length, over 3.64/28 of the side) has its strokes "
                                             "thinned toward MNIST's median pen (2.54/28 of the side) by one grey "

@@ -212,6 +212,27 @@ def test_send_and_fit_thin_a_heavy_pen_when_the_encoder_was_trained_so(tmp_path,
     assert ((image[0] > 0.5) == thinned).all()
 
 
+def test_send_and_fit_drop_clutter_when_the_encoder_was_trained_so(digit_file, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from splatclip.fitting.images import load_file
+
+    digit = np.asarray(Image.open(digit_file)).copy()
+    one = torch.from_numpy(digit > 0)
+    digit[5:20, 0:3] = 255  # a neighbour's stroke, cut by the left edge
+    Image.fromarray(digit).save(tmp_path / "cut.png")
+    (cleared, told), (kept, given) = send_as_told_and_kept(tmp_path / "cut.png", {"ground": "black", "clutter": "drop"},
+                                                           "clutter", monkeypatch, capsys)
+    assert "(padded square, ground to black, clutter dropped)" in told
+    assert "(padded square, ground to black), init ink" in given
+    assert cleared[0, 0][~one].max() == 0 and kept[0, 0][5:20, 0:3].min() == 1
+    assert main(["fit", str(tmp_path / "cut.png"), "-o", str(tmp_path / "out"), "--gaussians", "9", "--size", "28",
+                 "--iterations", "2", "--no-compile", "--ground", "black", "--clutter", "drop"]) == 0
+    assert json.loads((tmp_path / "out" / "cut.json").read_text())["clutter"] == "drop"
+    image, _ = load_file(str(tmp_path / "cut.png"), 28, ground="black", clutter="drop")  # [3, 28, 28]
+    assert (image[0] == cleared[0, 0]).all()
+
+
 def test_send_fits_its_images_in_batches_and_names_one_that_fails(digit_file, tmp_path, capsys, monkeypatch):
     from splatclip.fitting import fitter
 

@@ -29,13 +29,15 @@ def test_a_record_older_than_a_setting_reads_as_its_default(tmp_path):
 
 
 def test_the_rgb_side_reads_source_images_as_the_record_says_they_were_fitted(tmp_path):
-    record(tmp_path / "a", gaussians=49, frame="pad", ground="black", stroke="thin")
-    assert view_of(fit_recipe([f"{tmp_path}/a/x.tar"])) == {"frame": "pad", "ground": "black", "stroke": "thin"}
+    record(tmp_path / "a", gaussians=49, frame="pad", ground="black", clutter="drop", stroke="thin")
+    assert view_of(fit_recipe([f"{tmp_path}/a/x.tar"])) == {"frame": "pad", "ground": "black", "clutter": "drop",
+                                                            "stroke": "thin"}
     settings = record(tmp_path / "old", gaussians=49, frame="pad")
-    del settings["ground"], settings["stroke"]  # a record written before the settings: images as they were
+    del settings["ground"], settings["clutter"], settings["stroke"]  # a record older than the settings: as they were
     (tmp_path / "old" / SETTINGS).write_text(json.dumps({"settings": {"fit": settings}}))
-    assert view_of(fit_recipe([f"{tmp_path}/old/x.tar"])) == {"frame": "pad", "ground": "keep", "stroke": "keep"}
-    assert view_of(None) == {"frame": "crop", "ground": "keep", "stroke": "keep"}  # no recipe known: the defaults
+    assert view_of(fit_recipe([f"{tmp_path}/old/x.tar"])) == {"frame": "pad", "ground": "keep", "clutter": "keep",
+                                                              "stroke": "keep"}
+    assert view_of(None) == {"frame": "crop", "ground": "keep", "clutter": "keep", "stroke": "keep"}  # the defaults
 
 
 def test_no_recipe_from_mixed_missing_or_damaged_records(tmp_path, caplog):

@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from splatclip.fitting.images import ImageError, clip_crop, decode
 from splatclip.platform.specs import ShardLimits
@@ -294,3 +295,76 @@ def test_stroke_thin_brings_a_heavy_pen_to_mnists_and_leaves_other_digits_as_the
         assert thin.shape == big.shape and abs(width(thin) / side - share) < 0.25 * share, side
     with pytest.raises(ValueError, match="keep or thin"):
         crop(heavy, 28, stroke="bold")
+
+
+def test_clutter_drop_takes_what_lies_apart_from_the_digit_and_leaves_digits_as_they_are():
+    from splatclip import datasets, shifted
+    from splatclip.fitting.images import crop, drop_clutter
+    from splatclip.pipelines.samples import decode_image
+
+    rgb = lambda gray: np.repeat(np.asarray(gray, np.uint8)[..., None], 3, -1)  # noqa: E731 [S, S] -> [S, S, 3]
+    gray = lambda sample: np.asarray(Image.open(io.BytesIO(sample["png"])))  # noqa: E731
+    plain = [rgb(gray(s)) for s in datasets.digits("train", limit=300)]
+    changed = [(d, drop_clutter(d)) for d in plain]
+    changed = [(a, b) for a, b in changed if (a != b).any()]
+    assert len(changed) <= 9  # MNIST's digits: a speck here and there, the digit itself never
+    for a, b in changed:
+        pieces, n = ndimage.label(a[..., 0] > 64, structure=np.ones((3, 3)))
+        largest = pieces == 1 + np.argmax(np.bincount(pieces.ravel())[1:])
+        assert (b[largest] == a[largest]).all() and b.sum() > 0.8 * a.sum()
+    digit = rgb(gray(datasets.digits("test", limit=1)[0]))  # a 3 in rows 4-23, columns 7-20
+    one = digit[..., 0] > 0
+
+    def left_alone(image):  # the digit's own pixels as they were, every other pixel black
+        return (image[one] == digit[one]).all() and image[~one].max() == 0
+
+    neighbour = digit.copy()
+    neighbour[5:20, 0:3] = 255  # a neighbour's stroke, cut by the left edge
+    rule = digit.copy()
+    rule[26, :] = 255  # a form's line under the digit, across the frame
+    touching = digit.copy()
+    touching[24, :] = 255  # the same line, under the digit's last row: one piece with it
+    box = digit.copy()
+    box[1, 1:27] = box[26, 1:27] = 255
+    box[1:27, 1] = box[1:27, 26] = 255  # a box around it
+    specks = digit.copy()
+    specks[1, 25] = specks[26, 3] = specks[14, 26] = 200  # dust
+    for cluttered in (neighbour, rule, box, specks):
+        assert left_alone(drop_clutter(cluttered))
+    cleared = drop_clutter(touching)
+    assert cleared[24].sum() < 0.3 * touching[24].sum() and (cleared[:24] == digit[:24]).all()
+    # what stays: a piece the pen broke off near the digit, a stroke of the digit's own that touches the
+    # edge (a tight crop), a line shorter than the frame's, upright strokes however long
+    broken = digit.copy()
+    broken[2:4, 12:16] = 255  # a piece 1 row above the digit's top, within its columns
+    tight = np.zeros((28, 28), np.uint8)
+    tight[0:28, 12:15] = 255  # a 1 cut to its ink: from edge to edge
+    tight[0:3, 8:12] = 255
+    seven = np.zeros((28, 28), np.uint8)
+    seven[4:6, 2:26] = 255  # a wide 7's bar, 24 px: as long as a line, but the digit ends with it
+    seven[6:24, 22:25] = 255
+    stem = np.zeros((28, 28), np.uint8)
+    stem[0:28, 18:20] = 255  # a 4's stem from edge to edge, beside the rest of the 4
+    stem[6:16, 8:10] = 255
+    stem[15:17, 8:18] = 255
+    for kept in (broken, rgb(tight), rgb(seven), rgb(stem), digit):
+        assert drop_clutter(kept) is kept or (drop_clutter(kept) == kept).all()
+    # a light ground (dark ink on paper, ground kept) and an empty image are returned as they are
+    page = 255 - neighbour
+    assert drop_clutter(page) is page
+    empty = np.zeros((28, 28, 3), np.uint8)
+    assert drop_clutter(empty) is empty
+    # through the image paths: after the ground, and a shard sample's image
+    assert (crop(255 - neighbour, 28, ground="black", clutter="drop") == drop_clutter(neighbour)).all()
+    view = decode_image({"png": encoded(Image.fromarray(neighbour), "PNG")}, 28, clutter="drop")  # [3, 28, 28]
+    assert np.array_equal((view.permute(1, 2, 0).numpy() * 255).round(), drop_clutter(neighbour))
+    # the cluttered sets at any size alike: the rules are shares of the side
+    samples = shifted.shifted_digits("cluttered", 3, limit=40)
+    for side in (28, 56, 112):
+        images = [crop(decode(s["png"]), side) for s in samples]
+        cleared = [drop_clutter(image) for image in images]
+        share = np.mean([b.sum() / a.sum() for a, b in zip(images, cleared)])
+        assert 0.5 < share < 0.75, side  # a third of the ink is a neighbour's, a line or dust
+        assert sum((a != b).any() for a, b in zip(images, cleared)) >= 36, side
+    with pytest.raises(ValueError, match="keep or drop"):
+        crop(digit, 28, clutter="tidy")

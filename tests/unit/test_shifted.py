@@ -28,6 +28,9 @@ def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
     thick, thin, heavy = (sum(pixels(s).sum() for s in shifted.shifted_digits(k, 2, limit=20))
                           for k in ("thicker", "thinner", "heavy"))
     assert thick > 1.3 * ink and thin < 0.8 * ink and heavy > 1.6 * thick
+    for severity in (1, 2, 3):  # clutter adds ink beside the digit's, which stays as it was
+        assert all((pixels(c) >= pixels(p)).all() for c, p in zip(shifted.shifted_digits("cluttered", severity, limit=20),
+                                                                  plain))
     bent = sum(pixels(s).sum() for s in shifted.shifted_digits("bent", 3, limit=20))
     assert 0.85 * ink < bent < 1.15 * ink  # the shape moves, the ink stays
     for severity, box in zip((1, 2, 3), shifted.SEVERITY["filled"]):  # the ink's box as long as the severity, centered
