@@ -129,10 +129,11 @@ def cmd_fit(args) -> int:
             splats.save(target, result.splats.encode(i), meta)
             rows.append((path.name, result.metrics[i], target))
     if rows:
-        print(f"{'image':<24} {'PSNR':>9} {'SSIM':>6} {'live':>6} {'bytes':>7} {'x raw':>6} {'x src':>6} {'s/img':>6}")
+        width = max([24, *(len(name) for name, _, _ in rows)])  # the name column: each name whole
+        print(f"{'image':<{width}} {'PSNR':>9} {'SSIM':>6} {'live':>6} {'bytes':>7} {'x raw':>6} {'x src':>6} {'s/img':>6}")
         for name, m, _ in rows:
             print(
-                f"{name[:24]:<24} {m['psnr']:6.2f} dB {m['ssim']:6.3f} {m['gaussians']:6d} {m['bytes']:7d} "
+                f"{name:<{width}} {m['psnr']:6.2f} dB {m['ssim']:6.3f} {m['gaussians']:6d} {m['bytes']:7d} "
                 f"{m['ratio_raw']:6.1f} {m['ratio_source']:6.1f} {m['seconds']:6.2f}"
             )
     print(f"{len(rows)} fitted, {failed} failed; splat files in {out_dir}")
@@ -242,16 +243,19 @@ def cmd_send(args) -> int:
     print(f"fitting {describe_fit(cfg)}: {how}")
     loaded = load_images("send", args.images, cfg)
     failed = len(args.images) - len(loaded)
-    print(f"{'image':<24} {'PSNR':>9} {'sent':>7} {'PNG':>7} {'JPEG':>7} {'source':>8}  answer")
+    width = max([24, *(len(path.name) for path, _, _ in loaded)])  # the name column: each name whole
+    print(f"{'image':<{width}} {'PSNR':>9} {'sent':>7} {'PNG':>7} {'JPEG':>7} {'source':>8}  answer")
     for batch in _batches(loaded, args.batch_size):
         result = fit_batch(torch.stack([b[1] for b in batch]), cfg)  # each image stops on its own
-        failed += sum(send_one(args, path, image, source, splats.to_bytes(result.splats.encode(i)), result.metrics[i])
+        failed += sum(send_one(args, path, image, source, splats.to_bytes(result.splats.encode(i)), result.metrics[i],
+                               width)
                       for i, (path, image, source) in enumerate(batch))
     return 1 if failed else 0
 
 
-def send_one(args, path: Path, image, source: int, data: bytes, metrics: dict) -> bool:
-    """POST one image's splat file and print its line; True when it failed (named on stderr)."""
+def send_one(args, path: Path, image, source: int, data: bytes, metrics: dict, width: int) -> bool:
+    """POST one image's splat file and print its line (the name in a column `width` wide); True when it
+    failed (named on stderr)."""
     from splatclip.serve.client import describe, encoded_sizes, post
 
     try:
@@ -263,7 +267,7 @@ def send_one(args, path: Path, image, source: int, data: bytes, metrics: dict) -
         print(f"splatclip send: {path}: HTTP {status}: {answer.get('error', answer)}", file=sys.stderr)
         return True
     sizes = encoded_sizes(image)
-    print(f"{path.name[:24]:<24} {metrics['psnr']:6.2f} dB {len(data):7d} {sizes['PNG']:7d} {sizes['JPEG']:7d} "
+    print(f"{path.name:<{width}} {metrics['psnr']:6.2f} dB {len(data):7d} {sizes['PNG']:7d} {sizes['JPEG']:7d} "
           f"{source:8d}  {describe(answer)}", flush=True)
     return False
 
