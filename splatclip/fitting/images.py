@@ -205,7 +205,7 @@ def thin_strokes(rgb: np.ndarray) -> np.ndarray:
     return np.clip(small, 0, 255).round().astype(np.uint8)
 
 
-# `drop_clutter`, as shares of the image's side, but SPECK
+# `drop_clutter`'s measures: shares of the image's side, but SPECK (a share of the digit's ink)
 CENTER = 0.25  # the sd of the weight by nearness to the center that picks the digit among the pieces of ink
 RULE = 0.75  # a straight run of ink this long is a line (a form's rule or box) where it reaches past the digit
 CUT = 2 / 28  # by this much at both ends; and a piece with this much on the left or right edge was cut there
@@ -260,11 +260,11 @@ def drop_clutter(rgb: np.ndarray) -> np.ndarray:
     """uint8 [S, S, 3] of light ink on black -> the same with the ink apart from the digit set to black.
     The ink is the luminance over a quarter of its 99th percentile. First a form's lines: a run of ink
     along a row RULE of the side long or more (`long_runs`) is a line when it is at most CUT of the side
-    thick (`thickness`) and reaches CUT past the digit at both ends (the digit found without the runs): a rule under the digit, ruled paper, a box's top and bottom; a digit's own long
-    stroke (a 7's bar) ends with the digit, and stays. Only rows: a digit's upright strokes (a 1, a 4's
-    stem) are as long and thin as a line. Then the rest falls into pieces (8-connected); the
-    digit is the piece with the most ink weighted by nearness to the center (`digit_piece`), and another
-    piece is clutter when
+    thick (`thickness`) and reaches CUT past the digit at both ends (the digit found without the runs):
+    a rule under the digit, ruled paper, a box's top and bottom; a digit's own long stroke (a 7's bar)
+    ends with the digit, and stays. Only rows: a digit's upright strokes (a 1, a 4's stem) are as long
+    and thin as a line. Then the rest falls into pieces (8-connected); the digit is the piece with the
+    most ink weighted by nearness to the center (`digit_piece`), and another piece is clutter when
     - it was cut by the left or right edge (CUT of the side or more of it on that edge) and lies wholly
       beside the digit: a neighbour's fragment, where a string of digits was cut into one per image;
     - it reaches past the digit's box at both ends along both axes (a box around the digit), or along one
@@ -289,7 +289,7 @@ def drop_clutter(rgb: np.ndarray) -> np.ndarray:
         pieces, n, digit = digit_piece(ink & ~runs, lum)
         if digit:
             main = ndimage.find_objects(pieces)[digit - 1]
-            lines, m = ndimage.label(runs)
+            lines = ndimage.label(runs)[0]  # [S, S]
             for k, box in enumerate(ndimage.find_objects(lines), 1):
                 if thickness(ink, box) <= cut and past(box, main, cut, 1):
                     clutter |= lines == k
@@ -313,8 +313,8 @@ def drop_clutter(rgb: np.ndarray) -> np.ndarray:
         box, main = boxes[k - 1], boxes[digit - 1]
         beside = (left[k] >= cut and box[1].stop <= main[1].start) or (right[k] >= cut and box[1].start >= main[1].stop)
         speck = group_of[k] != group_of[digit] and group_mass[group_of[k]] < SPECK * mass[digit - 1]
-        around = past(box, main, 1, 0) and past(box, main, 1, 1) or on_line[k] and (past(box, main, 1, 0) or
-                                                                               past(box, main, 1, 1))
+        rows, columns = past(box, main, 1, 0), past(box, main, 1, 1)
+        around = (rows and columns) or (on_line[k] and (rows or columns))
         if beside or around or speck:
             clutter |= pieces == k
     if not clutter.any():
