@@ -140,6 +140,23 @@ def is_light(colour: np.ndarray) -> bool:
     return float(colour @ np.asarray(REC709)) > 127.5
 
 
+def on_light_ground(rgb: np.ndarray) -> bool:
+    """Whether uint8 [H, W, 3]'s ground (the median of its border) `is_light`."""
+    return is_light(np.median(border(rgb), axis=0))
+
+
+def gray(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [H, W]: its luminance (Rec. 709) in 0..1."""
+    return rgb.astype(np.float32) @ np.asarray(REC709, np.float32) / 255.0
+
+
+def disk(r: float) -> np.ndarray:
+    """bool [2 int(r) + 1, 2 int(r) + 1]: the pixels within r of the center, a structuring element."""
+    k = int(r)
+    yy, xx = np.mgrid[-k : k + 1, -k : k + 1]
+    return xx * xx + yy * yy <= r * r
+
+
 def to_black_ground(rgb: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [H, W, 3] with its ground at black and its ink light. The ground g is
     the median of the border pixels and its spread s their robust sd (1.4826 x their median absolute
@@ -187,16 +204,14 @@ def thin_strokes(rgb: np.ndarray) -> np.ndarray:
     2 px a side, the demo's models: RGB 0.936, splats 0.876 as it is; 0.932, 0.912 thinned once; 0.732,
     0.700 thinned to the median). A heavy pen's digits fit worse with few Gaussians and read worse."""
     side = rgb.shape[0]
-    if is_light(np.median(border(rgb), axis=0)):
+    if on_light_ground(rgb):
         return rgb
-    width = pen_width(rgb.astype(np.float32) @ np.asarray(REC709, np.float32) / 255.0) / side  # a share of the side
+    width = pen_width(gray(rgb)) / side  # a share of the side
     if width <= HEAVY_PEN:
         return rgb
     r = round(min((width - PEN_WIDTH) / 2, MAX_THINNING) * WORK)  # the erosion's radius, in WORK's pixels
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = (xx * xx + yy * yy <= r * r)[..., None]  # [2r + 1, 2r + 1, 1]: each channel on its own
     big = ndimage.zoom(rgb.astype(np.float32), (WORK / side, WORK / side, 1), order=1)  # [WORK, WORK, 3]
-    big = ndimage.grey_erosion(big, footprint=disk)
+    big = ndimage.grey_erosion(big, footprint=disk(r)[..., None])  # [2r + 1, 2r + 1, 1]: each channel on its own
     if WORK % side == 0:
         k = WORK // side
         small = big.reshape(side, k, side, k, 3).mean((1, 3))  # [S, S, 3]
@@ -276,9 +291,9 @@ def drop_clutter(rgb: np.ndarray) -> np.ndarray:
     go to black. Other clutter that touches the digit stays: it is one piece with it. An image on a
     light ground (`is_light`: `to_black_ground` inverts it first) is returned as it is."""
     side = rgb.shape[0]
-    if is_light(np.median(border(rgb), axis=0)):
+    if on_light_ground(rgb):
         return rgb
-    lum = rgb.astype(np.float32) @ np.asarray(REC709, np.float32) / 255.0  # [S, S]
+    lum = gray(rgb)  # [S, S]
     if not (lum > 0).any():
         return rgb
     ink = lum > 0.25 * np.percentile(lum[lum > 0], 99)  # [S, S]
@@ -298,9 +313,7 @@ def drop_clutter(rgb: np.ndarray) -> np.ndarray:
     mass = ndimage.sum_labels(lum * ink, pieces, index)  # [n]
     boxes = ndimage.find_objects(pieces)  # each piece's box: (rows, columns) slices
     # ink within SPECK_GAP of other ink (at hops of that reach from piece to piece) is one group
-    r = SPECK_GAP * side / 2
-    yy, xx = np.mgrid[-int(r) : int(r) + 1, -int(r) : int(r) + 1]
-    groups, g = ndimage.label(ndimage.binary_dilation(pieces > 0, structure=xx * xx + yy * yy <= r * r))  # [S, S]
+    groups, g = ndimage.label(ndimage.binary_dilation(pieces > 0, structure=disk(SPECK_GAP * side / 2)))  # [S, S]
     group_of = np.zeros(n + 1, np.int64)  # [n + 1]: each piece's group
     group_of[pieces[pieces > 0]] = groups[pieces > 0]
     group_mass = ndimage.sum_labels(lum * ink, groups * (pieces > 0), np.arange(g + 1))  # [g + 1]
