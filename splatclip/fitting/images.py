@@ -12,6 +12,7 @@ intermediate.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -157,6 +158,26 @@ def disk(r: float) -> np.ndarray:
     return xx * xx + yy * yy <= r * r
 
 
+def erode_disk(x: np.ndarray, r: int) -> np.ndarray:
+    """float [H, W] -> its grey erosion by `disk(r)`, edges reflected: what scipy's grey_erosion with that
+    footprint gives, to the bit, at a cost that grows with r, not r^2. The disk is a stack of rows, each
+    a centered run of 2 w + 1 pixels (w^2 + dy^2 <= r^2), and a minimum over a run is a 1-D minimum filter,
+    one per distinct w over the whole image; the erosion is their minimum, each shifted by its dy."""
+    h, w = x.shape
+    if r < 1:
+        return x.copy()
+    padded = np.pad(x, r, mode="symmetric")  # [H + 2r, W + 2r]: scipy's "reflect"
+    runs = {}  # half-width w -> the padded image's minimum over each row's run of 2 w + 1
+    out = None
+    for dy in range(-r, r + 1):
+        half = math.isqrt(r * r - dy * dy)
+        if half not in runs:
+            runs[half] = ndimage.minimum_filter1d(padded, 2 * half + 1, axis=1)
+        rows = runs[half][r + dy : r + dy + h, r : r + w]  # [H, W]
+        out = rows.copy() if out is None else np.minimum(out, rows, out=out)
+    return out
+
+
 def to_black_ground(rgb: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [H, W, 3] with its ground at black and its ink light. The ground g is
     the median of the border pixels and its spread s their robust sd (1.4826 x their median absolute
@@ -210,8 +231,10 @@ def thin_strokes(rgb: np.ndarray) -> np.ndarray:
     if width <= HEAVY_PEN:
         return rgb
     r = round(min((width - PEN_WIDTH) / 2, MAX_THINNING) * WORK)  # the erosion's radius, in WORK's pixels
-    big = ndimage.zoom(rgb.astype(np.float32), (WORK / side, WORK / side, 1), order=1)  # [WORK, WORK, 3]
-    big = ndimage.grey_erosion(big, footprint=disk(r)[..., None])  # [2r + 1, 2r + 1, 1]: each channel on its own
+    # a gray digit (as most are) is zoomed and eroded once, not once per channel: the same numbers
+    channels = [0] if (rgb == rgb[..., :1]).all() else [0, 1, 2]
+    eroded = [erode_disk(ndimage.zoom(rgb[..., c].astype(np.float32), WORK / side, order=1), r) for c in channels]
+    big = np.stack([eroded[c if len(eroded) == 3 else 0] for c in range(3)], -1)  # [WORK, WORK, 3]
     if WORK % side == 0:
         k = WORK // side
         small = big.reshape(side, k, side, k, 3).mean((1, 3))  # [S, S, 3]
@@ -231,13 +254,14 @@ EDGE = 2 / 28  # how far a dropped piece's faint edge reaches
 
 def long_runs(mask: np.ndarray, length: int) -> np.ndarray:
     """bool [H, W] -> bool [H, W]: the pixels of `mask` on a run of at least `length` along their row."""
-    out = np.zeros_like(mask)
-    for r, row in enumerate(mask):
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], row.astype(np.int8), [0]))))  # run starts and ends
-        for start, stop in zip(edges[::2], edges[1::2]):
-            if stop - start >= length:
-                out[r, start:stop] = True
-    return out
+    h, w = mask.shape
+    edges = np.diff(np.pad(mask.astype(np.int8), ((0, 0), (1, 1))), axis=1)  # [H, W + 1]: +1 a run starts, -1 it ends
+    (rows, starts), (_, stops) = np.nonzero(edges > 0), np.nonzero(edges < 0)  # in step, row by row
+    long = stops - starts >= length
+    marks = np.zeros((h, w + 1), np.int32)  # +1 where a long run starts, -1 where it ends
+    np.add.at(marks, (rows[long], starts[long]), 1)
+    np.add.at(marks, (rows[long], stops[long]), -1)
+    return np.cumsum(marks, axis=1)[:, :w] > 0
 
 
 def digit_piece(ink: np.ndarray, lum: np.ndarray):
@@ -309,6 +333,8 @@ def drop_clutter(rgb: np.ndarray) -> np.ndarray:
                 if thickness(ink, box) <= cut and past(box, main, cut, 1):
                     clutter |= lines == k
     pieces, n, digit = digit_piece(ink & ~clutter, lum)
+    if n <= 1 and not clutter.any():  # the digit alone (most digits): nothing to drop
+        return rgb
     index = np.arange(1, n + 1)
     mass = ndimage.sum_labels(lum * ink, pieces, index)  # [n]
     boxes = ndimage.find_objects(pieces)  # each piece's box: (rows, columns) slices

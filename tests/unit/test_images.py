@@ -297,6 +297,38 @@ def test_stroke_thin_brings_a_heavy_pen_to_mnists_and_leaves_other_digits_as_the
         crop(heavy, 28, stroke="bold")
 
 
+def test_the_fast_erosion_and_runs_are_scipys_and_a_row_scans_to_the_bit():
+    from splatclip.fitting.images import disk, erode_disk, long_runs, thin_strokes
+
+    rng = np.random.default_rng(0)
+    for r in range(0, 24):  # every radius thin_strokes can take at WORK = 112 (at most 0.2 of it)
+        x = (rng.random((int(rng.integers(20, 130)), int(rng.integers(20, 130)))) * 255).astype(np.float32)
+        assert np.array_equal(erode_disk(x, r), ndimage.grey_erosion(x, footprint=disk(r)) if r else x), r
+
+    def row_runs(mask, length):  # the reference: each row's runs, one by one
+        out = np.zeros_like(mask)
+        for y, row in enumerate(mask):
+            x = 0
+            while x < len(row):
+                stop = x
+                while stop < len(row) and row[stop]:
+                    stop += 1
+                if stop - x >= length:
+                    out[y, x:stop] = True
+                x = stop + 1
+        return out
+
+    for _ in range(200):
+        mask = rng.random((int(rng.integers(1, 40)), int(rng.integers(1, 40)))) < rng.random()
+        length = int(rng.integers(1, 40))
+        assert np.array_equal(long_runs(mask, length), row_runs(mask, length))
+    # a coloured digit is thinned channel by channel, a gray one once: the same as each channel on its own
+    heavy = ndimage.grey_dilation(np.pad(np.eye(20, dtype=np.uint8) * 255, 4), footprint=disk(3))  # [28, 28]
+    colour = np.stack([heavy, heavy // 2, heavy // 3], -1)
+    one = [thin_strokes(np.repeat(colour[..., c : c + 1], 3, -1))[..., 0] for c in range(3)]
+    assert np.array_equal(thin_strokes(colour), np.stack(one, -1)) and not np.array_equal(one[0], heavy)
+
+
 def test_clutter_drop_takes_what_lies_apart_from_the_digit_and_leaves_digits_as_they_are():
     from splatclip import datasets, shifted
     from splatclip.fitting.images import crop, drop_clutter
