@@ -21,6 +21,9 @@ how a model holds up under a change of source (docs/method.md, 'Shifted test set
   fragment at the left or right edge, as where a string of digits is cut into one image per digit (the
   next held-out digit 1 to 4 pixels beyond the digit's box, cut by the frame); then neighbours on both
   sides and a form's line under the digit (a model reads these well only through `fit.clutter: drop`);
+  or `noisy`, a sensor's noise of sd 8, 16 or 28 gray levels on a ground at the end of the range, which
+  clips it: half of the digits light on black, half written dark on white paper (the ink at 0.8 of the
+  contrast);
 - `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
   STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
   placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
@@ -57,13 +60,14 @@ SEVERITY = {
     "dim": ((40, 255, 0), (70, 210, 4), (100, 180, 8)),  # the ground's gray, the ink's peak, the noise's sd
     "heavy": (2.0, 2.5, 3.0),  # a felt pen to a marker: the stroke grows by this on each side
     "cluttered": ((6, 0, False), (3, 1, False), (3, 2, True)),  # specks, neighbours (one side, both), a rule under
+    "noisy": (8.0, 16.0, 28.0),  # the noise's sd, gray levels, on black or white (clipped there)
 }
 ELASTIC_SMOOTHING = 4.0  # pixels: the Gaussian that smooths the elastic field's noise
 # combined: a pen (thicker or thinner, at random), then smaller, rotated and shifted, each at the severity
 COMBINED = ("smaller", "rotated", "shifted")
 # a kind's place here seeds its draws, so new kinds go last and the older sets stay as they were
 SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent", "filled", "paper",
-          "dim", "heavy", "cluttered")
+          "dim", "heavy", "cluttered", "noisy")
 # matplotlib's fonts with Latin digits: the families and their weights and slants
 FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
          for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
@@ -102,6 +106,10 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
         x = ground + x * (peak - ground) / 255 + rng.normal(0, noise, x.shape)
     elif kind == "cluttered":
         x = clutter(x, *amount, neighbours, rng)
+    elif kind == "noisy":
+        if rng.random() < 0.5:  # written dark on white paper
+            x = 255 - 0.8 * x
+        x = x + rng.normal(0, amount, x.shape)
     elif kind == "bent":
         field = ndimage.gaussian_filter(rng.uniform(-1, 1, (2, *x.shape)), (0, ELASTIC_SMOOTHING, ELASTIC_SMOOTHING))
         field *= amount / np.sqrt((field**2).sum(0).mean())  # [2, H, W]: (dy, dx), scaled to its size

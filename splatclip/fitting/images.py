@@ -178,14 +178,14 @@ def erode_disk(x: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-CLIPPED_SD = 0.2533  # the 60th percentile of a normal, in sds above its median
+CLIPPED_SD = 0.3853  # the 65th percentile of a normal, in sds above its median
 
 
 def to_black_ground(rgb: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [H, W, 3] with its ground at black and its ink light. The ground g is
     the median of the border pixels and its spread s their robust sd (1.4826 x their median absolute
-    deviation; noise and uneven light; where g is black or white, which clips the noise, at least the
-    60th percentile's distance from g over 0.253), per channel. A pixel's ink is how far it is from g toward the
+    deviation; noise and uneven light; where the ground is clipped at black or white, at least the 65th
+    percentile's distance from g, away from the clip, over 0.385), per channel. A pixel's ink is how far it is from g toward the
     ink's side, less 3 s, stretched so that the darkest ink possible is 255: on a light ground (luminance
     over half; dark ink on paper) (g - x - 3s) / (g - 3s), the image inverted; on a dark ground
     (x - g - 3s) / (255 - g - 3s), which leaves ink on a clean black ground as it is. Clipped to 0..255:
@@ -195,12 +195,14 @@ def to_black_ground(rgb: np.ndarray) -> np.ndarray:
     ground = np.median(edge, axis=0)  # [3]
     floor = 3 * 1.4826 * np.median(np.abs(edge - ground), axis=0)  # [3]
     light = is_light(ground)
-    # a ground at the end of the range (black; white paper) clips its noise: half the border or more reads
-    # the end, and the median deviation is 0 however noisy the ground; its spread is read on the side that
-    # is not clipped instead, from the 60th percentile's distance to the end (0.253 sd of a normal), which
-    # ink on up to 40% of the border does not reach
-    end, tail = (255.0, 255.0 - np.percentile(edge, 40, axis=0)) if light else (0.0, np.percentile(edge, 60, axis=0))
-    floor = np.where(ground == end, np.maximum(floor, 3 * tail / CLIPPED_SD), floor)  # [3]
+    # a ground at the end of the range (black; white paper) clips its noise, and the deviations of the clipped
+    # half read 0 however noisy the ground: where a tenth of the border or more sits at the end, the spread
+    # is read on the side away from it too, from the 65th percentile's distance to the median (0.385 sd of
+    # a normal; ink on up to 35% of the border does not reach it)
+    end, tail = (255.0, ground - np.percentile(edge, 35, axis=0)) if light else \
+        (0.0, np.percentile(edge, 65, axis=0) - ground)
+    clipped = (edge == end).mean(axis=0) >= 0.1  # [3]
+    floor = np.where(clipped, np.maximum(floor, 3 * tail / CLIPPED_SD), floor)  # [3]
     x = rgb.astype(np.float32)
     ink, full = (ground - x, ground) if light else (x - ground, 255.0 - ground)
     out = (ink - floor) * (255.0 / np.maximum(full - floor, 1.0))

@@ -245,6 +245,12 @@ def test_ground_black_turns_ink_on_paper_into_ink_on_black_and_leaves_ink_on_bla
     ground, ink = digit[..., 0] == 0, digit[..., 0] == 255
     assert (out[ground] == 0).mean() > 0.95 and out[ground].mean() < 2  # the ground is black, its noise gone
     assert out[ink].min() > 90 and out[ink].mean() > 110  # the ink light
+    # a ground at black or white clips its noise: half its pixels read the end, and their median deviation
+    # is 0 however noisy; the noise goes under black all the same, on black and on white paper alike
+    for sd in (8, 16, 28):
+        for noisy in (digit + rng.normal(0, sd, digit.shape), 255 - 0.8 * digit + rng.normal(0, sd, digit.shape)):
+            out = to_black_ground(np.clip(noisy, 0, 255).round().astype(np.uint8)).astype(int)
+            assert (out[ground] == 0).mean() > 0.95 and out[ink].mean() > 110, sd
     # a colour page: blue ink on yellowish paper becomes light ink on black in each channel's own scale
     paper = np.array([245, 235, 190], np.float32)
     colour = (paper - digit / 255.0 * (paper - np.array([30, 40, 120]))).round().astype(np.uint8)
