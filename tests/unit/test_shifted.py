@@ -18,7 +18,7 @@ def pixels(sample) -> np.ndarray:
 def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
     plain = digits("test", limit=20)
     ink = sum(pixels(s).sum() for s in plain)
-    for kind in set(shifted.SEVERITY) - {"paper"}:  # one transform each (combined, paper: below)
+    for kind in set(shifted.SEVERITY) - {"paper", "noisy"}:  # one transform each (combined, paper, noisy: below)
         sets = [shifted.shifted_digits(kind, severity, limit=20) for severity in (1, 2, 3)]
         for samples in sets:
             assert [s["cls"] for s in samples] == [s["cls"] for s in plain]
@@ -31,6 +31,13 @@ def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
     for severity in (1, 2, 3):  # clutter adds ink beside the digit's, which stays as it was
         assert all((pixels(c) >= pixels(p)).all() for c, p in zip(shifted.shifted_digits("cluttered", severity, limit=20),
                                                                   plain))
+    noise = []  # noisy: the digit on black or dark on white paper (0.8 of the contrast), plus noise growing in sd
+    for severity in (1, 2, 3):
+        samples = shifted.shifted_digits("noisy", severity, limit=20)
+        clean = [pixels(p) if np.median(pixels(s)) < 128 else 255 - 0.8 * pixels(p) for s, p in zip(samples, plain)]
+        assert 4 <= sum(np.median(pixels(s)) >= 128 for s in samples) <= 16  # about half on paper
+        noise.append(np.mean([np.sqrt(((pixels(s) - c) ** 2).mean()) for s, c in zip(samples, clean)]))
+    assert 3 < noise[0] < noise[1] < noise[2] < 28, noise  # clipped at black and white: under the sd
     bent = sum(pixels(s).sum() for s in shifted.shifted_digits("bent", 3, limit=20))
     assert 0.85 * ink < bent < 1.15 * ink  # the shape moves, the ink stays
     for severity, box in zip((1, 2, 3), shifted.SEVERITY["filled"]):  # the ink's box as long as the severity, centered
