@@ -185,12 +185,12 @@ def to_black_ground(rgb: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [H, W, 3] with its ground at black and its ink light. The ground g is
     the median of the border pixels and its spread s their robust sd (1.4826 x their median absolute
     deviation; noise and uneven light; where the ground is clipped at black or white, at least the 65th
-    percentile's distance from g, away from the clip, over 0.385), per channel. A pixel's ink is how far it is from g toward the
-    ink's side, less 3 s, stretched so that the darkest ink possible is 255: on a light ground (luminance
-    over half; dark ink on paper) (g - x - 3s) / (g - 3s), the image inverted; on a dark ground
-    (x - g - 3s) / (255 - g - 3s), which leaves ink on a clean black ground as it is. Clipped to 0..255:
-    ink lighter than paper is ground, and so is the ground's own noise. So digits written dark on paper
-    read as the light-on-black digits a model trained on MNIST knows."""
+    percentile's distance from g, away from the clip, over 0.385), per channel. A pixel's ink is how far
+    it is from g toward the ink's side, less 3 s, stretched so that the darkest ink possible is 255: on a
+    light ground (luminance over half; dark ink on paper) (g - x - 3s) / (g - 3s), the image inverted; on
+    a dark ground (x - g - 3s) / (255 - g - 3s), which leaves ink on a clean black ground as it is.
+    Clipped to 0..255: ink lighter than paper is ground, and so is the ground's own noise. So digits
+    written dark on paper read as the light-on-black digits a model trained on MNIST knows."""
     edge = border(rgb).astype(np.float32)  # [2(H + W), 3]
     ground = np.median(edge, axis=0)  # [3]
     floor = 3 * 1.4826 * np.median(np.abs(edge - ground), axis=0)  # [3]
