@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from splatclip.fitting.images import disk
 from splatclip.platform.shards import write_shard
 from splatclip.platform.specs import StorageSpec
 from splatclip.platform.storage import join, write_json
@@ -96,10 +97,8 @@ SUPERSAMPLE = 4  # stroke width changes in quarter pixels, on a 4x larger image
 def stroke(image: np.ndarray, px: float) -> np.ndarray:
     """uint8 [28, 28] with strokes grown (px > 0) or shrunk (px < 0) by |px| pixels on each side."""
     big = ndimage.zoom(image.astype(np.float32), SUPERSAMPLE, order=1)
-    r = round(abs(px) * SUPERSAMPLE)
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = xx * xx + yy * yy <= r * r
-    big = ndimage.grey_dilation(big, footprint=disk) if px > 0 else ndimage.grey_erosion(big, footprint=disk)
+    footprint = disk(round(abs(px) * SUPERSAMPLE))
+    big = ndimage.grey_dilation(big, footprint=footprint) if px > 0 else ndimage.grey_erosion(big, footprint=footprint)
     small = big.reshape(28, SUPERSAMPLE, 28, SUPERSAMPLE).mean((1, 3))
     return np.clip(small, 0, 255).round().astype(np.uint8)
 

@@ -246,7 +246,7 @@ def thin_strokes(rgb: np.ndarray) -> np.ndarray:
     # a gray digit (as most are) is zoomed and eroded once, not once per channel: the same numbers
     channels = [0] if (rgb == rgb[..., :1]).all() else [0, 1, 2]
     eroded = [erode_disk(ndimage.zoom(rgb[..., c].astype(np.float32), WORK / side, order=1), r) for c in channels]
-    big = np.stack([eroded[c if len(eroded) == 3 else 0] for c in range(3)], -1)  # [WORK, WORK, 3]
+    big = np.stack(eroded * (3 // len(eroded)), -1)  # [WORK, WORK, 3]
     if WORK % side == 0:
         k = WORK // side
         small = big.reshape(side, k, side, k, 3).mean((1, 3))  # [S, S, 3]
