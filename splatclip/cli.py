@@ -185,7 +185,8 @@ SEND_OPTIONS = ("gaussians", "size", "iterations", "init", "prefilter", "target_
 
 def describe_fit(cfg: FitParams) -> str:
     targets = [f"{v:g} dB {what}" for v, what in ((cfg.target_psnr, "PSNR"), (cfg.target_snr, "of signal")) if v]
-    view = [w for w, on in (("padded square", cfg.frame == "pad"), ("ground to black", cfg.ground == "black"),
+    view = [w for w, on in (("padded square", cfg.frame == "pad"), ("square around the ink", cfg.frame == "ink"),
+                            ("ground to black", cfg.ground == "black"),
                             ("clutter dropped", cfg.clutter == "drop"), ("heavy pens thinned", cfg.stroke == "thin")) if on]
     view = f" ({', '.join(view)})" if view else ""
     return (f"{cfg.gaussians} Gaussians at {cfg.size}x{cfg.size}{view}, init {cfg.init}, prefilter {cfg.prefilter:g}, "
@@ -316,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit each image blurred by this share of its grid's square (fit.prefilter; the metrics stay "
                    "against the image)")
     p.add_argument("--frame", choices=FRAMES, default=FitParams.model_fields["frame"].default,
-                   help="pad: an image that is not square is padded to a square with its ground, not cropped (digits)")
+                   help="pad: an image that is not square is padded to a square with its ground, not cropped (digits); "
+                   "ink: padded, then cut to the square around its ink where the ink is small in a large image")
     p.add_argument("--ground", choices=GROUNDS, default=FitParams.model_fields["ground"].default,
                    help="black: bring the image's ground to black and its ink to light (dark ink on paper is inverted)")
     p.add_argument("--clutter", choices=CLUTTERS, default=FitParams.model_fields["clutter"].default,
@@ -351,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     fitting.add_argument("--init", choices=INITS)
     fitting.add_argument("--prefilter", type=float, help="fit each image blurred by this share of its grid's square")
     fitting.add_argument("--frame", choices=FRAMES, help="pad: an image that is not square is padded to a square "
-                         "with its ground, not cropped")
+                         "with its ground, not cropped; ink: padded, then cut to the square around its ink where the "
+                         "ink is small in a large image")
     fitting.add_argument("--ground", choices=GROUNDS, help="black: bring the image's ground to black and its ink to "
                          "light (dark ink on paper is inverted)")
     fitting.add_argument("--clutter", choices=CLUTTERS, help="drop: set ink apart from the digit to black (a "
@@ -369,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--size", type=int, help="short side in pixels (default: the fitted size)")
     p.add_argument("--compare", metavar="IMAGE", help="write original | render | error heat map (the original made "
-                   "square, grounded, cleared and stroked as the splat file's fit did: cropped, or padded with --frame pad; "
+                   "square, grounded, cleared and stroked as the splat file's fit did: cropped, padded with --frame pad "
+                   "(and cut to its ink with --frame ink); "
                    "with --ground black, its ground at black; with --clutter drop, ink apart from the digit dropped; "
                    "with --stroke thin, a heavy pen thinned)")
     p.add_argument("--backend", default="auto")

@@ -23,7 +23,10 @@ how a model holds up under a change of source (docs/method.md, 'Shifted test set
   sides and a form's line under the digit (a model reads these well only through `fit.clutter: drop`);
   or `noisy`, a sensor's noise of sd 8, 16 or 28 gray levels on a ground at the end of the range, which
   clips it: half of the digits light on black, half written dark on white paper (the ink at 0.8 of the
-  contrast);
+  contrast); or `page`, scanned at twice MNIST's resolution (the digit 56 pixels, bicubic) and left on
+  a black page 2, 3 or 4 times its side, anywhere on it, as a crop with wide margins or a digit
+  written small on a large form is (resized whole to 28 pixels, its ink would be 10, 7 or 5 pixels
+  long: a model reads these well only through `fit.frame: ink`);
 - `printed_digits()`: digits typeset in the fonts matplotlib installs (sans, serif, monospace,
   STIX, Computer Modern; upright, bold, italic), at varied stroke weights, sizes, slants and
   placements, framed as MNIST frames its digits. Nothing a model trains on is typeset.
@@ -61,13 +64,15 @@ SEVERITY = {
     "heavy": (2.0, 2.5, 3.0),  # a felt pen to a marker: the stroke grows by this on each side
     "cluttered": ((6, 0, False), (3, 1, False), (3, 2, True)),  # specks, neighbours (one side, both), a rule under
     "noisy": (8.0, 16.0, 28.0),  # the noise's sd, gray levels, on black or white (clipped there)
+    "page": (2, 3, 4),  # the page's side in the scanned digit's (56 pixels)
 }
+PAGE_SCAN = 2  # `page`: the scan's resolution, in MNIST's
 ELASTIC_SMOOTHING = 4.0  # pixels: the Gaussian that smooths the elastic field's noise
 # combined: a pen (thicker or thinner, at random), then smaller, rotated and shifted, each at the severity
 COMBINED = ("smaller", "rotated", "shifted")
 # a kind's place here seeds its draws, so new kinds go last and the older sets stay as they were
 SHIFTS = ("thicker", "thinner", "rotated", "shifted", "smaller", "blurred", "combined", "bent", "filled", "paper",
-          "dim", "heavy", "cluttered", "noisy")
+          "dim", "heavy", "cluttered", "noisy", "page")
 # matplotlib's fonts with Latin digits: the families and their weights and slants
 FONTS = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
          for style in ("", "-Bold", "-Oblique" if "Serif" not in family else "-Italic",
@@ -78,8 +83,9 @@ FONTS += ["STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STI
 
 def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Generator,
                 neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """One uint8 [28, 28] digit under `kind` at `severity` (1-3); the random part (a sign, a direction)
-    from `rng`; `neighbours`, the digits written before and after it (uint8 [28, 28] each; `cluttered`)."""
+    """One uint8 [28, 28] digit under `kind` at `severity` (1-3), uint8 [28, 28] (`page`: [S, S], S = 56
+    times the severity's sides); the random part (a sign, a direction, a place) from `rng`; `neighbours`,
+    the digits written before and after it (uint8 [28, 28] each; `cluttered`)."""
     if kind == "combined":
         for part in ("thicker" if rng.random() < 0.5 else "thinner", *COMBINED):
             image = shift_image(image, part, severity, rng)
@@ -101,6 +107,12 @@ def shift_image(image: np.ndarray, kind: str, severity: int, rng: np.random.Gene
         return boxed(image, amount, Image.Resampling.BICUBIC).astype(np.uint8)  # an 8-bit resize: in range
     elif kind == "paper":
         return on_paper(x, *amount, rng)
+    elif kind == "page":
+        scan = np.asarray(Image.fromarray(image).resize((28 * PAGE_SCAN,) * 2, Image.Resampling.BICUBIC))
+        page = np.zeros((amount * len(scan),) * 2, np.uint8)
+        top, left = rng.integers(0, len(page) - len(scan) + 1, 2)
+        page[top : top + len(scan), left : left + len(scan)] = scan
+        return page
     elif kind == "dim":
         ground, peak, noise = amount
         x = ground + x * (peak - ground) / 255 + rng.normal(0, noise, x.shape)

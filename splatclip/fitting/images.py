@@ -1,5 +1,5 @@
 """Decode untrusted images safely and crop them the way CLIP does (center square, then resize), or pad
-them square; optionally bring their ground to black (`to_black_ground`), drop ink apart from a digit
+them square, or cut them to the square around their ink (`around_ink`); optionally bring their ground to black (`to_black_ground`), drop ink apart from a digit
 (`drop_clutter`) and thin a heavy pen's strokes (`thin_strokes`).
 
 Decoding is bounded before any pixel is read: only the accepted formats are opened, and the
@@ -117,7 +117,10 @@ def square(rgb: np.ndarray, frame: str = "crop") -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [S, S, 3]: "crop", the center square of the short side (S = min(H, W);
     CLIP's framing, for photos); "pad", the whole image centered on a square of the long side filled
     with its ground (S = max(H, W); the median of its border pixels: black for ink on black), so a
-    digit cut out taller or wider than it is broad keeps all its ink."""
+    digit cut out taller or wider than it is broad keeps all its ink; "ink", as "pad" (`crop` then
+    cuts the square to its ink, `around_ink`)."""
+    if frame not in ("crop", "pad", "ink"):
+        raise ValueError(f"frame {frame!r}: crop, pad or ink")
     h, w = rgb.shape[:2]
     if h == w:
         return rgb
@@ -125,14 +128,47 @@ def square(rgb: np.ndarray, frame: str = "crop") -> np.ndarray:
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
         return rgb[top : top + side, left : left + side]
-    if frame != "pad":
-        raise ValueError(f"frame {frame!r}: crop or pad")
     side = max(h, w)
     out = np.empty((side, side, 3), np.uint8)
     out[:] = np.median(border(rgb), axis=0).astype(np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
     out[top : top + h, left : left + w] = rgb
     return out
+
+
+INK_FILL = 0.6  # frame "ink": the ink's longer side fills at least this share of the square
+INK_TAIL = 0.02  # and the ink's box leaves out this share of its weight at each end (a speck, a hot pixel)
+
+
+def around_ink(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [S, S, 3] -> uint8 [s, s, 3] with size <= s <= S: where the image's ink fills under INK_FILL
+    of its side and the image is larger than `size`, the square around the ink that it fills INK_FILL
+    of (none smaller than `size`, within the image); else the image itself. The ink is what departs
+    from the ground (the median of the border) by more than three times the border's own 90th percentile of
+    departure (its noise), weighted by how far; its box holds all but INK_TAIL of that weight at each
+    end along each axis, so a speck or a hot pixel far off does not widen it, and where noise or
+    clutter spreads the ink over the page the square is the whole image."""
+    side = rgb.shape[0]
+    if side <= size:
+        return rgb
+    ground = np.median(border(rgb), axis=0)  # [3]
+    away = np.abs(rgb.astype(np.float32) - ground.astype(np.float32)).max(-1)  # [S, S]
+    edge = np.concatenate([away[0], away[-1], away[:, 0], away[:, -1]])
+    weight = np.maximum(away - 3.0 * np.percentile(edge, 90), 0.0)  # [S, S]
+    total = float(weight.sum())
+    if total <= 0:
+        return rgb
+    box = []
+    for profile in (weight.sum(1), weight.sum(0)):  # [S] rows, then columns
+        cum = np.cumsum(profile) / total
+        box.append((int(np.searchsorted(cum, INK_TAIL)), int(np.searchsorted(cum, 1 - INK_TAIL))))
+    (top, bottom), (left, right) = box
+    s = max(size, math.ceil(max(bottom - top + 1, right - left + 1) / INK_FILL))
+    if s >= side:
+        return rgb
+    t = min(max(0, round((top + bottom + 1 - s) / 2)), side - s)
+    lft = min(max(0, round((left + right + 1 - s) / 2)), side - s)
+    return rgb[t : t + s, lft : lft + s]
 
 
 def is_light(colour: np.ndarray) -> bool:
@@ -380,13 +416,17 @@ def drop_clutter(rgb: np.ndarray) -> np.ndarray:
 def crop(rgb: np.ndarray, size: int, frame: str = "crop", ground: str = "keep", clutter: str = "keep",
          stroke: str = "keep") -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [size, size, 3]: the image made square (`square`: the center square of
-    the short side, or padded to the long side), resized to `size` with PIL's bicubic filter
+    the short side, or padded to the long side; with frame "ink", padded and then cut to the square
+    around its ink where the ink is small in a large image, `around_ink`), resized to `size` with PIL's bicubic filter
     (antialiased when shrinking; what CLIP's own preprocessing uses), at any aspect ratio; then, with
     ground "black", its ground brought to black (`to_black_ground`; "keep": as it is), with clutter
     "drop", ink apart from the digit set to black (`drop_clutter`; "keep": as it is), and with stroke
     "thin", a heavy pen's strokes thinned (`thin_strokes`; "keep": as they are). Needs no torch, so
     decode workers stay small."""
-    squared = Image.fromarray(np.ascontiguousarray(square(rgb, frame)))
+    squared = square(rgb, frame)
+    if frame == "ink":
+        squared = around_ink(squared, size)
+    squared = Image.fromarray(np.ascontiguousarray(squared))
     side = squared.size[0]
     factor = side // (2 * size)
     if factor >= 2:  # a box filter by a whole factor first: the bicubic below then works on <= 4x size

@@ -62,14 +62,17 @@ def structured_init(images, n: int, backend: str = "auto"):
 
 
 INK = 0.1  # a pixel holds ink where a channel exceeds this (of 1)
-BORDER = 0.05  # the ink reaches the frame's border where more than this share of border pixels hold ink
+# the ground is not black where more than this share of the border holds ink (the border's median is ink);
+# a digit on black that the frame cuts, or one that fills it, holds far less
+BORDER = 0.5
 
 
 def ink_box(image: torch.Tensor, rows: int, cols: int) -> tuple[int, int, int, int]:
     """image [3, H, W] -> (top, left, height, width) in pixels: the smallest box of the frame's aspect
-    ratio, one pixel wider than the ink on each side, that holds the image's ink, or the whole frame
-    where there is no ink, the ink reaches the border (no black ground), or the box would give grid
-    cells under a pixel (`rows` x `cols`)."""
+    ratio, one pixel wider than the ink on each side (as far as the frame goes), that holds the image's
+    ink, or the whole frame where there is no ink, the ink holds most of the border (no black ground), or
+    the box would give grid cells under a pixel (`rows` x `cols`). A digit the frame cuts keeps a box on
+    its ink."""
     _, H, W = image.shape
     ink = image.amax(0) > INK  # [H, W]
     border = torch.cat([ink[0], ink[-1], ink[:, 0], ink[:, -1]])

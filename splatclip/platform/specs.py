@@ -162,12 +162,17 @@ class FitParams(Model):
     iterations: int = Field(2000, ge=0, le=1_000_000)
     size: int = Field(224, ge=16, le=4096, description="Images are made square (`frame`) and resized to size x size; "
                       "at least 16 (SSIM's window).")
-    frame: Literal["crop", "pad"] = Field("crop", description="How an image that is not square is made square: crop, "
-                                          "the center square of its short side (CLIP's framing, for photos); pad, "
-                                          "the whole image centered on a square of its long side filled with its "
-                                          "ground (the median of its border), so a digit cut out taller than it is "
-                                          "wide keeps all its ink. The RGB model that evaluates or distils from "
-                                          "the source images frames them as their splats were.")
+    frame: Literal["crop", "pad", "ink"] = Field("crop", description="How an image that is not square is made square: "
+                                                 "crop, the center square of its short side (CLIP's framing, for "
+                                                 "photos); pad, the whole image centered on a square of its long side "
+                                                 "filled with its ground (the median of its border), so a digit cut "
+                                                 "out taller than it is wide keeps all its ink; ink, as pad, and then, "
+                                                 "where the ink (what departs from the ground) fills under 0.6 of the "
+                                                 "square's side and the square is larger than `size`, the square "
+                                                 "around the ink that it fills 0.6 of (none smaller than `size`), so "
+                                                 "a digit written small on a large page or scan keeps its pixels "
+                                                 "through the resize. The RGB model that evaluates or distils from "
+                                                 "the source images frames them as their splats were.")
     ground: Literal["keep", "black"] = Field("keep", description="black: after `frame`, bring each image's ground "
                                              "(the median of its border) to black and its ink to light, the ground's "
                                              "own noise (3 robust sd of its border) under black: an image on a light "

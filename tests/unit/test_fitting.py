@@ -72,6 +72,15 @@ def test_ink_init_lays_the_grid_over_the_ink_wherever_and_however_large_it_is(ph
     # photos (ink up to the border) and blank images keep the whole frame's grid
     torch.testing.assert_close(ink_init(photos64, 250, backend="torch"), structured_init(photos64, 250, backend="torch"))
     assert ink_box(torch.zeros(3, 28, 28), 7, 7) == (0, 0, 28, 28)
+    # a digit the frame cuts (moved off the left edge) keeps a box on its ink; ink on most of the border
+    # (no black ground) takes the frame
+    cut = torch.zeros(3, 28, 28)
+    cut[:, 6:22, 0:5] = 1.0
+    assert ink_box(cut, 7, 7) == (5, 0, 18, 18)
+    framed = torch.ones(3, 28, 28)
+    framed[:, 3:25, 3:25] = 0.0
+    framed[:, 10:18, 12:16] = 1.0
+    assert ink_box(framed, 7, 7) == (0, 0, 28, 28)
 
 
 def test_random_init_is_per_image_and_seeded(photos64):

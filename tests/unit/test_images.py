@@ -221,8 +221,44 @@ def test_pad_keeps_the_ink_a_crop_cuts_off_and_fills_with_the_ground():
     views = {frame: decode_image(sample, 28, frame=frame)[0] for frame in ("crop", "pad")}  # [28, 28]
     assert crop(tall, 28, "pad").shape == (28, 28, 3)
     assert (views["pad"][1:5] > 0.5).sum(1).max() >= 5 and (views["crop"][1:5] > 0.5).sum(1).max() <= 3
-    with pytest.raises(ValueError, match="crop or pad"):
+    with pytest.raises(ValueError, match="crop, pad or ink"):
         square(tall, "stretch")
+
+
+def test_frame_ink_cuts_a_large_page_to_its_ink_and_leaves_digits_that_fill_their_frame_as_they_are():
+    from splatclip.datasets import digits
+    from splatclip.fitting.images import INK_FILL, around_ink, crop
+
+    plain = [np.asarray(Image.open(io.BytesIO(s["png"]))) for s in digits("test", limit=40)]  # [28, 28] each
+    rgb = lambda a: np.repeat(np.asarray(a, np.uint8)[..., None], 3, -1)  # noqa: E731  [H, W] -> [H, W, 3]
+    for digit in plain:  # MNIST's framing, at its own size and scanned at twice it: the same image
+        image = rgb(digit)
+        assert around_ink(image, 28) is image and np.array_equal(crop(image, 28, "ink"), crop(image, 28, "pad"))
+        big = rgb(Image.fromarray(digit).resize((56, 56), Image.Resampling.BICUBIC))
+        assert around_ink(big, 28) is big
+    rng = np.random.default_rng(0)
+    for digit in plain:
+        scan = np.asarray(Image.fromarray(digit).resize((56, 56), Image.Resampling.BICUBIC))
+        for side, ground, noise in ((224, 0, 0), (168, 255, 0), (224, 0, 6)):
+            page = np.zeros((side, side)) + ground
+            top, left = rng.integers(0, side - 56 + 1, 2)
+            page[top : top + 56, left : left + 56] += scan if ground == 0 else -0.8 * scan
+            page = np.clip(page + rng.normal(0, noise, page.shape), 0, 255).round()
+            page[rng.integers(side), rng.integers(side)] = 255 - ground  # a hot pixel anywhere
+            cut = around_ink(rgb(page), 28)
+            ink = np.abs(page - ground) > 64  # [S, S]
+            ys, xs = np.nonzero(ink[top : top + 56, left : left + 56])
+            long = max(np.ptp(ys), np.ptp(xs)) + 1
+            # the ink (with its soft edge, up to 2 pixels a side) fills INK_FILL of the cut
+            assert 28 <= len(cut) <= np.ceil((long + 4) / INK_FILL), (side, noise, len(cut), long)
+            # all the digit's ink is in the cut
+            kept = np.abs(cut[..., 0].astype(float) - ground) > 64
+            assert kept.sum() >= ink[top : top + 56, left : left + 56].sum()
+    # ink spread over the whole page (noise, many digits) leaves the page as it is
+    spread = rgb(rng.integers(0, 256, (200, 200)))
+    assert around_ink(spread, 28) is spread
+    blank = np.zeros((100, 100, 3), np.uint8)
+    assert around_ink(blank, 28) is blank
 
 
 def test_ground_black_turns_ink_on_paper_into_ink_on_black_and_leaves_ink_on_black_as_it_is():

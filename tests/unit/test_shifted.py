@@ -18,7 +18,8 @@ def pixels(sample) -> np.ndarray:
 def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
     plain = digits("test", limit=20)
     ink = sum(pixels(s).sum() for s in plain)
-    for kind in set(shifted.SEVERITY) - {"paper", "noisy"}:  # one transform each (combined, paper, noisy: below)
+    for kind in set(shifted.SEVERITY) - {"paper", "noisy", "page"}:  # one transform each (combined, paper, noisy,
+        # page: below)
         sets = [shifted.shifted_digits(kind, severity, limit=20) for severity in (1, 2, 3)]
         for samples in sets:
             assert [s["cls"] for s in samples] == [s["cls"] for s in plain]
@@ -45,6 +46,18 @@ def test_each_shift_grows_with_its_severity_and_keeps_the_labels():
             ys, xs = np.nonzero(pixels(s) > 16)
             assert abs(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 - box) <= 1
             assert abs((ys.max() + ys.min()) / 2 - 13.5) <= 1 and abs((xs.max() + xs.min()) / 2 - 13.5) <= 1
+    for severity, sides in zip((1, 2, 3), shifted.SEVERITY["page"]):  # the digit scanned at twice its size, on
+        # a black page `sides` times the scan's, anywhere on it
+        scan = 28 * shifted.PAGE_SCAN
+        places = set()
+        for s, p in zip(shifted.shifted_digits("page", severity, limit=10), plain):
+            page = pixels(s)
+            ys, xs = np.nonzero(page > 16)
+            assert page.shape == (sides * scan,) * 2 and s["cls"] == p["cls"]
+            assert max(np.ptp(ys), np.ptp(xs)) + 1 > 1.6 * max(np.ptp(v) + 1 for v in np.nonzero(pixels(p) > 16))
+            assert abs(page.sum() - shifted.PAGE_SCAN**2 * pixels(p).sum()) < 0.05 * page.sum()  # the ink, scaled
+            places.add((ys.min() // scan, xs.min() // scan))
+        assert len(places) > 1
     assert shifted.shifted_digits("rotated", 2, limit=5) == shifted.shifted_digits("rotated", 2, limit=5)
     with pytest.raises(ValueError, match="no shifted set"):
         shifted.shifted_digits("sheared", 1)
