@@ -180,8 +180,8 @@ CONVENTIONS = {1: flagged_one, 7: crossed_seven}
 
 
 def digit_sample(key: str, image: np.ndarray, label: int, rng: np.random.Generator, record: dict) -> dict:
-    """A digit sample: the uint8 [H, W] image (28 x 28 but for a `shifted` page) as PNG, a caption from a template drawn with `rng`,
-    the class id, and `record` (with the label) as its JSON."""
+    """A digit sample: the uint8 [H, W] image (28 x 28 but for a `shifted` page) as PNG, a caption from a
+    template drawn with `rng`, the class id, and `record` (with the label) as its JSON."""
     caption = DIGIT_TEMPLATES[rng.integers(len(DIGIT_TEMPLATES))].format(c=DIGIT_CLASSES[label])
     return {"__key__": key, "png": encode(image, "PNG"), "txt": caption.encode(), "cls": str(label).encode(),
             "json": json.dumps({**record, "label": label}).encode()}

@@ -1,6 +1,7 @@
 """Decode untrusted images safely and crop them the way CLIP does (center square, then resize), or pad
-them square, or cut them to the square around their ink (`around_ink`); optionally bring their ground to black (`to_black_ground`), drop ink apart from a digit
-(`drop_clutter`) and thin a heavy pen's strokes (`thin_strokes`).
+them square, or cut them to the square around their ink (`around_ink`); optionally bring their ground
+to black (`to_black_ground`), drop ink apart from a digit (`drop_clutter`) and thin a heavy pen's
+strokes (`thin_strokes`).
 
 Decoding is bounded before any pixel is read: only the accepted formats are opened, and the
 declared size must pass the pixel and aspect-ratio limits. Cropping takes the center square of the
@@ -144,10 +145,10 @@ def around_ink(rgb: np.ndarray, size: int) -> np.ndarray:
     """uint8 [S, S, 3] -> uint8 [s, s, 3] with size <= s <= S: where the image's ink fills under INK_FILL
     of its side and the image is larger than `size`, the square around the ink that it fills INK_FILL
     of (none smaller than `size`, within the image); else the image itself. The ink is what departs
-    from the ground (the median of the border) by more than three times the border's own 90th percentile of
-    departure (its noise), weighted by how far; its box holds all but INK_TAIL of that weight at each
-    end along each axis, so a speck or a hot pixel far off does not widen it, and where noise or
-    clutter spreads the ink over the page the square is the whole image."""
+    from the ground (the median of the border) by more than three times the border's own 90th
+    percentile of departure (its noise), weighted by how far; its box holds all but INK_TAIL of that
+    weight at each end along each axis, so a speck or a hot pixel far off does not widen it, and where
+    noise or clutter spreads the ink over the page the square is the whole image."""
     side = rgb.shape[0]
     if side <= size:
         return rgb
@@ -417,12 +418,12 @@ def crop(rgb: np.ndarray, size: int, frame: str = "crop", ground: str = "keep", 
          stroke: str = "keep") -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [size, size, 3]: the image made square (`square`: the center square of
     the short side, or padded to the long side; with frame "ink", padded and then cut to the square
-    around its ink where the ink is small in a large image, `around_ink`), resized to `size` with PIL's bicubic filter
-    (antialiased when shrinking; what CLIP's own preprocessing uses), at any aspect ratio; then, with
-    ground "black", its ground brought to black (`to_black_ground`; "keep": as it is), with clutter
-    "drop", ink apart from the digit set to black (`drop_clutter`; "keep": as it is), and with stroke
-    "thin", a heavy pen's strokes thinned (`thin_strokes`; "keep": as they are). Needs no torch, so
-    decode workers stay small."""
+    around its ink where the ink is small in a large image, `around_ink`), resized to `size` with
+    PIL's bicubic filter (antialiased when shrinking; what CLIP's own preprocessing uses), at any
+    aspect ratio; then, with ground "black", its ground brought to black (`to_black_ground`; "keep":
+    as it is), with clutter "drop", ink apart from the digit set to black (`drop_clutter`; "keep": as
+    it is), and with stroke "thin", a heavy pen's strokes thinned (`thin_strokes`; "keep": as they
+    are). Needs no torch, so decode workers stay small."""
     squared = square(rgb, frame)
     if frame == "ink":
         squared = around_ink(squared, size)
