@@ -161,8 +161,9 @@ def test_send_fits_as_the_service_says_its_encoder_was_trained(digit_file, capsy
         service.close()
 
 
-def send_as_told_and_kept(image: Path, recipe: dict, option: str, monkeypatch, capsys) -> list[tuple]:
-    """`send IMAGE` to a service whose encoder was fitted with `recipe`, then with `--OPTION keep`:
+def send_as_told_and_kept(image: Path, recipe: dict, option: str, monkeypatch, capsys,
+                          value: str = "keep") -> list[tuple]:
+    """`send IMAGE` to a service whose encoder was fitted with `recipe`, then with `--OPTION VALUE`:
     [(the images fitted [1, 3, 28, 28], the first line printed)] for each."""
     from splatclip.fitting import fitter
 
@@ -172,7 +173,7 @@ def send_as_told_and_kept(image: Path, recipe: dict, option: str, monkeypatch, c
     service = Service(200, {"fit": {**RECIPE, **recipe}})
     lines = []
     try:
-        for extra in ([], [f"--{option}", "keep"]):
+        for extra in ([], [f"--{option}", value]):
             assert main(["send", str(image), "--url", service.url, "--no-compile", *extra]) == 0
             lines.append(capsys.readouterr().out.splitlines()[0])
     finally:
@@ -190,6 +191,17 @@ def test_send_lifts_a_digit_off_paper_when_the_encoder_was_trained_so(digit_file
     one = torch.from_numpy(np.asarray(Image.open(digit_file)) > 0)
     assert lifted[0, 0][~one].max() == 0 and lifted[0, 0][one].min() > 0.7
     assert kept[0, 0][~one].min() > 0.85 and kept[0, 0][one].max() < 0.2
+
+
+def test_send_cuts_a_page_to_its_ink_when_the_encoder_was_trained_so(tmp_path, capsys, monkeypatch):
+    page = np.zeros((112, 112), np.uint8)
+    page[20:52, 60:68] = 255  # a one, 32 px tall, written small on a page four times a digit's frame
+    Image.fromarray(page).save(tmp_path / "page.png")
+    (cut, told), (whole, given) = send_as_told_and_kept(tmp_path / "page.png", {"frame": "ink"}, "frame",
+                                                        monkeypatch, capsys, value="pad")
+    assert "(square around the ink), init ink" in told and "(padded square), init ink" in given
+    tall = [int((image[0, 0] > 0.5).any(1).sum()) for image in (cut, whole)]  # the one's height at 28 px
+    assert tall[0] >= 16 and tall[1] <= 9, tall  # 32 px of 54 (the ink 0.6 of it), against 32 of 112
 
 
 def test_send_and_fit_thin_a_heavy_pen_when_the_encoder_was_trained_so(tmp_path, capsys, monkeypatch):
