@@ -110,7 +110,7 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def border(rgb: np.ndarray) -> np.ndarray:
-    """The border pixels of an image: uint8 [H, W, 3] -> [2(H + W), 3]."""
+    """The border pixels of an image: [H, W, ...] -> [2(H + W), ...] (uint8 [H, W, 3] -> [2(H + W), 3])."""
     return np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
 
 
@@ -154,8 +154,7 @@ def around_ink(rgb: np.ndarray, size: int) -> np.ndarray:
         return rgb
     ground = np.median(border(rgb), axis=0)  # [3]
     away = np.abs(rgb.astype(np.float32) - ground.astype(np.float32)).max(-1)  # [S, S]
-    edge = np.concatenate([away[0], away[-1], away[:, 0], away[:, -1]])
-    weight = np.maximum(away - 3.0 * np.percentile(edge, 90), 0.0)  # [S, S]
+    weight = np.maximum(away - 3.0 * np.percentile(border(away), 90), 0.0)  # [S, S]
     total = float(weight.sum())
     if total <= 0:
         return rgb
